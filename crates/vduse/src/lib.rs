@@ -1,0 +1,22 @@
+//! The Linux VDUSE (vDPA Device in Userspace) kernel interface, and nothing else.
+//!
+//! - [`uapi`]: the structs and ioctl numbers of `include/uapi/linux/vduse.h`, size-checked;
+//! - [`VduseControl`]: `/dev/vduse/control` — API version and feature negotiation, create and
+//!   destroy devices;
+//! - [`VduseDevice`]: `/dev/vduse/NAME` — virtqueue setup and info, kick eventfds, interrupts,
+//!   config space, IOTLB lookups, control messages ([`Request`], [`Reply`]);
+//! - [`netlink`]: vdpa device management over generic netlink (what `vdpa dev add` does);
+//! - [`sysfs`]: vdpa bus driver binding (virtio_vdpa for a host block device, vhost_vdpa for a VM).
+//!
+//! No virtio device logic lives here: any VDUSE device written in Rust can use this crate.
+
+pub mod control;
+pub mod device;
+pub mod error;
+pub mod netlink;
+pub mod sysfs;
+pub mod uapi;
+
+pub use control::{DeviceConfig, VduseControl, CONTROL_PATH};
+pub use device::{Access, IotlbMapping, Reply, Request, VduseDevice, VqInfo};
+pub use error::{Result, VduseError};

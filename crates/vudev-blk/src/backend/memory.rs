@@ -1,0 +1,105 @@
+//! The memory backend: the disk lives in anonymous memory and is lost on exit.
+
+use std::io;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{VolatileMemory, VolatileSlice};
+
+use super::null::zero_fill;
+use super::{check_range, total_len, BlockBackend, Immediate, IoDone, IoOp, QueueBackend};
+
+/// A RAM disk of a fixed size, shared by every queue.
+#[derive(Debug)]
+pub struct MemoryBackend {
+    region: Arc<MmapRegion<()>>,
+    read_only: bool,
+}
+
+impl MemoryBackend {
+    /// Allocates `size` bytes (pages are only touched when written).
+    pub fn new(size: u64, read_only: bool) -> io::Result<Self> {
+        let len = usize::try_from(size)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "memory size too large"))?;
+        let region = MmapRegion::new(len).map_err(|e| {
+            io::Error::other(format!("cannot allocate {size} bytes of memory: {e}"))
+        })?;
+        Ok(MemoryBackend {
+            region: Arc::new(region),
+            read_only,
+        })
+    }
+}
+
+impl BlockBackend for MemoryBackend {
+    fn size(&self) -> u64 {
+        self.region.len() as u64
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn queue(&self) -> io::Result<Box<dyn QueueBackend>> {
+        Ok(Box::new(MemoryQueue {
+            region: self.region.clone(),
+            done: Immediate::default(),
+        }))
+    }
+    fn describe(&self) -> String {
+        format!("memory, {} bytes", self.region.len())
+    }
+}
+
+struct MemoryQueue {
+    region: Arc<MmapRegion<()>>,
+    done: Immediate,
+}
+
+impl MemoryQueue {
+    fn disk(&self, offset: u64, len: u64) -> io::Result<VolatileSlice<'_>> {
+        check_range(offset, len, self.region.len() as u64)?;
+        self.region
+            .get_slice(offset as usize, len as usize)
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+
+    fn run(&mut self, op: IoOp<'_>) -> io::Result<()> {
+        match op {
+            IoOp::Read { offset, bufs } => {
+                let mut pos = offset;
+                check_range(offset, total_len(bufs), self.region.len() as u64)?;
+                for b in bufs {
+                    self.disk(pos, b.len() as u64)?.copy_to_volatile_slice(*b);
+                    pos += b.len() as u64;
+                }
+                Ok(())
+            }
+            IoOp::Write { offset, bufs } => {
+                let mut pos = offset;
+                check_range(offset, total_len(bufs), self.region.len() as u64)?;
+                for b in bufs {
+                    b.copy_to_volatile_slice(self.disk(pos, b.len() as u64)?);
+                    pos += b.len() as u64;
+                }
+                Ok(())
+            }
+            IoOp::Flush => Ok(()),
+            IoOp::Discard { offset, len } | IoOp::WriteZeroes { offset, len, .. } => {
+                // Discarded ranges read back as zeros, which write-zeroes needs too.
+                zero_fill(&self.disk(offset, len)?)
+            }
+        }
+    }
+}
+
+impl QueueBackend for MemoryQueue {
+    fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
+        let res = self.run(op);
+        self.done.push(cookie, res);
+    }
+    fn reap(&mut self, out: &mut Vec<IoDone>) {
+        self.done.reap(out);
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}

@@ -1,0 +1,140 @@
+//! virtio-blk features and configuration space.
+
+use virtio_bindings::virtio_blk::*;
+
+/// Largest discard / write-zeroes request, in 512-byte sectors (2 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+
+/// What the device offers; derived from the backend and the export options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Capacity in bytes (a multiple of `logical_block_size`).
+    pub size: u64,
+    /// Logical block size: 512 or 4096.
+    pub logical_block_size: u32,
+    /// Number of request queues.
+    pub num_queues: u16,
+    /// Queue size offered.
+    pub queue_size: u16,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Serial returned by GET_ID (at most 20 bytes).
+    pub serial: String,
+    /// Offer DISCARD.
+    pub discard: bool,
+    /// Offer WRITE_ZEROES.
+    pub write_zeroes: bool,
+}
+
+impl BlockConfig {
+    /// Capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.size / 512
+    }
+
+    /// Largest number of data segments per request.
+    pub fn seg_max(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+
+    /// virtio-blk feature bits offered.
+    pub fn features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_TOPOLOGY)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_MQ);
+        if self.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            if self.discard {
+                f |= 1 << VIRTIO_BLK_F_DISCARD;
+            }
+            if self.write_zeroes {
+                f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            }
+        }
+        f
+    }
+
+    /// The configuration space (`struct virtio_blk_config`, little endian, 60 bytes).
+    pub fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 60];
+        let put = |c: &mut Vec<u8>, off: usize, bytes: &[u8]| {
+            c[off..off + bytes.len()].copy_from_slice(bytes)
+        };
+        let align_sectors = self.logical_block_size / 512;
+        put(&mut c, 0, &self.capacity_sectors().to_le_bytes()); // capacity
+        put(&mut c, 12, &self.seg_max().to_le_bytes()); // seg_max
+        put(&mut c, 20, &self.logical_block_size.to_le_bytes()); // blk_size
+        c[24] = 0; // physical_block_exp
+        c[25] = 0; // alignment_offset
+        put(&mut c, 26, &1u16.to_le_bytes()); // min_io_size (logical blocks)
+        put(&mut c, 28, &0u32.to_le_bytes()); // opt_io_size
+        put(&mut c, 34, &self.num_queues.to_le_bytes()); // num_queues
+        put(&mut c, 36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+        put(&mut c, 40, &1u32.to_le_bytes()); // max_discard_seg
+        put(&mut c, 44, &align_sectors.to_le_bytes()); // discard_sector_alignment
+        put(&mut c, 48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        put(&mut c, 52, &1u32.to_le_bytes()); // max_write_zeroes_seg
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+
+    /// The serial as GET_ID returns it: 20 bytes, NUL padded.
+    pub fn id_bytes(&self) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let s = self.serial.as_bytes();
+        let n = s.len().min(id.len());
+        id[..n].copy_from_slice(&s[..n]);
+        id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BlockConfig {
+        BlockConfig {
+            size: 1 << 30,
+            logical_block_size: 4096,
+            num_queues: 2,
+            queue_size: 256,
+            read_only: false,
+            serial: "vudev-serial-number-too-long".into(),
+            discard: true,
+            write_zeroes: true,
+        }
+    }
+
+    #[test]
+    fn config_space_layout() {
+        let c = cfg().config_space();
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2 << 20);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
+        assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 8);
+        assert_eq!(c[56], 1);
+    }
+
+    #[test]
+    fn features_follow_options() {
+        let f = cfg().features();
+        assert_ne!(f & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(
+            f & (1 << VIRTIO_BLK_F_CONFIG_WCE),
+            0,
+            "VDUSE refuses CONFIG_WCE"
+        );
+        let ro = BlockConfig {
+            read_only: true,
+            ..cfg()
+        };
+        assert_ne!(ro.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        assert_eq!(ro.features() & (1 << VIRTIO_BLK_F_DISCARD), 0);
+        assert_eq!(&cfg().id_bytes(), b"vudev-serial-number-");
+    }
+}

@@ -1,0 +1,344 @@
+//! The virtio-blk device: config space from [`BlockConfig`], one [`BlockQueue`] per queue
+//! turning validated requests into backend operations.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
+use vudev_runtime::{Chain, Completions, Device, Memory, QueueHandler};
+
+use crate::backend::{BlockBackend, IoDone, IoOp, QueueBackend};
+use crate::config::{BlockConfig, MAX_DISCARD_SECTORS};
+use crate::request::{Kind, ParseError, Request};
+
+/// virtio device id of a block device.
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+
+/// A virtio-blk device over a [`BlockBackend`].
+pub struct BlockDevice {
+    cfg: Arc<BlockConfig>,
+    backend: Arc<dyn BlockBackend>,
+}
+
+impl BlockDevice {
+    /// A device exporting `backend` as `cfg` describes.
+    pub fn new(cfg: BlockConfig, backend: Arc<dyn BlockBackend>) -> Self {
+        BlockDevice {
+            cfg: Arc::new(cfg),
+            backend,
+        }
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> &BlockConfig {
+        &self.cfg
+    }
+}
+
+impl Device for BlockDevice {
+    fn device_id(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+    fn features(&self) -> u64 {
+        self.cfg.features()
+    }
+    fn config(&self) -> Vec<u8> {
+        self.cfg.config_space()
+    }
+    fn num_queues(&self) -> u16 {
+        self.cfg.num_queues
+    }
+    fn max_queue_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+    fn queue_handler(&self, index: u16, features: u64) -> io::Result<Box<dyn QueueHandler>> {
+        Ok(Box::new(BlockQueue {
+            index,
+            cfg: self.cfg.clone(),
+            features,
+            backend: self.backend.queue()?,
+            req: Request::default(),
+            pending: (0..self.cfg.queue_size).map(|_| None).collect(),
+            in_flight: 0,
+            results: Vec::new(),
+            errors: 0,
+        }))
+    }
+}
+
+/// A request handed to the backend, waiting for its result.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    status: u64,
+    /// Bytes written into driver buffers on success (data read + status).
+    used_ok: u32,
+}
+
+/// The per-queue request handler.
+pub struct BlockQueue {
+    index: u16,
+    cfg: Arc<BlockConfig>,
+    features: u64,
+    backend: Box<dyn QueueBackend>,
+    req: Request,
+    pending: Vec<Option<Pending>>,
+    in_flight: usize,
+    results: Vec<IoDone>,
+    errors: u64,
+}
+
+impl BlockQueue {
+    fn finish(
+        &mut self,
+        mem: &Memory,
+        head: u16,
+        status: u64,
+        code: u8,
+        used: u32,
+        done: &mut Completions,
+    ) {
+        // The status address was in driver memory when parsed; if it vanished since, the
+        // driver unmapped its own buffer and can only see a zero-length completion.
+        let used = match mem.write_obj(code, GuestAddress(status)) {
+            Ok(()) => used,
+            Err(_) => 0,
+        };
+        done.push(head, used);
+    }
+
+    fn log_error(&mut self, what: &str) {
+        self.errors += 1;
+        if self.errors <= 10 {
+            tracing::warn!(queue = self.index, "{what}");
+        } else {
+            tracing::debug!(queue = self.index, "{what}");
+        }
+    }
+
+    fn has_feature(&self, bit: u32) -> bool {
+        self.features & (1u64 << bit) != 0
+    }
+
+    /// Checks a byte range of the disk; IOERR if it is past the end or overflows.
+    fn in_capacity(&self, sector: u64, len: u64) -> bool {
+        sector
+            .checked_mul(512)
+            .and_then(|o| o.checked_add(len))
+            .is_some_and(|end| end <= self.cfg.size)
+    }
+
+    /// Validates and starts the parsed request. Returns a status to complete with at once,
+    /// or None when it went to the backend.
+    fn start(&mut self, mem: &Memory, head: u16) -> Result<Option<(u8, u32)>, &'static str> {
+        let kind = self.req.kind.unwrap_or(Kind::Other(u32::MAX));
+        let status = self.req.status;
+        let data_len = self.req.data_len;
+        let sector = self.req.sector;
+        let ioerr = VIRTIO_BLK_S_IOERR as u8;
+        match kind {
+            Kind::Read | Kind::Write => {
+                if kind == Kind::Write && self.cfg.read_only {
+                    return Ok(Some((ioerr, 1)));
+                }
+                if !data_len.is_multiple_of(512) {
+                    return Err("data length is not a multiple of 512 bytes");
+                }
+                if data_len > u64::from(u32::MAX) {
+                    return Err("request larger than 4 GiB");
+                }
+                if !self.in_capacity(sector, data_len) {
+                    return Err("request goes past the end of the disk");
+                }
+                let access = if kind == Kind::Read {
+                    Permissions::Write
+                } else {
+                    Permissions::Read
+                };
+                let mut bufs: Vec<VolatileSlice<'_>> = Vec::with_capacity(self.req.data.len());
+                for &(addr, len) in &self.req.data {
+                    let slices = mem
+                        .get_slices(GuestAddress(addr), len as usize, access)
+                        .map_err(|_| "data buffer is outside driver memory")?;
+                    for s in slices {
+                        match s {
+                            Ok(s) => bufs.push(s),
+                            Err(_) => return Err("data buffer is outside driver memory"),
+                        }
+                    }
+                }
+                let offset = sector * 512;
+                let op = if kind == Kind::Read {
+                    IoOp::Read {
+                        offset,
+                        bufs: &bufs,
+                    }
+                } else {
+                    IoOp::Write {
+                        offset,
+                        bufs: &bufs,
+                    }
+                };
+                let used_ok = if kind == Kind::Read {
+                    data_len as u32 + 1
+                } else {
+                    1
+                };
+                self.submit(head, status, used_ok, op);
+                Ok(None)
+            }
+            Kind::Flush => {
+                self.submit(head, status, 1, IoOp::Flush);
+                Ok(None)
+            }
+            Kind::GetId => {
+                let id = self.cfg.id_bytes();
+                let mut written = 0usize;
+                for &(addr, len) in &self.req.data {
+                    let n = (len as usize).min(id.len() - written);
+                    if n == 0 {
+                        break;
+                    }
+                    if mem
+                        .write_slice(&id[written..written + n], GuestAddress(addr))
+                        .is_err()
+                    {
+                        return Err("GET_ID buffer is outside driver memory");
+                    }
+                    written += n;
+                }
+                Ok(Some((VIRTIO_BLK_S_OK as u8, written as u32 + 1)))
+            }
+            Kind::Discard | Kind::WriteZeroes => {
+                let feature = if kind == Kind::Discard {
+                    VIRTIO_BLK_F_DISCARD
+                } else {
+                    VIRTIO_BLK_F_WRITE_ZEROES
+                };
+                if !self.has_feature(feature) {
+                    return Ok(Some((VIRTIO_BLK_S_UNSUPP as u8, 1)));
+                }
+                if self.cfg.read_only {
+                    return Ok(Some((ioerr, 1)));
+                }
+                if data_len != 16 || self.req.data.len() != 1 {
+                    return Err("discard/write-zeroes needs exactly one 16-byte segment");
+                }
+                let (addr, _) = self.req.data[0];
+                let mut seg = [0u8; 16];
+                mem.read_slice(&mut seg, GuestAddress(addr))
+                    .map_err(|_| "discard segment is outside driver memory")?;
+                let seg_sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
+                let num = u32::from_le_bytes(seg[8..12].try_into().unwrap());
+                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
+                let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+                let flags_ok = if kind == Kind::Discard {
+                    flags == 0
+                } else {
+                    flags & !unmap == 0
+                };
+                if !flags_ok {
+                    return Ok(Some((VIRTIO_BLK_S_UNSUPP as u8, 1)));
+                }
+                if num > MAX_DISCARD_SECTORS {
+                    return Err("discard/write-zeroes larger than the advertised maximum");
+                }
+                let len = u64::from(num) * 512;
+                if !self.in_capacity(seg_sector, len) {
+                    return Err("discard/write-zeroes goes past the end of the disk");
+                }
+                let offset = seg_sector * 512;
+                let op = if kind == Kind::Discard {
+                    IoOp::Discard { offset, len }
+                } else {
+                    IoOp::WriteZeroes {
+                        offset,
+                        len,
+                        may_unmap: flags & unmap != 0,
+                    }
+                };
+                self.submit(head, status, 1, op);
+                Ok(None)
+            }
+            Kind::Other(_) => Ok(Some((VIRTIO_BLK_S_UNSUPP as u8, 1))),
+        }
+    }
+
+    fn submit(&mut self, head: u16, status: u64, used_ok: u32, op: IoOp<'_>) {
+        self.pending[usize::from(head)] = Some(Pending { status, used_ok });
+        self.in_flight += 1;
+        self.backend.submit(u64::from(head), op);
+    }
+}
+
+impl QueueHandler for BlockQueue {
+    fn handle(&mut self, mem: &Memory, chain: Chain<'_>, done: &mut Completions) {
+        let head = chain.head;
+        if self
+            .pending
+            .get(usize::from(head))
+            .is_none_or(|p| p.is_some())
+        {
+            // A head already in flight (or out of range) again: the driver broke the ring
+            // rules; completing it twice would corrupt its state, so drop it.
+            self.log_error(&format!(
+                "request {head} submitted while already in flight; ignored"
+            ));
+            return;
+        }
+        match self.req.parse(mem, chain.descs) {
+            Err(ParseError::NoStatus) => {
+                self.log_error(&format!("request {head} has no writable status byte"));
+                done.push(head, 0);
+            }
+            Err(ParseError::Malformed { status, why }) => {
+                self.log_error(&format!("request {head}: {why}"));
+                self.finish(mem, head, status, VIRTIO_BLK_S_IOERR as u8, 1, done);
+            }
+            Ok(()) => {
+                let status = self.req.status;
+                match self.start(mem, head) {
+                    Ok(None) => {}
+                    Ok(Some((code, used))) => self.finish(mem, head, status, code, used, done),
+                    Err(why) => {
+                        self.log_error(&format!("request {head}: {why}"));
+                        self.finish(mem, head, status, VIRTIO_BLK_S_IOERR as u8, 1, done);
+                    }
+                }
+            }
+        }
+    }
+
+    fn completion_fd(&self) -> Option<RawFd> {
+        self.backend.completion_fd()
+    }
+
+    fn poll(&mut self, mem: &Memory, done: &mut Completions) {
+        let mut results = std::mem::take(&mut self.results);
+        self.backend.reap(&mut results);
+        for (cookie, res) in results.drain(..) {
+            let head = cookie as u16;
+            let Some(p) = self
+                .pending
+                .get_mut(usize::from(head))
+                .and_then(Option::take)
+            else {
+                continue;
+            };
+            self.in_flight -= 1;
+            match res {
+                Ok(()) => self.finish(mem, head, p.status, VIRTIO_BLK_S_OK as u8, p.used_ok, done),
+                Err(e) => {
+                    self.log_error(&format!("I/O error on request {head}: {e}"));
+                    self.finish(mem, head, p.status, VIRTIO_BLK_S_IOERR as u8, 1, done);
+                }
+            }
+        }
+        self.results = results;
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}

@@ -1,0 +1,16 @@
+//! The virtio-blk device of vudev and its storage backends.
+//!
+//! - [`config`]: feature bits and configuration space;
+//! - [`request`]: parsing and validating a request from a descriptor chain;
+//! - [`device`]: [`BlockDevice`] (a runtime `Device`) and its per-queue handler;
+//! - [`backend`]: the asynchronous [`BlockBackend`] trait and the file, memory and null
+//!   backends.
+
+pub mod backend;
+pub mod config;
+pub mod device;
+pub mod request;
+
+pub use backend::{parse_size, BlockBackend, FileBackend, MemoryBackend, NullBackend};
+pub use config::BlockConfig;
+pub use device::BlockDevice;

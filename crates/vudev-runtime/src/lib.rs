@@ -1,0 +1,16 @@
+//! The transport-neutral device runtime.
+//!
+//! A [`Device`] (virtio-blk, say) describes its features, config space and queues, and gives
+//! a [`QueueHandler`] per queue. The runtime owns everything between the ring and the
+//! handler: the [`MemoryMap`] of driver memory, one [`Worker`] thread per queue that walks and
+//! bounds descriptor chains (rust-vmm `virtio-queue`), notifications with EVENT_IDX, and the
+//! transports that drive a device: [`vduse`] today, vhost-user next.
+
+pub mod device;
+pub mod memory;
+pub mod vduse;
+pub mod worker;
+
+pub use device::{Chain, Completions, Device, QueueHandler};
+pub use memory::{Mapping, MappingSource, Memory, MemoryMap};
+pub use worker::{Notifier, QueuePosition, QueueSetup, Worker};

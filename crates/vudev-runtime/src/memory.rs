@@ -1,0 +1,358 @@
+//! The memory map: driver addresses (IOVAs for VDUSE, guest physical addresses for vhost-user)
+//! to our own mappings, as a `vm-memory` [`GuestMemoryMmap`] that queue workers read lock-free.
+//!
+//! Workers take a snapshot with [`MemoryMap::memory`]; updates build a new collection and swap
+//! it in, so a worker never sees a region disappear under it (the old mmap lives until the
+//! last snapshot holding it is dropped). Where the transport can look mappings up on demand
+//! (VDUSE's `IOTLB_GET_FD`), [`MemoryMap::fault_in`] fills holes from a [`MappingSource`].
+
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryRegion, GuestRegionMmap,
+};
+
+/// The memory type every worker and device reads: regions placed at driver addresses.
+pub type Memory = vm_memory::GuestMemoryMmap<()>;
+
+/// A snapshot of the memory map.
+pub type MemoryGuard = GuestMemoryLoadGuard<Memory>;
+
+/// One range of driver address space backed by a file.
+#[derive(Debug)]
+pub struct Mapping {
+    /// File to mmap.
+    pub file: File,
+    /// Offset of `start` in the file.
+    pub offset: u64,
+    /// First driver address.
+    pub start: u64,
+    /// Last driver address (inclusive).
+    pub last: u64,
+    /// mmap protection (PROT_READ / PROT_WRITE).
+    pub prot: i32,
+}
+
+/// Where missing mappings can be looked up (VDUSE: the kernel's IOTLB).
+pub trait MappingSource: Send + Sync {
+    /// The first mapping overlapping `[start, last]`, if any.
+    fn lookup(&self, start: u64, last: u64) -> io::Result<Option<Mapping>>;
+}
+
+/// Largest single mapping we accept from a peer (1 TiB): bounds what a bad peer can make us map.
+const MAX_MAPPING: u64 = 1 << 40;
+
+/// The shared, swappable memory map.
+pub struct MemoryMap {
+    atomic: GuestMemoryAtomic<Memory>,
+    source: Option<Box<dyn MappingSource>>,
+    update: Mutex<()>,
+}
+
+impl std::fmt::Debug for MemoryMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryMap")
+            .field("regions", &self.memory().num_regions())
+            .finish()
+    }
+}
+
+impl MemoryMap {
+    /// An empty map; `source` (if any) is asked for mappings on a miss.
+    pub fn new(source: Option<Box<dyn MappingSource>>) -> Self {
+        MemoryMap {
+            atomic: GuestMemoryAtomic::new(Memory::default()),
+            source,
+            update: Mutex::new(()),
+        }
+    }
+
+    /// A consistent snapshot of the current map.
+    pub fn memory(&self) -> MemoryGuard {
+        self.atomic.memory()
+    }
+
+    /// Drops every mapping.
+    pub fn clear(&self) {
+        let _g = self.update.lock().unwrap_or_else(|e| e.into_inner());
+        self.atomic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(Memory::default());
+    }
+
+    /// Replaces the whole map with `mappings` (vhost-user's memory table).
+    pub fn replace(&self, mappings: Vec<Mapping>) -> io::Result<()> {
+        let _g = self.update.lock().unwrap_or_else(|e| e.into_inner());
+        let mut regions = Vec::with_capacity(mappings.len());
+        for m in mappings {
+            regions.push(Arc::new(map_region(m)?));
+        }
+        let mem = build(regions)?;
+        self.atomic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(mem);
+        Ok(())
+    }
+
+    /// Forgets every mapping that overlaps `[start, last]` (they are looked up again on use).
+    pub fn invalidate(&self, start: u64, last: u64) {
+        let _g = self.update.lock().unwrap_or_else(|e| e.into_inner());
+        let cur = self.memory();
+        let kept: Vec<Arc<GuestRegionMmap>> = cur
+            .iter()
+            .filter(|r| r.last_addr().0 < start || r.start_addr().0 > last)
+            .map(|r| Arc::new(GuestRegionMmap::with_arc(r.get_mmap(), r.start_addr()).unwrap()))
+            .collect();
+        if kept.len() != cur.num_regions() {
+            if let Ok(mem) = build(kept) {
+                self.atomic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(mem);
+            }
+        }
+    }
+
+    /// Makes `[addr, addr + len)` mapped if the source has it; true if all of it is mapped
+    /// afterwards. `len == 0` checks the single byte at `addr`.
+    pub fn fault_in(&self, addr: u64, len: u64) -> bool {
+        let Some(last) = addr.checked_add(len.max(1) - 1) else {
+            return false;
+        };
+        let Some(source) = &self.source else {
+            return self.covered(addr, last);
+        };
+        let _g = self.update.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = addr;
+        let mut added: Vec<GuestRegionMmap> = Vec::new();
+        loop {
+            let mem = self.memory();
+            let next = match mem.find_region(GuestAddress(cur)) {
+                Some(r) => r.last_addr().0,
+                None => match added
+                    .iter()
+                    .find(|r| r.start_addr().0 <= cur && cur <= r.last_addr().0)
+                {
+                    Some(r) => r.last_addr().0,
+                    None => {
+                        let m = match source.lookup(cur, last) {
+                            Ok(Some(m)) if m.start <= cur && m.last >= cur => m,
+                            Ok(_) => return false,
+                            Err(e) => {
+                                tracing::warn!("memory lookup at {cur:#x} failed: {e}");
+                                return false;
+                            }
+                        };
+                        let end = m.last;
+                        match map_region(m) {
+                            Ok(r) => added.push(r),
+                            Err(e) => {
+                                tracing::warn!("cannot map driver memory at {cur:#x}: {e}");
+                                return false;
+                            }
+                        }
+                        end
+                    }
+                },
+            };
+            if next >= last {
+                break;
+            }
+            cur = next + 1;
+        }
+        if added.is_empty() {
+            return true;
+        }
+        let cur = self.memory();
+        let mut regions: Vec<Arc<GuestRegionMmap>> = added.into_iter().map(Arc::new).collect();
+        for r in cur.iter() {
+            let overlaps = regions
+                .iter()
+                .any(|n| !(r.last_addr() < n.start_addr() || r.start_addr() > n.last_addr()));
+            if !overlaps {
+                // Stale regions that overlap a fresh lookup are dropped.
+                regions.push(Arc::new(
+                    GuestRegionMmap::with_arc(r.get_mmap(), r.start_addr()).unwrap(),
+                ));
+            }
+        }
+        match build(regions) {
+            Ok(mem) => {
+                self.atomic
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(mem);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("cannot update the memory map: {e}");
+                false
+            }
+        }
+    }
+
+    /// Maps every range the source has inside `[start, last]` (used after an invalidation so
+    /// that workers rarely miss).
+    pub fn populate(&self, start: u64, last: u64) {
+        let Some(source) = &self.source else { return };
+        let mut cur = start;
+        // Bounded: each round moves past one distinct mapping, and there are at most a few
+        // thousand; stop anyway after 65536 rounds.
+        for _ in 0..65536 {
+            let found = match source.lookup(cur, last) {
+                Ok(Some(m)) => m,
+                _ => return,
+            };
+            let (s, l) = (found.start.max(cur), found.last);
+            drop(found);
+            self.fault_in(s, l - s + 1);
+            if l >= last {
+                return;
+            }
+            cur = l + 1;
+        }
+    }
+
+    fn covered(&self, addr: u64, last: u64) -> bool {
+        let mem = self.memory();
+        let mut cur = addr;
+        loop {
+            match mem.find_region(GuestAddress(cur)) {
+                Some(r) if r.last_addr().0 >= last => return true,
+                Some(r) => cur = r.last_addr().0 + 1,
+                None => return false,
+            }
+        }
+    }
+}
+
+fn map_region(m: Mapping) -> io::Result<GuestRegionMmap> {
+    let size = m
+        .last
+        .checked_sub(m.start)
+        .and_then(|s| s.checked_add(1))
+        .filter(|s| *s <= MAX_MAPPING)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "mapping [{:#x}, {:#x}] is empty or too large",
+                    m.start, m.last
+                ),
+            )
+        })?;
+    let region = MmapRegionBuilder::new(size as usize)
+        .with_file_offset(FileOffset::new(m.file, m.offset))
+        .with_mmap_prot(m.prot)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .map_err(|e| io::Error::other(format!("mmap of [{:#x}, {:#x}]: {e}", m.start, m.last)))?;
+    GuestRegionMmap::new(region, GuestAddress(m.start)).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "mapping wraps the address space",
+        )
+    })
+}
+
+fn build(mut regions: Vec<Arc<GuestRegionMmap>>) -> io::Result<Memory> {
+    if regions.is_empty() {
+        return Ok(Memory::default());
+    }
+    regions.sort_by_key(|r| r.start_addr());
+    Memory::from_arc_regions(regions)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("memory regions: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use vm_memory::Bytes;
+
+    struct FileSource {
+        path: std::path::PathBuf,
+        ranges: Vec<(u64, u64)>,
+    }
+
+    impl MappingSource for FileSource {
+        fn lookup(&self, start: u64, last: u64) -> io::Result<Option<Mapping>> {
+            for &(s, l) in &self.ranges {
+                if s <= last && l >= start {
+                    return Ok(Some(Mapping {
+                        file: File::options().read(true).write(true).open(&self.path)?,
+                        offset: s,
+                        start: s,
+                        last: l,
+                        prot: libc::PROT_READ | libc::PROT_WRITE,
+                    }));
+                }
+            }
+            Ok(None)
+        }
+    }
+
+    fn source() -> (FileSource, tempfile_path::TempPath) {
+        let tmp = tempfile_path::TempPath::new();
+        let mut f = File::create(&tmp.0).unwrap();
+        f.write_all(&vec![0u8; 0x4000]).unwrap();
+        (
+            FileSource {
+                path: tmp.0.clone(),
+                ranges: vec![(0, 0xfff), (0x1000, 0x1fff), (0x3000, 0x3fff)],
+            },
+            tmp,
+        )
+    }
+
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn new() -> Self {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                TempPath(std::env::temp_dir().join(format!("vudev-mem-{}-{n}", std::process::id())))
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn faults_in_on_demand_and_invalidates() {
+        let (src, _tmp) = source();
+        let map = MemoryMap::new(Some(Box::new(src)));
+        assert_eq!(map.memory().num_regions(), 0);
+        assert!(map.fault_in(0x10, 8));
+        assert_eq!(map.memory().num_regions(), 1);
+        // A range spanning two adjacent mappings.
+        assert!(map.fault_in(0xff0, 0x20));
+        assert_eq!(map.memory().num_regions(), 2);
+        // A hole is not mapped.
+        assert!(!map.fault_in(0x2000, 1));
+        assert!(!map.fault_in(0x1ff0, 0x20));
+        // Overflowing ranges are refused.
+        assert!(!map.fault_in(u64::MAX, 2));
+        map.memory()
+            .write_obj(0xdead_beefu32, GuestAddress(0x1000))
+            .unwrap();
+        map.invalidate(0x1000, 0x1000);
+        assert_eq!(map.memory().num_regions(), 1);
+        map.populate(0, u64::MAX);
+        assert_eq!(map.memory().num_regions(), 3);
+        // The data is in the file, so it is still there after the remap.
+        let v: u32 = map.memory().read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(v, 0xdead_beef);
+        map.clear();
+        assert_eq!(map.memory().num_regions(), 0);
+    }
+}

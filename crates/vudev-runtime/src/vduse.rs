@@ -1,0 +1,520 @@
+//! The VDUSE transport: creates the kernel device for a [`Device`], answers the kernel's
+//! control messages on a thread of its own (it never waits on I/O: the kernel marks a device
+//! broken when a message goes unanswered for `msg_timeout`), and starts and stops the queue
+//! workers as the driver sets the device status.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vduse::{DeviceConfig, Reply, Request, VduseControl, VduseDevice, VduseError};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::Device;
+use crate::memory::{Mapping, MappingSource, MemoryMap};
+use crate::worker::{Notifier, QueuePosition, QueueSetup, Worker};
+
+/// Feature bits the runtime itself implements for every device.
+pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
+    | (1 << VIRTIO_F_ACCESS_PLATFORM)
+    | (1 << VIRTIO_RING_F_EVENT_IDX)
+    | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+
+/// Options of a VDUSE export that are not the device's.
+#[derive(Clone, Debug)]
+pub struct VduseOptions {
+    /// Device name (`/dev/vduse/NAME`, vdpa device name).
+    pub name: String,
+    /// Queue size offered to the driver (power of two, at most 32768).
+    pub queue_size: u16,
+}
+
+/// Errors of the VDUSE transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The kernel interface refused something.
+    #[error(transparent)]
+    Vduse(#[from] VduseError),
+    /// A local resource (eventfd, thread) could not be created.
+    #[error("{0}: {1}")]
+    Io(&'static str, #[source] io::Error),
+}
+
+/// A created VDUSE device and its control state. Destroyed by [`VduseExport::shutdown`] (or,
+/// best effort, on drop).
+pub struct VduseExport {
+    name: String,
+    control: VduseControl,
+    inner: Option<Arc<Inner>>,
+}
+
+struct Inner {
+    dev: Arc<VduseDevice>,
+    device: Arc<dyn Device>,
+    map: Arc<MemoryMap>,
+    api_version: u64,
+    queue_size: u16,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    status: u8,
+    workers: Vec<Option<Worker>>,
+    positions: Vec<QueuePosition>,
+}
+
+struct IotlbSource(Arc<VduseDevice>);
+
+impl MappingSource for IotlbSource {
+    fn lookup(&self, start: u64, last: u64) -> io::Result<Option<Mapping>> {
+        let m = self
+            .0
+            .iotlb_get_fd(start, last)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(m.map(|m| Mapping {
+            file: m.file,
+            offset: m.offset,
+            start: m.start,
+            last: m.last,
+            prot: m.access.prot(),
+        }))
+    }
+}
+
+struct IrqNotifier(Arc<VduseDevice>);
+
+impl Notifier for IrqNotifier {
+    fn notify(&self, index: u16) -> io::Result<()> {
+        self.0
+            .inject_irq(u32::from(index))
+            .map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+impl VduseExport {
+    /// Creates `/dev/vduse/NAME` for `device` and declares its queues. The device is not on
+    /// the vdpa bus yet: start [`VduseExport::spawn_message_loop`] first, then attach it.
+    pub fn create(device: Arc<dyn Device>, opts: &VduseOptions) -> Result<Self, TransportError> {
+        let control = VduseControl::open()?;
+        let cfg = DeviceConfig {
+            name: opts.name.clone(),
+            vendor_id: 0,
+            device_id: device.device_id(),
+            features: device.features() | TRANSPORT_FEATURES,
+            num_queues: u32::from(device.num_queues()),
+            vq_align: 4096,
+            config: device.config(),
+        };
+        control.create_device(&cfg)?;
+        // From here on the device exists: destroy it again on any error.
+        let opened = (|| -> Result<Arc<VduseDevice>, TransportError> {
+            let dev = Arc::new(VduseDevice::open(&opts.name)?);
+            for q in 0..u32::from(device.num_queues()) {
+                dev.setup_vq(q, opts.queue_size)?;
+            }
+            Ok(dev)
+        })();
+        let dev = match opened {
+            Ok(d) => d,
+            Err(e) => {
+                let _ = control.destroy_device(&opts.name);
+                return Err(e);
+            }
+        };
+        tracing::info!(
+            name = %opts.name,
+            api_version = control.api_version(),
+            vduse_features = control.features(),
+            "VDUSE device created"
+        );
+        let map = Arc::new(MemoryMap::new(Some(Box::new(IotlbSource(dev.clone())))));
+        let n = usize::from(device.num_queues());
+        let inner = Arc::new(Inner {
+            dev,
+            device,
+            map,
+            api_version: control.api_version(),
+            queue_size: opts.queue_size,
+            state: Mutex::new(State {
+                status: 0,
+                workers: (0..n).map(|_| None).collect(),
+                positions: vec![QueuePosition::default(); n],
+            }),
+        });
+        Ok(VduseExport {
+            name: opts.name.clone(),
+            control,
+            inner: Some(inner),
+        })
+    }
+
+    fn inner(&self) -> &Arc<Inner> {
+        self.inner.as_ref().expect("used after shutdown")
+    }
+
+    /// The device name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts the control-message thread. It runs until the returned handle is stopped.
+    pub fn spawn_message_loop(&self) -> Result<MessageLoop, TransportError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+            .map_err(|e| TransportError::Io("eventfd", e))?;
+        let stop2 = stop
+            .try_clone()
+            .map_err(|e| TransportError::Io("eventfd", e))?;
+        let inner = self.inner().clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vduse-{}", self.name))
+            .spawn(move || inner.message_loop(&stop2))
+            .map_err(|e| TransportError::Io("spawn message thread", e))?;
+        Ok(MessageLoop {
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    /// Changes `data.len()` bytes of config space at `offset` and tells the driver (resize).
+    pub fn update_config(&self, offset: u32, data: &[u8]) -> Result<(), TransportError> {
+        self.inner().dev.set_config(offset, data)?;
+        self.inner().dev.inject_config_irq()?;
+        Ok(())
+    }
+
+    /// Stops every worker, closes the device node and destroys the device. The device must be
+    /// off the vdpa bus (the kernel refuses with EBUSY otherwise).
+    pub fn shutdown(mut self) -> Result<(), TransportError> {
+        self.destroy()
+    }
+
+    fn destroy(&mut self) -> Result<(), TransportError> {
+        let Some(inner) = self.inner.take() else {
+            return Ok(());
+        };
+        inner.stop_workers();
+        // Our device fd must be closed before DESTROY_DEV succeeds: wait for the message
+        // thread (if the caller did not stop it) to let go of its reference.
+        let mut inner = Some(inner);
+        for _ in 0..100 {
+            match inner.take().map(Arc::try_unwrap) {
+                Some(Ok(i)) => {
+                    drop(i);
+                    break;
+                }
+                Some(Err(shared)) => {
+                    inner = Some(shared);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                None => break,
+            }
+        }
+        if inner.is_some() {
+            return Err(TransportError::Io(
+                "destroy",
+                io::Error::other("the message loop still runs: stop it first"),
+            ));
+        }
+        let mut last_err = None;
+        for attempt in 0..50 {
+            match self.control.destroy_device(&self.name) {
+                Ok(()) => {
+                    tracing::info!(name = %self.name, "VDUSE device destroyed");
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    tracing::debug!(attempt, "destroy: device busy, retrying");
+                    last_err = Some(e);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last_err
+            .map(TransportError::from)
+            .unwrap_or_else(|| TransportError::Io("destroy", io::Error::other("device busy"))))
+    }
+}
+
+impl Drop for VduseExport {
+    fn drop(&mut self) {
+        if let Err(e) = self.destroy() {
+            tracing::error!(name = %self.name, "could not destroy the VDUSE device: {e}");
+        }
+    }
+}
+
+/// The running control-message thread of an export.
+pub struct MessageLoop {
+    thread: Option<JoinHandle<()>>,
+    stop: EventFd,
+}
+
+impl MessageLoop {
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        self.join();
+    }
+
+    fn join(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for MessageLoop {
+    fn drop(&mut self) {
+        self.join();
+    }
+}
+
+impl Inner {
+    fn message_loop(&self, stop: &EventFd) {
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.dev.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is a valid pollfd array for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(
+                    "poll on the VDUSE device failed: {}",
+                    io::Error::last_os_error()
+                );
+                return;
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                match self.dev.read_request(self.api_version) {
+                    Ok(Some(req)) => {
+                        let reply = self.handle(req);
+                        tracing::debug!(?req, ?reply, "VDUSE message");
+                        if let Err(e) = self.dev.reply(req.id(), reply) {
+                            tracing::error!("{e}");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            } else if fds[0].revents != 0 {
+                tracing::error!("VDUSE device fd reported an error; message loop ends");
+                return;
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn handle(&self, req: Request) -> Reply {
+        match req {
+            Request::GetVqState { index, .. } => {
+                let st = self.lock();
+                let i = index as usize;
+                let pos = match st.workers.get(i) {
+                    Some(Some(w)) => w.position(),
+                    Some(None) => st.positions[i],
+                    None => return Reply::Failed,
+                };
+                Reply::VqState {
+                    index,
+                    avail_index: pos.next_avail,
+                }
+            }
+            Request::SetStatus { status, .. } => self.set_status(status),
+            Request::UpdateIotlb { start, last, .. } => {
+                self.map.invalidate(start, last);
+                if self.lock().status & VIRTIO_CONFIG_S_DRIVER_OK as u8 != 0 {
+                    self.map.populate(start, last);
+                }
+                Reply::Ok
+            }
+            Request::SetVqGroupAsid { group, asid, .. } => {
+                // One group and one address space are declared: only (0, 0) is valid.
+                if group == 0 && asid == 0 {
+                    Reply::Ok
+                } else {
+                    tracing::warn!(
+                        group,
+                        asid,
+                        "refusing an address space this device did not declare"
+                    );
+                    Reply::Failed
+                }
+            }
+            Request::SetVqReady { index, ready, .. } => {
+                let mut st = self.lock();
+                let i = index as usize;
+                if i >= st.workers.len() {
+                    return Reply::Failed;
+                }
+                if !ready {
+                    if let Some(w) = st.workers[i].take() {
+                        st.positions[i] = w.stop();
+                    }
+                } else if st.status & VIRTIO_CONFIG_S_DRIVER_OK as u8 != 0
+                    && st.workers[i].is_none()
+                {
+                    let features = self.dev.negotiated_features().unwrap_or(0);
+                    if let Err(e) = self.start_queue(&mut st, index, features) {
+                        tracing::error!(queue = index, "cannot start queue: {e}");
+                        return Reply::Failed;
+                    }
+                }
+                Reply::Ok
+            }
+            Request::Suspend { .. } => {
+                self.stop_workers();
+                Reply::Ok
+            }
+            Request::Unknown { kind, .. } => {
+                tracing::warn!(kind, "unknown VDUSE message type; answering FAILED");
+                Reply::Failed
+            }
+        }
+    }
+
+    fn set_status(&self, status: u8) -> Reply {
+        let driver_ok = VIRTIO_CONFIG_S_DRIVER_OK as u8;
+        let old = self.lock().status;
+        if status == 0 {
+            self.stop_workers();
+            let mut st = self.lock();
+            for p in st.positions.iter_mut() {
+                *p = QueuePosition::default();
+            }
+            for q in 0..st.workers.len() {
+                let _ = self.dev.set_kickfd(q as u32, None);
+            }
+            st.status = 0;
+            drop(st);
+            self.map.clear();
+            tracing::info!("driver reset the device");
+            return Reply::Ok;
+        }
+        if status & driver_ok != 0 && old & driver_ok == 0 {
+            if let Err(e) = self.start() {
+                tracing::error!("cannot start the device: {e}");
+                self.stop_workers();
+                return Reply::Failed;
+            }
+            tracing::info!("driver started the device");
+        } else if status & driver_ok == 0 && old & driver_ok != 0 {
+            self.stop_workers();
+        }
+        self.lock().status = status;
+        Reply::Ok
+    }
+
+    fn start(&self) -> io::Result<()> {
+        let features = self
+            .dev
+            .negotiated_features()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        self.map.clear();
+        self.map.populate(0, u64::MAX);
+        let mut st = self.lock();
+        for q in 0..st.workers.len() as u32 {
+            let info = self
+                .dev
+                .vq_info(q)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            if info.ready {
+                self.start_queue(&mut st, q, features)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_queue(&self, st: &mut State, q: u32, features: u64) -> io::Result<()> {
+        let info = self
+            .dev
+            .vq_info(q)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let size = u16::try_from(info.num)
+            .ok()
+            .filter(|s| *s > 0 && *s <= self.queue_size)
+            .ok_or_else(|| {
+                io::Error::other(format!("queue {q}: driver chose size {}", info.num))
+            })?;
+        let mut setup = QueueSetup {
+            index: q as u16,
+            size,
+            desc: info.desc_addr,
+            avail: info.driver_addr,
+            used: info.device_addr,
+            next_avail: info.avail_index,
+            next_used: 0,
+            event_idx: features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+        };
+        // Resume where the used ring stands (zero on a fresh ring).
+        if self.map.fault_in(setup.used, 4) {
+            if let Ok(idx) = self
+                .map
+                .memory()
+                .read_obj::<u16>(GuestAddress(setup.used + 2))
+            {
+                setup.next_used = idx;
+            }
+        }
+        let handler = self.device.queue_handler(q as u16, features)?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let notifier: Arc<dyn Notifier> = Arc::new(IrqNotifier(self.dev.clone()));
+        let worker = Worker::start(
+            setup,
+            handler,
+            self.map.clone(),
+            kick.try_clone()?,
+            notifier,
+        )?;
+        self.dev
+            .set_kickfd(q, Some(kick.as_raw_fd()))
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        st.workers[q as usize] = Some(worker);
+        tracing::debug!(queue = q, size, "queue started");
+        Ok(())
+    }
+
+    fn stop_workers(&self) {
+        let workers: Vec<(usize, Worker)> = {
+            let mut st = self.lock();
+            st.workers
+                .iter_mut()
+                .enumerate()
+                .filter_map(|(i, w)| w.take().map(|w| (i, w)))
+                .collect()
+        };
+        for (i, w) in workers {
+            let pos = w.stop();
+            self.lock().positions[i] = pos;
+        }
+    }
+}

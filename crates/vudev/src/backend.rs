@@ -1,0 +1,66 @@
+//! Opening the backend named on the command line, with errors that say what to do.
+
+use std::io;
+use std::sync::Arc;
+
+use vudev_blk::{parse_size, BlockBackend, FileBackend, MemoryBackend, NullBackend};
+
+use crate::cli::BackendArgs;
+
+/// Opens the backend; `block_size` is the logical block size its size must be a multiple of.
+pub fn open(
+    args: &BackendArgs,
+    direct: bool,
+    read_only: bool,
+    block_size: u32,
+) -> Result<Arc<dyn BlockBackend>, String> {
+    let backend: Arc<dyn BlockBackend> = if let Some(path) = &args.file {
+        let b = FileBackend::open(path, read_only, direct).map_err(|e| {
+            let p = path.display();
+            match e.kind() {
+                io::ErrorKind::NotFound => {
+                    format!("{p}: file not found: create it first (e.g. truncate -s 1G {p})")
+                }
+                io::ErrorKind::PermissionDenied => format!(
+                    "{p}: permission denied: make it {} by this user, or pass --readonly",
+                    if read_only {
+                        "readable"
+                    } else {
+                        "readable and writable"
+                    }
+                ),
+                _ if e.raw_os_error() == Some(libc::EINVAL) && direct => {
+                    format!("{p}: O_DIRECT is not supported on this file system: drop --direct")
+                }
+                _ => format!("{p}: {e}"),
+            }
+        })?;
+        Arc::new(b)
+    } else if let Some(size) = &args.memory {
+        let size = checked_size(size, block_size)?;
+        Arc::new(MemoryBackend::new(size, read_only).map_err(|e| e.to_string())?)
+    } else if let Some(size) = &args.null {
+        Arc::new(NullBackend::new(checked_size(size, block_size)?, read_only))
+    } else {
+        return Err("no backend: pass --file PATH, --memory SIZE or --null SIZE".into());
+    };
+    let size = backend.size();
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
+        return Err(format!(
+            "{}: size {size} is not a non-zero multiple of the {block_size}-byte block size: \
+             resize it (truncate -s) or pick another --logical-block-size",
+            backend.describe()
+        ));
+    }
+    Ok(backend)
+}
+
+fn checked_size(s: &str, block_size: u32) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
+        return Err(format!(
+            "invalid size '{s}': must be a non-zero multiple of the {block_size}-byte block size"
+        ));
+    }
+    Ok(size)
+}

@@ -1,0 +1,149 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Userspace virtio devices, exported through VDUSE.
+#[derive(Debug, Parser)]
+#[command(name = "vudev", version, about)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace); VUDEV_LOG=filter overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Export a virtio-blk device until SIGINT or SIGTERM.
+    #[command(subcommand)]
+    Export(Export),
+    /// Manage vdpa devices (what iproute2's `vdpa dev` does).
+    #[command(subcommand)]
+    Vdpa(VdpaCommand),
+}
+
+/// Export transports.
+#[derive(Debug, Subcommand)]
+pub enum Export {
+    /// Through VDUSE: /dev/vdX on this host (virtio-vdpa) or a VM (vhost-vdpa).
+    Vduse(VduseArgs),
+}
+
+/// `vudev export vduse`.
+#[derive(Debug, Args)]
+pub struct VduseArgs {
+    /// Device name (/dev/vduse/NAME and the vdpa device name).
+    #[arg(long)]
+    pub name: String,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Create the device but do not add it to the vdpa bus (attach it later with
+    /// `vudev vdpa attach NAME [--driver vhost-vdpa]`).
+    #[arg(long)]
+    pub no_attach: bool,
+}
+
+/// Where the data lives. Exactly one is required.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct BackendArgs {
+    /// A regular file or block device.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// A RAM disk of SIZE (e.g. 64M, 1G, 1048576); contents are lost on exit.
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// A disk of SIZE that reads zeros and drops writes.
+    #[arg(long, value_name = "SIZE")]
+    pub null: Option<String>,
+}
+
+/// virtio-blk device options.
+#[derive(Debug, Args)]
+pub struct DeviceArgs {
+    /// Open --file with O_DIRECT (bypass the host page cache).
+    #[arg(long, requires = "file")]
+    pub direct: bool,
+    /// Number of request queues (one worker thread each).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+    /// Queue size: a power of two from 2 to 32768.
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Refuse writes (the driver sees a read-only disk).
+    #[arg(long)]
+    pub readonly: bool,
+    /// Serial number returned to the driver (at most 20 bytes).
+    #[arg(long, default_value = "")]
+    pub serial: String,
+    /// Logical block size in bytes.
+    #[arg(long, default_value = "512")]
+    pub logical_block_size: BlockSize,
+}
+
+/// Allowed logical block sizes.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BlockSize {
+    /// 512 bytes.
+    #[value(name = "512")]
+    B512,
+    /// 4096 bytes.
+    #[value(name = "4096")]
+    B4096,
+}
+
+impl BlockSize {
+    /// Bytes.
+    pub fn bytes(self) -> u32 {
+        match self {
+            BlockSize::B512 => 512,
+            BlockSize::B4096 => 4096,
+        }
+    }
+}
+
+/// `vudev vdpa …`.
+#[derive(Debug, Subcommand)]
+pub enum VdpaCommand {
+    /// List vdpa management devices and devices.
+    List,
+    /// Add a created VDUSE device to the vdpa bus.
+    Attach {
+        /// Device name.
+        name: String,
+        /// Bus driver to bind: virtio-vdpa gives /dev/vdX here, vhost-vdpa gives
+        /// /dev/vhost-vdpa-N for a VM. Default: whichever the kernel picks.
+        #[arg(long)]
+        driver: Option<Driver>,
+    },
+    /// Remove a device from the vdpa bus.
+    Detach {
+        /// Device name.
+        name: String,
+    },
+}
+
+/// vdpa bus drivers.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Driver {
+    /// The in-kernel virtio driver: the device appears on this host.
+    VirtioVdpa,
+    /// vhost-vdpa: the device is handed to a VM or a userspace driver.
+    VhostVdpa,
+}
+
+impl Driver {
+    /// The kernel's driver name.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            Driver::VirtioVdpa => "virtio_vdpa",
+            Driver::VhostVdpa => "vhost_vdpa",
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! `vudev export vduse`: create the device, attach it, serve until SIGINT/SIGTERM, then
+//! detach and destroy it.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vduse::netlink::VdpaNetlink;
+use vudev_blk::{BlockConfig, BlockDevice};
+use vudev_runtime::vduse::{VduseExport, VduseOptions};
+
+use crate::cli::VduseArgs;
+use crate::{backend, signals};
+
+/// The management device every VDUSE device is added through.
+const VDUSE_MGMTDEV: &str = "vduse";
+
+/// Runs one VDUSE export in the foreground.
+pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
+    // Before any thread exists, so that every thread inherits the mask.
+    signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
+    let dev = &args.device;
+    if !dev.queue_size.is_power_of_two() || !(2..=32768).contains(&dev.queue_size) {
+        return Err(format!(
+            "invalid --queue-size {}: use a power of two from 2 to 32768",
+            dev.queue_size
+        ));
+    }
+    if dev.serial.len() > 20 {
+        return Err(format!(
+            "invalid --serial '{}': at most 20 bytes",
+            dev.serial
+        ));
+    }
+    let block_size = dev.logical_block_size.bytes();
+    let backend = backend::open(&args.backend, dev.direct, dev.readonly, block_size)?;
+    let cfg = BlockConfig {
+        size: backend.size(),
+        logical_block_size: block_size,
+        num_queues: dev.num_queues,
+        queue_size: dev.queue_size,
+        read_only: dev.readonly || backend.read_only(),
+        serial: dev.serial.clone(),
+        discard: backend.supports_discard(),
+        write_zeroes: true,
+    };
+    let description = backend.describe();
+    let device = Arc::new(BlockDevice::new(cfg, backend));
+    let export = VduseExport::create(
+        device,
+        &VduseOptions {
+            name: args.name.clone(),
+            queue_size: dev.queue_size,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let messages = export.spawn_message_loop().map_err(|e| e.to_string())?;
+    tracing::info!(
+        name = %args.name,
+        queues = dev.num_queues,
+        queue_size = dev.queue_size,
+        "serving {description}"
+    );
+
+    let served = if args.no_attach {
+        tracing::info!(
+            "not attached: run `vudev vdpa attach {} [--driver vhost-vdpa]` to use it",
+            args.name
+        );
+        Ok(())
+    } else {
+        attach(&args.name)
+    };
+    let result = served.and_then(|()| {
+        let sig = signals::wait_termination().map_err(|e| format!("waiting for signals: {e}"))?;
+        tracing::info!("signal {sig} received: shutting down");
+        Ok(())
+    });
+
+    // Clean path, also after an error: off the bus (while the message loop still answers the
+    // kernel's reset), then stop the loop, stop the queues and destroy the device.
+    let detached = detach_if_attached(&args.name);
+    messages.stop();
+    let destroyed = export.shutdown().map_err(|e| e.to_string());
+    result.and(detached).and(destroyed)
+}
+
+fn attach(name: &str) -> Result<(), String> {
+    let mut nl = VdpaNetlink::open().map_err(|e| e.to_string())?;
+    nl.add_device(name, VDUSE_MGMTDEV)
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(blk) = vduse::sysfs::block_device_of(name) {
+            tracing::info!("attached: {name} is /dev/{blk}");
+            return Ok(());
+        }
+        if let Ok(Some(driver)) = vduse::sysfs::bound_driver(name) {
+            if driver != "virtio_vdpa" {
+                tracing::info!("attached: {name} is bound to {driver}");
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            tracing::warn!(
+                "attached {name}, but no block device appeared within 10 s: is virtio_blk loaded?"
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn detach_if_attached(name: &str) -> Result<(), String> {
+    if !Path::new("/sys/bus/vdpa/devices").join(name).exists() {
+        return Ok(());
+    }
+    let mut nl = VdpaNetlink::open().map_err(|e| e.to_string())?;
+    nl.del_device(name)
+        .map_err(|e| format!("cannot detach {name}: {e}"))?;
+    tracing::info!("detached {name}");
+    Ok(())
+}

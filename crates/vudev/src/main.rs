@@ -1,0 +1,40 @@
+//! vudev: virtio devices in userspace, exported through VDUSE.
+//!
+//! This file only parses the command line and hands over; see `docs/ARCHITECTURE.md`.
+
+mod backend;
+mod cli;
+mod export;
+mod signals;
+mod vdpa;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let default = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VUDEV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        cli::Command::Export(cli::Export::Vduse(opts)) => export::run_vduse(opts),
+        cli::Command::Vdpa(cmd) => vdpa::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vudev: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,113 @@
+# Helpers for guest scenarios (busybox ash). Source with: . /lib.sh
+
+# busybox sh runs its own applets before PATH: name the util-linux tools by path.
+BLKDISCARD=/usr/bin/blkdiscard
+BLOCKDEV=/usr/bin/blockdev
+
+# check NAME CMD... : runs CMD, prints CHECK PASS/FAIL NAME.
+check() {
+    name=$1; shift
+    if out=$("$@" 2>&1); then
+        echo "CHECK PASS $name"
+    else
+        echo "CHECK FAIL $name: $(echo "$out" | tail -n 5 | tr '\n' ' ')"
+    fi
+}
+
+# expect_fail NAME CMD... : passes when CMD fails.
+expect_fail() {
+    name=$1; shift
+    if out=$("$@" 2>&1); then
+        echo "CHECK FAIL $name: succeeded but should have failed"
+    else
+        echo "CHECK PASS $name"
+    fi
+}
+
+# wait_for PATH SECONDS : waits until PATH exists.
+wait_for() {
+    i=0
+    while [ ! -e "$1" ]; do
+        i=$((i + 1))
+        [ $i -gt $(($2 * 10)) ] && return 1
+        sleep 0.1
+    done
+}
+
+# wait_gone PATH SECONDS : waits until PATH no longer exists.
+wait_gone() {
+    i=0
+    while [ -e "$1" ]; do
+        i=$((i + 1))
+        [ $i -gt $(($2 * 10)) ] && return 1
+        sleep 0.1
+    done
+}
+
+# wait_exit PID SECONDS : waits for PID to exit; returns its status (or 124 on timeout).
+wait_exit() {
+    i=0
+    while kill -0 "$1" 2>/dev/null; do
+        i=$((i + 1))
+        if [ $i -gt $(($2 * 10)) ]; then return 124; fi
+        sleep 0.1
+    done
+    wait "$1"
+}
+
+# The block device checks every export must pass. $1 = device (/dev/vda), $2 = label.
+blk_suite() {
+    dev=$1; tag=$2
+    check "$tag-fio-verify" fio --name=verify --filename="$dev" --rw=randwrite --bsrange=512-128k \
+        --iodepth=16 --ioengine=libaio --direct=1 --size=32m --verify=crc32c --verify_fatal=1 \
+        --do_verify=1 --randrepeat=0
+    check "$tag-mkfs" mkfs.ext4 -q -F "$dev"
+    mkdir -p /mnt/t
+    check "$tag-mount" mount -t ext4 "$dev" /mnt/t
+    for i in 1 2 3 4; do dd if=/dev/urandom of=/mnt/t/f$i bs=64k count=$((i * 8)) 2>/dev/null; done
+    (cd /mnt/t && sha256sum f1 f2 f3 f4) > /tmp/sums
+    check "$tag-umount" umount /mnt/t
+    check "$tag-fsck" e2fsck -fn "$dev"
+    check "$tag-remount" mount -t ext4 -o ro "$dev" /mnt/t
+    check "$tag-checksums" sh -c "cd /mnt/t && sha256sum -c /tmp/sums"
+    umount /mnt/t
+    # discard, then write-zeroes: the zeroed range must read back as zeros
+    check "$tag-discard" $BLKDISCARD -f -o 0 -l 4194304 "$dev"
+    dd if=/dev/urandom of="$dev" bs=1M count=4 seek=8 conv=fsync 2>/dev/null
+    check "$tag-write-zeroes" $BLKDISCARD -f -z -o 8388608 -l 4194304 "$dev"
+    dd if=/dev/zero of=/tmp/zeros bs=1M count=4 2>/dev/null
+    check "$tag-zeros-read-back" sh -c "dd if=$dev bs=1M skip=8 count=4 2>/dev/null | cmp - /tmp/zeros"
+}
+
+# blkdev_of NAME : the /dev/vdX node of vdpa device NAME bound to virtio_vdpa.
+blkdev_of() {
+    for b in /sys/bus/vdpa/devices/$1/virtio*/block/*; do
+        [ -e "$b" ] && echo "/dev/$(basename "$b")" && return 0
+    done
+    return 1
+}
+
+# wait_blkdev NAME SECONDS : waits for the block device of NAME and prints it.
+wait_blkdev() {
+    i=0
+    while ! blkdev_of "$1" >/dev/null; do
+        i=$((i + 1))
+        [ $i -gt $(($2 * 10)) ] && return 1
+        sleep 0.1
+    done
+    d=$(blkdev_of "$1")
+    wait_for "$d" "$2" && echo "$d"
+}
+
+# stop_export PID NAME : SIGTERM, then checks exit status 0 and that the device is gone.
+stop_export() {
+    kill -TERM "$1"
+    wait_exit "$1" 60
+    rc=$?
+    [ $rc -eq 0 ] && echo "CHECK PASS $2-sigterm-exit-0" || echo "CHECK FAIL $2-sigterm-exit-0: status $rc"
+    if [ ! -e /sys/bus/vdpa/devices/$2 ] && [ ! -e /dev/vduse/$2 ]; then
+        echo "CHECK PASS $2-removed"
+    else
+        echo "CHECK FAIL $2-removed: device still present"
+    fi
+}
