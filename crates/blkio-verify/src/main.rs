@@ -103,7 +103,9 @@ fn run(args: &Args) -> Result<(), String> {
         q.read(off, rbuf.as_mut_ptr(), n, i, ReqFlags::empty());
         wait_one(q, "read")?;
         if wbuf[..n] != rbuf[..n] {
-            return Err(format!("read-back of {n} bytes at {off} differs from what was written"));
+            return Err(format!(
+                "read-back of {n} bytes at {off} differs from what was written"
+            ));
         }
         println!("PASS write-read {n} bytes at {off}");
     }

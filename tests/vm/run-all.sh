@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every VM scenario on both VDUSE kernels: first the block suite against
+# qemu-storage-daemon (proves the suite and harness), then vudev's scenarios.
+# Prints one line per scenario and a final `N passed, M failed` over all checks.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+cd "$root"
+cargo build --release -p vudev -p blkio-verify
+bins=(--bin target/release/vudev --bin target/release/blkio-verify)
+total_pass=0 total_fail=0 failed_runs=()
+for ver in 6.12 7.3; do
+    "$here/fetch-kernel.sh" "$ver" >/dev/null
+    "$here/build-initramfs.sh" "$ver" >/dev/null
+done
+for ver in 6.12 7.3; do
+    for s in qsd-reference vudev-basic vudev-options vudev-lifecycle; do
+        set +e
+        "$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/$s.sh" "${bins[@]}" --timeout 400 \
+            > "$root/target/vm/$s-$ver.out" 2>&1
+        rc=$?
+        set -e
+        cat "$root/target/vm/$s-$ver.out" | grep -v '^[0-9]* passed, [0-9]* failed$' || true
+        line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$root/target/vm/$s-$ver.out" | tail -1)
+        p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed}
+        total_pass=$((total_pass + ${p:-0})); total_fail=$((total_fail + ${f:-1}))
+        if [[ $rc != 0 ]]; then
+            failed_runs+=("$s on $ver")
+            [[ ${f:-0} == 0 ]] && total_fail=$((total_fail + 1))
+        fi
+    done
+done
+echo
+if [[ ${#failed_runs[@]} -gt 0 ]]; then
+    echo "VM scenarios that failed: ${failed_runs[*]} (logs in target/vm/logs)"
+fi
+echo "$total_pass passed, $total_fail failed"
+[[ ${#failed_runs[@]} -eq 0 ]]

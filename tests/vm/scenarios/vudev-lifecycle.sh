@@ -1,0 +1,47 @@
+# Lifecycle: SIGTERM under load, the VM path through vhost-vdpa with an independent userspace
+# driver (blkio), `vudev vdpa` management, and the errors a user meets.
+. /lib.sh
+truncate -s 128M /tmp/disk.img
+vudev export vduse --name busy0 --file /tmp/disk.img 2>/tmp/busy0.log &
+pid=$!
+dev=$(wait_blkdev busy0 30) && echo "CHECK PASS load-attach" || echo "CHECK FAIL load-attach: $(tail -3 /tmp/busy0.log)"
+fio --name=load --filename=$dev --rw=randwrite --bs=4k --iodepth=32 --ioengine=libaio \
+    --direct=1 --size=64m --time_based --runtime=60 >/tmp/fio-load.log 2>&1 &
+fio=$!
+sleep 3
+check load-fio-running kill -0 $fio
+stop_export $pid busy0
+wait_exit $fio 30 >/dev/null; rc=$?
+[ $rc -ne 124 ] && echo "CHECK PASS load-fio-not-hung" || echo "CHECK FAIL load-fio-not-hung: fio still running"
+
+# The VM path: create without attaching, attach to vhost_vdpa, drive it with blkio.
+truncate -s 64M /tmp/vm.img
+vudev export vduse --name vm0 --file /tmp/vm.img --no-attach 2>/tmp/vm0.log &
+pid=$!
+wait_for /dev/vduse/vm0 20 && echo "CHECK PASS no-attach-created" || echo "CHECK FAIL no-attach-created"
+check no-attach-not-on-bus [ ! -e /sys/bus/vdpa/devices/vm0 ]
+check vdpa-attach-vhost vudev vdpa attach vm0 --driver vhost-vdpa
+check vdpa-list sh -c "vudev vdpa list | grep -q 'dev vm0 mgmtdev vduse device_id 2'"
+check vdpa-list-mgmtdev sh -c "vudev vdpa list | grep -q 'mgmtdev vduse'"
+node=$(ls -d /sys/bus/vdpa/devices/vm0/vhost-vdpa-* 2>/dev/null | head -1)
+node=/dev/$(basename "$node")
+check vhost-vdpa-node [ -c "$node" ]
+check vhost-vdpa-blkio-verify blkio-verify --driver virtio-blk-vhost-vdpa --path $node
+stop_export $pid vm0
+
+# Errors a user meets.
+vudev export vduse --name dup0 --memory 16M 2>/tmp/dup0.log &
+pid=$!
+wait_blkdev dup0 30 >/dev/null
+vudev export vduse --name dup0 --memory 16M 2>/tmp/dup-err.log
+check error-name-taken grep -q "already exists" /tmp/dup-err.log
+stop_export $pid dup0
+vudev export vduse --name e0 --file /tmp/missing.img 2>/tmp/err.log
+check error-missing-file grep -q "file not found: create it first" /tmp/err.log
+truncate -s 1000 /tmp/odd.img
+vudev export vduse --name e1 --file /tmp/odd.img 2>/tmp/err.log
+check error-not-block-multiple grep -q "not a non-zero multiple" /tmp/err.log
+vudev export vduse --name e2 --memory 12Q 2>/tmp/err.log
+check error-bad-size grep -q "invalid size" /tmp/err.log
+check error-left-nothing-behind sh -c "[ -z \"\$(ls /dev/vduse | grep -v control)\" ]"
+echo SCENARIO DONE

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a Debian 12 host (idempotent; quick when all is present):
+# QEMU from bookworm-backports, fio, busybox-static, cpio, e2fsprogs, util-linux, iproute2,
+# qemu-utils (qemu-storage-daemon), xz and zstd.
+set -euo pipefail
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+have fio || need+=(fio)
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' || need+=(busybox-static)
+have cpio || need+=(cpio)
+have mke2fs || need+=(e2fsprogs)
+have blkdiscard || need+=(util-linux)
+have vdpa || need+=(iproute2)
+have qemu-storage-daemon || need+=(qemu-utils)
+have xz || need+=(xz-utils)
+have zstd || need+=(zstd)
+have gzip || need+=(gzip)
+if [[ ${#need[@]} -eq 0 ]]; then
+    echo "setup-host: everything is installed"
+    exit 0
+fi
+SUDO=""
+[[ $(id -u) == 0 ]] || SUDO=sudo
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo 'deb http://deb.debian.org/debian bookworm-backports main' | $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+fi
+echo "setup-host: installing ${need[*]}"
+$SUDO apt-get update -q
+export DEBIAN_FRONTEND=noninteractive
+# QEMU 10 comes from backports (bookworm's own QEMU 7.2 lacks what the tests use).
+$SUDO apt-get install -y -q -t bookworm-backports "${need[@]}"
