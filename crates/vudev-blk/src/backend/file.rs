@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use vm_memory::VolatileSlice;
 
-use super::{check_range, total_len, BlockBackend, Immediate, IoDone, IoOp, QueueBackend};
+use super::{check_range, total_len, BlockBackend, Immediate, IoOp, QueueBackend, RunNow};
 
 /// `BLKGETSIZE64`: size of a block device in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -83,13 +83,12 @@ impl BlockBackend for FileBackend {
         self.read_only
     }
     fn queue(&self) -> io::Result<Box<dyn QueueBackend>> {
-        Ok(Box::new(FileQueue {
+        Ok(Immediate::boxed(FileQueue {
             file: self.file.clone(),
             size: self.size,
             direct: self.direct,
             block_device: self.block_device,
             iovecs: Vec::new(),
-            done: Immediate::default(),
         }))
     }
     fn describe(&self) -> String {
@@ -108,14 +107,9 @@ struct FileQueue {
     direct: bool,
     block_device: bool,
     iovecs: Vec<libc::iovec>,
-    done: Immediate,
 }
 
-impl FileQueue {
-    fn fd(&self) -> i32 {
-        self.file.as_raw_fd()
-    }
-
+impl RunNow for FileQueue {
     fn run(&mut self, op: IoOp<'_>) -> io::Result<()> {
         match op {
             IoOp::Read { offset, bufs } => {
@@ -185,6 +179,12 @@ impl FileQueue {
                 }
             }
         }
+    }
+}
+
+impl FileQueue {
+    fn fd(&self) -> i32 {
+        self.file.as_raw_fd()
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -344,19 +344,6 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout.
         unsafe { dealloc(self.ptr, self.layout) };
-    }
-}
-
-impl QueueBackend for FileQueue {
-    fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
-        let res = self.run(op);
-        self.done.push(cookie, res);
-    }
-    fn reap(&mut self, out: &mut Vec<IoDone>) {
-        self.done.reap(out);
-    }
-    fn in_flight(&self) -> usize {
-        self.done.len()
     }
 }
 

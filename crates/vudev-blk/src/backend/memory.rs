@@ -7,7 +7,7 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::{VolatileMemory, VolatileSlice};
 
 use super::null::zero_fill;
-use super::{check_range, total_len, BlockBackend, Immediate, IoDone, IoOp, QueueBackend};
+use super::{check_range, total_len, BlockBackend, Immediate, IoOp, QueueBackend, RunNow};
 
 /// A RAM disk of a fixed size, shared by every queue.
 #[derive(Debug)]
@@ -39,9 +39,8 @@ impl BlockBackend for MemoryBackend {
         self.read_only
     }
     fn queue(&self) -> io::Result<Box<dyn QueueBackend>> {
-        Ok(Box::new(MemoryQueue {
+        Ok(Immediate::boxed(MemoryQueue {
             region: self.region.clone(),
-            done: Immediate::default(),
         }))
     }
     fn describe(&self) -> String {
@@ -51,7 +50,6 @@ impl BlockBackend for MemoryBackend {
 
 struct MemoryQueue {
     region: Arc<MmapRegion<()>>,
-    done: Immediate,
 }
 
 impl MemoryQueue {
@@ -61,7 +59,9 @@ impl MemoryQueue {
             .get_slice(offset as usize, len as usize)
             .map_err(|e| io::Error::other(e.to_string()))
     }
+}
 
+impl RunNow for MemoryQueue {
     fn run(&mut self, op: IoOp<'_>) -> io::Result<()> {
         match op {
             IoOp::Read { offset, bufs } => {
@@ -88,18 +88,5 @@ impl MemoryQueue {
                 zero_fill(&self.disk(offset, len)?)
             }
         }
-    }
-}
-
-impl QueueBackend for MemoryQueue {
-    fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
-        let res = self.run(op);
-        self.done.push(cookie, res);
-    }
-    fn reap(&mut self, out: &mut Vec<IoDone>) {
-        self.done.reap(out);
-    }
-    fn in_flight(&self) -> usize {
-        self.done.len()
     }
 }

@@ -88,31 +88,39 @@ pub trait QueueBackend: Send {
     fn in_flight(&self) -> usize;
 }
 
-/// The completion list of a backend that finishes operations inside `submit`.
-#[derive(Debug, Default)]
-pub struct Immediate {
+/// A backend queue whose operations finish inside `submit`.
+pub(crate) trait RunNow: Send {
+    /// Performs `op` to completion.
+    fn run(&mut self, op: IoOp<'_>) -> io::Result<()>;
+}
+
+/// Adapts a [`RunNow`] queue to the asynchronous [`QueueBackend`] contract: results are
+/// ready for `reap` right after `submit`.
+pub(crate) struct Immediate<T> {
+    inner: T,
     done: Vec<IoDone>,
 }
 
-impl Immediate {
-    /// Records a result.
-    pub fn push(&mut self, cookie: u64, res: io::Result<()>) {
+impl<T: RunNow + 'static> Immediate<T> {
+    /// Boxes `inner` as a queue backend.
+    pub(crate) fn boxed(inner: T) -> Box<dyn QueueBackend> {
+        Box::new(Immediate {
+            inner,
+            done: Vec::new(),
+        })
+    }
+}
+
+impl<T: RunNow> QueueBackend for Immediate<T> {
+    fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
+        let res = self.inner.run(op);
         self.done.push((cookie, res));
     }
-
-    /// Moves results to `out`.
-    pub fn reap(&mut self, out: &mut Vec<IoDone>) {
+    fn reap(&mut self, out: &mut Vec<IoDone>) {
         out.append(&mut self.done);
     }
-
-    /// Results not yet reaped.
-    pub fn len(&self) -> usize {
+    fn in_flight(&self) -> usize {
         self.done.len()
-    }
-
-    /// True when nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.done.is_empty()
     }
 }
 

@@ -4,7 +4,7 @@ use std::io;
 
 use vm_memory::{Bytes, VolatileSlice};
 
-use super::{check_range, total_len, BlockBackend, Immediate, IoDone, IoOp, QueueBackend};
+use super::{check_range, total_len, BlockBackend, Immediate, IoOp, QueueBackend, RunNow};
 
 /// A device of `size` bytes that stores nothing.
 #[derive(Debug)]
@@ -28,10 +28,7 @@ impl BlockBackend for NullBackend {
         self.read_only
     }
     fn queue(&self) -> io::Result<Box<dyn QueueBackend>> {
-        Ok(Box::new(NullQueue {
-            size: self.size,
-            done: Immediate::default(),
-        }))
+        Ok(Immediate::boxed(NullQueue { size: self.size }))
     }
     fn describe(&self) -> String {
         format!("null, {} bytes", self.size)
@@ -40,7 +37,6 @@ impl BlockBackend for NullBackend {
 
 struct NullQueue {
     size: u64,
-    done: Immediate,
 }
 
 static ZEROS: [u8; 4096] = [0; 4096];
@@ -57,9 +53,9 @@ pub(crate) fn zero_fill(buf: &VolatileSlice<'_>) -> io::Result<()> {
     Ok(())
 }
 
-impl QueueBackend for NullQueue {
-    fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
-        let res = match op {
+impl RunNow for NullQueue {
+    fn run(&mut self, op: IoOp<'_>) -> io::Result<()> {
+        match op {
             IoOp::Read { offset, bufs } => check_range(offset, total_len(bufs), self.size)
                 .and_then(|_| bufs.iter().try_for_each(zero_fill)),
             IoOp::Write { offset, bufs } => check_range(offset, total_len(bufs), self.size),
@@ -67,13 +63,6 @@ impl QueueBackend for NullQueue {
             IoOp::Discard { offset, len } | IoOp::WriteZeroes { offset, len, .. } => {
                 check_range(offset, len, self.size)
             }
-        };
-        self.done.push(cookie, res);
-    }
-    fn reap(&mut self, out: &mut Vec<IoDone>) {
-        self.done.reap(out);
-    }
-    fn in_flight(&self) -> usize {
-        self.done.len()
+        }
     }
 }
