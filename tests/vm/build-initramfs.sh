@@ -9,6 +9,9 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 kdir=$("$here/fetch-kernel.sh" "$ver")
 out=$root/target/vm/initramfs-$ver.cpio.gz
+# One build at a time (parallel run.sh invocations share the image).
+exec 9>"$out.lock"
+flock 9
 
 tools=(fio mke2fs mkfs.ext4 e2fsck blkdiscard blockdev vdpa qemu-storage-daemon truncate)
 wanted_modules=(vhost_iotlb vdpa vduse virtio_vdpa virtio_blk irqbypass vhost vhost_vdpa ext4 crc32c_generic)

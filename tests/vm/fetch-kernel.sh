@@ -10,6 +10,11 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 cache=$root/target/vm/cache
 out=$cache/kernel-$ver
 if [[ -f $out/ok ]]; then echo "$out"; exit 0; fi
+# One download at a time (parallel run.sh invocations share the cache).
+mkdir -p "$cache"
+exec 9>"$cache/kernel-$ver.lock"
+flock 9
+if [[ -f $out/ok ]]; then echo "$out"; exit 0; fi
 rm -rf "$out" && mkdir -p "$out/debs"
 
 # Tries each candidate package name, newest first, until one downloads.
@@ -27,8 +32,13 @@ download_newest() { # apt-args... -- regex
 
 case $ver in
 6.12)
-    pkg=$(download_newest -- '^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$') || {
-        echo "fetch-kernel: no linux-image-6.12 package could be downloaded from bookworm-backports (run tests/vm/setup-host.sh)" >&2; exit 1; }
+    re='^linux-image-6\.12\.[0-9]+\+deb12-amd64-unsigned$'
+    # The host's package lists may be stale (an older 6.12 gone from the mirror) or lack
+    # backports: refresh them once before giving up.
+    pkg=$(download_newest -- "$re") || { apt-get update -q >&2 || true; pkg=$(download_newest -- "$re"); } || {
+        echo "fetch-kernel: no linux-image-6.12 package could be downloaded from bookworm-backports" \
+             "(is 'deb http://deb.debian.org/debian bookworm-backports main' in the apt sources? run tests/vm/setup-host.sh)" >&2
+        exit 1; }
     ;;
 7.3)
     apt=$cache/apt-trixie
@@ -39,12 +49,23 @@ deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian
 SRC
     opts=(-o "Dir::Etc::SourceList=$apt/sources.list" -o "Dir::Etc::SourceParts=/nonexistent"
           -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt" -o "Dir::State::status=/dev/null"
+          -o "APT::Sandbox::User=root"
           -o "APT::Get::List-Cleanup=0")
-    if [[ ! -f $apt/updated ]]; then
-        apt-get "${opts[@]}" update >"$apt/update.log" 2>&1 || { cat "$apt/update.log" >&2; exit 1; }
+    # bookworm's debian-archive-keyring (2023.3+deb12u2 in bookworm) holds the trixie
+    # archive keys, so the signatures verify with signed-by= and no trusted=yes.
+    update() {
+        apt-get "${opts[@]}" update >"$apt/update.log" 2>&1 || { cat "$apt/update.log" >&2; return 1; }
+        if grep -q 'NO_PUBKEY\|not signed\|is not signed' "$apt/update.log"; then
+            cat "$apt/update.log" >&2
+            echo "fetch-kernel: trixie's signatures could not be verified: upgrade debian-archive-keyring" >&2
+            return 1
+        fi
         touch "$apt/updated"
-    fi
-    bin=$(download_newest "${opts[@]}" -- '^linux-binary-7\.3\.[0-9]+\+deb13-amd64$') || {
+    }
+    [[ -f $apt/updated ]] || update
+    re='^linux-binary-7\.3\.[0-9]+\+deb13-amd64$'
+    # Lists cached from an earlier run may name a package the mirror no longer has: refresh once.
+    bin=$(download_newest "${opts[@]}" -- "$re") || { update; bin=$(download_newest "${opts[@]}" -- "$re"); } || {
         echo "fetch-kernel: no linux-binary-7.3 package could be downloaded from trixie-backports" >&2; exit 1; }
     rel=${bin#linux-binary-}
     (cd "$out/debs" && apt-get "${opts[@]}" download "linux-modules-$rel" >/dev/null)
@@ -58,6 +79,6 @@ vmlinuz=$( (compgen -G "$out/root/boot/vmlinuz-*"; compgen -G "$out/root/usr/lib
 cp "$vmlinuz" "$out/vmlinuz"
 moddir=$( (compgen -G "$out/root/lib/modules/*"; compgen -G "$out/root/usr/lib/modules/*") | head -1 || true)
 [[ -n $moddir ]] || { echo "fetch-kernel: no modules in the $ver packages" >&2; exit 1; }
-ln -sfn "$moddir" "$out/modules"
+ln -sfn "${moddir#"$out"/}" "$out/modules"   # relative: the cache survives a moved tree
 touch "$out/ok"
 echo "$out"

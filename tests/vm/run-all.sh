@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every VM scenario on both VDUSE kernels: first the block suite against
-# qemu-storage-daemon (proves the suite and harness), then vudev's scenarios.
+# qemu-storage-daemon (proves the suite and harness), then vudev's scenarios; then the
+# vhost-user export with a QEMU guest as its frontend.
 # Prints one line per scenario and a final `N passed, M failed` over all checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -30,6 +31,21 @@ for ver in 6.12 7.3; do
         fi
     done
 done
+# vhost-user: vudev on this host, a QEMU guest as the frontend (the guest kernel is not what
+# is tested here, so one kernel is enough).
+set +e
+"$here/vhost-user.sh" 7.3 > "$root/target/vm/vhost-user.out" 2>&1
+rc=$?
+set -e
+grep -v '^[0-9]* passed, [0-9]* failed$' "$root/target/vm/vhost-user.out" || true
+line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$root/target/vm/vhost-user.out" | tail -1 || true)
+p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed}
+total_pass=$((total_pass + ${p:-0})); total_fail=$((total_fail + ${f:-1}))
+if [[ $rc != 0 ]]; then
+    failed_runs+=("vhost-user")
+    [[ ${f:-0} == 0 ]] && total_fail=$((total_fail + 1))
+fi
+
 echo
 if [[ ${#failed_runs[@]} -gt 0 ]]; then
     echo "VM scenarios that failed: ${failed_runs[*]} (logs in target/vm/logs)"

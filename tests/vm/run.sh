@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Boots one scenario in a QEMU TCG guest and reports its checks.
 #   run.sh --kernel 6.12|7.3 --scenario FILE [--bin PATH]... [--timeout SECS]
+#          [--env NAME=VALUE]... [--qemu-arg ARG]... [--log-name NAME]
 # The scenario runs as /scenario.sh (busybox sh) with tests/vm/scenarios/lib.sh beside it and
 # the --bin files in /usr/local/bin. It prints `CHECK PASS name` / `CHECK FAIL name: detail`
 # and finally `SCENARIO DONE`. Exit status: 0 only if at least one check ran, none failed and
@@ -8,13 +9,16 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-ver="" scenario="" timeout=600 bins=()
+ver="" scenario="" timeout=600 bins=() envs=() qemu_args=() log_name=
 while [[ $# -gt 0 ]]; do
     case $1 in
         --kernel) ver=$2; shift 2 ;;
         --scenario) scenario=$2; shift 2 ;;
         --bin) bins+=("$2"); shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
+        --env) envs+=("$2"); shift 2 ;;
+        --qemu-arg) qemu_args+=("$2"); shift 2 ;;
+        --log-name) log_name=$2; shift 2 ;;
         *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -22,7 +26,7 @@ done
 
 kdir=$("$here/fetch-kernel.sh" "$ver")
 base=$("$here/build-initramfs.sh" "$ver")
-name=$(basename "$scenario" .sh)
+name=${log_name:-$(basename "$scenario" .sh)}
 logs=$root/target/vm/logs
 mkdir -p "$logs"
 log=$logs/$name-$ver.log
@@ -32,7 +36,16 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/overlay/usr/local/bin"
 cp "$scenario" "$work/overlay/scenario.sh"
 cp "$here/scenarios/lib.sh" "$work/overlay/lib.sh"
-for b in "${bins[@]}"; do cp -L "$b" "$work/overlay/usr/local/bin/"; done
+for b in "${bins[@]}"; do
+    [[ -f $b ]] || { echo "run.sh: --bin $b: no such file (build it first)" >&2; exit 2; }
+    cp -L "$b" "$work/overlay/usr/local/bin/"
+    # and the shared libraries it needs (the base initramfs may lack some)
+    { ldd "$b" 2>/dev/null || true; } | grep -Eo '/[^ ]+' | while read -r lib; do
+        mkdir -p "$work/overlay$(dirname "$lib")"
+        cp -L "$lib" "$work/overlay$lib"
+    done
+done
+for e in "${envs[@]}"; do printf 'export %q\n' "$e"; done > "$work/overlay/env.sh"
 (cd "$work/overlay" && find . | cpio -o -H newc --quiet | gzip -1) > "$work/overlay.cpio.gz"
 cat "$base" "$work/overlay.cpio.gz" > "$work/initrd"
 
@@ -41,7 +54,7 @@ set +e
 timeout --kill-after=10 "$timeout" qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m 2G \
     -nographic -no-reboot -nodefaults -serial stdio -monitor none \
     -kernel "$kdir/vmlinuz" -initrd "$work/initrd" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=4 vduse.msg_timeout=30" </dev/null >"$log" 2>&1
+    -append "console=ttyS0 panic=-1 quiet loglevel=4" "${qemu_args[@]}" </dev/null >"$log" 2>&1
 qemu_rc=$?
 set -e
 secs=$(( $(date +%s) - start ))
@@ -63,6 +76,7 @@ fi
 if [[ $passed == 0 ]]; then
     ok=0
     echo "[$ver $name] FAIL: no check ran"
+    [[ $failed == 0 ]] && failed=1
 fi
 [[ $failed == 0 ]] || ok=0
 echo "[$ver $name] ${secs}s"

@@ -16,6 +16,9 @@ have qemu-storage-daemon || need+=(qemu-utils)
 have xz || need+=(xz-utils)
 have zstd || need+=(zstd)
 have gzip || need+=(gzip)
+have flock || need+=(util-linux)
+# fetch-kernel.sh verifies trixie-backports against the keyring: it needs trixie's keys.
+[[ -f /usr/share/keyrings/debian-archive-trixie-stable.gpg ]] || need+=(debian-archive-keyring)
 if [[ ${#need[@]} -eq 0 ]]; then
     echo "setup-host: everything is installed"
     exit 0

@@ -9,6 +9,7 @@
 pub mod device;
 pub mod memory;
 pub mod vduse;
+pub mod vhost_user;
 pub mod worker;
 
 pub use device::{Chain, Completions, Device, QueueHandler};

@@ -31,6 +31,30 @@ pub enum Command {
 pub enum Export {
     /// Through VDUSE: /dev/vdX on this host (virtio-vdpa) or a VM (vhost-vdpa).
     Vduse(VduseArgs),
+    /// Through a vhost-user socket: for QEMU, cloud-hypervisor or libblkio.
+    VhostUser(VhostUserArgs),
+}
+
+/// `vudev export vhost-user`.
+#[derive(Debug, Args)]
+pub struct VhostUserArgs {
+    /// Unix socket to listen on (created; removed on exit).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Permissions of the socket file, in octal.
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
+    #[command(flatten)]
+    pub backend: BackendArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("invalid mode '{s}': use octal such as 0600 or 0660"))
 }
 
 /// `vudev export vduse`.

@@ -1,25 +1,27 @@
-//! `vudev export vduse`: create the device, attach it, serve until SIGINT/SIGTERM, then
-//! detach and destroy it.
+//! `vudev export vduse|vhost-user`: build the device from the command line, serve it until
+//! SIGINT/SIGTERM, then take it down cleanly.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vduse::netlink::VdpaNetlink;
+use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice};
 use vudev_runtime::vduse::{VduseExport, VduseOptions};
+use vudev_runtime::vhost_user::{VhostUserOptions, VhostUserServer};
 
-use crate::cli::VduseArgs;
+use crate::cli::{BackendArgs, DeviceArgs, VduseArgs, VhostUserArgs};
 use crate::{backend, signals};
 
 /// The management device every VDUSE device is added through.
 const VDUSE_MGMTDEV: &str = "vduse";
 
-/// Runs one VDUSE export in the foreground.
-pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
-    // Before any thread exists, so that every thread inherits the mask.
-    signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
-    let dev = &args.device;
+/// Validates the device options, opens the backend and builds the virtio-blk device.
+fn build_device(
+    backend: &BackendArgs,
+    dev: &DeviceArgs,
+) -> Result<(Arc<BlockDevice>, String), String> {
     if !dev.queue_size.is_power_of_two() || !(2..=32768).contains(&dev.queue_size) {
         return Err(format!(
             "invalid --queue-size {}: use a power of two from 2 to 32768",
@@ -33,7 +35,7 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
         ));
     }
     let block_size = dev.logical_block_size.bytes();
-    let backend = backend::open(&args.backend, dev.direct, dev.readonly, block_size)?;
+    let backend = backend::open(backend, dev.direct, dev.readonly, block_size)?;
     let cfg = BlockConfig {
         size: backend.size(),
         logical_block_size: block_size,
@@ -45,7 +47,53 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
         write_zeroes: true,
     };
     let description = backend.describe();
-    let device = Arc::new(BlockDevice::new(cfg, backend));
+    Ok((Arc::new(BlockDevice::new(cfg, backend)), description))
+}
+
+/// Runs one vhost-user export in the foreground: frontends one after another until a signal.
+pub fn run_vhost_user(args: VhostUserArgs) -> Result<(), String> {
+    signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
+    let (device, description) = build_device(&args.backend, &args.device)?;
+    let server = VhostUserServer::bind(
+        device,
+        &VhostUserOptions {
+            socket: args.socket.clone(),
+            socket_mode: args.socket_mode,
+            queue_size: args.device.queue_size,
+        },
+    )
+    .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    tracing::info!(
+        socket = %args.socket.display(),
+        queues = args.device.num_queues,
+        "serving {description}"
+    );
+    let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| format!("eventfd: {e}"))?;
+    let stop2 = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+    std::thread::scope(|s| {
+        let serving = s.spawn(|| server.serve(&stop2));
+        let waited = signals::wait_termination();
+        if let Ok(sig) = &waited {
+            tracing::info!("signal {sig} received: shutting down");
+        }
+        let _ = stop.write(1);
+        let served = serving
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the server thread panicked")));
+        waited
+            .map(|_| ())
+            .map_err(|e| format!("waiting for signals: {e}"))
+            .and(served.map_err(|e| format!("vhost-user server: {e}")))
+    })
+}
+
+/// Runs one VDUSE export in the foreground.
+pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
+    // Before any thread exists, so that every thread inherits the mask.
+    signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
+    let dev = &args.device;
+    let (device, description) = build_device(&args.backend, dev)?;
     let export = VduseExport::create(
         device,
         &VduseOptions {

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         cli::Command::Export(cli::Export::Vduse(opts)) => export::run_vduse(opts),
+        cli::Command::Export(cli::Export::VhostUser(opts)) => export::run_vhost_user(opts),
         cli::Command::Vdpa(cmd) => vdpa::run(cmd),
     };
     match result {

@@ -1,4 +1,5 @@
 # Helpers for guest scenarios (busybox ash). Source with: . /lib.sh
+[ -f /env.sh ] && . /env.sh
 
 # busybox sh runs its own applets before PATH: name the util-linux tools by path.
 BLKDISCARD=/usr/bin/blkdiscard

@@ -1,0 +1,708 @@
+//! The vhost-user transport: serves the same [`Device`] on a unix socket to one frontend at a
+//! time (QEMU, cloud-hypervisor, libblkio). Protocol parsing and message validation come from
+//! rust-vmm's `vhost` crate; this module holds the session state: the memory table, the rings,
+//! and the queue workers, which are the same [`Worker`]s the VDUSE transport runs.
+//!
+//! A frontend that disconnects ends its session: workers stop, memory is unmapped, and the
+//! next frontend starts from a reset device. A second frontend connecting while one is served
+//! is refused.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult,
+    VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::Device;
+use crate::memory::{Mapping, MemoryMap};
+use crate::worker::{Notifier, QueueSetup, Worker};
+
+/// Most memory regions a frontend may hand us (SET_MEM_TABLE or ADD_MEM_REG).
+pub const MAX_MEM_SLOTS: usize = 256;
+
+/// Options of a vhost-user export that are not the device's.
+#[derive(Clone, Debug)]
+pub struct VhostUserOptions {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Mode of the socket file (e.g. 0o600).
+    pub socket_mode: u32,
+    /// Largest queue size accepted.
+    pub queue_size: u16,
+}
+
+/// A listening vhost-user export. The socket file is removed on drop.
+pub struct VhostUserServer {
+    listener: UnixListener,
+    path: PathBuf,
+    device: Arc<dyn Device>,
+    opts: VhostUserOptions,
+}
+
+impl VhostUserServer {
+    /// Creates the socket (replacing a stale one nobody listens on) with the requested mode.
+    pub fn bind(device: Arc<dyn Device>, opts: &VhostUserOptions) -> io::Result<Self> {
+        let path = opts.socket.clone();
+        if let Ok(meta) = std::fs::symlink_metadata(&path) {
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{}: exists and is not a socket", path.display()),
+                ));
+            }
+            if UnixStream::connect(&path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: another process is serving this socket", path.display()),
+                ));
+            }
+            std::fs::remove_file(&path)?;
+        }
+        // Bind under a temporary name, set the mode, then rename into place: the socket
+        // appears listening and with its final permissions, never before.
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(format!(".{}.tmp", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let placed =
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(opts.socket_mode))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+        }
+        Ok(VhostUserServer {
+            listener,
+            path,
+            device,
+            opts: opts.clone(),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves frontends one after another until `stop` becomes readable.
+    pub fn serve(&self, stop: &EventFd) -> io::Result<()> {
+        loop {
+            let mut fds = [pollfd(self.listener.as_raw_fd()), pollfd(stop.as_raw_fd())];
+            if poll(&mut fds)? == 0 {
+                continue;
+            }
+            if fds[1].revents != 0 {
+                return Ok(());
+            }
+            if fds[0].revents != 0 {
+                let (stream, _) = match self.listener.accept() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("accept on {}: {e}", self.path.display());
+                        continue;
+                    }
+                };
+                tracing::info!("frontend connected");
+                let stopped = self.session(stream, stop);
+                tracing::info!("frontend disconnected; device reset, waiting for the next one");
+                if stopped {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Serves one frontend; true if `stop` ended it.
+    fn session(&self, stream: UnixStream, stop: &EventFd) -> bool {
+        let state = Arc::new(Mutex::new(Session::new(
+            self.device.clone(),
+            self.opts.queue_size,
+        )));
+        let mut handler = BackendReqHandler::from_stream(stream, state.clone());
+        let stopped = loop {
+            let mut fds = [
+                pollfd(handler.as_raw_fd()),
+                pollfd(stop.as_raw_fd()),
+                pollfd(self.listener.as_raw_fd()),
+            ];
+            match poll(&mut fds) {
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!("poll: {e}");
+                    break false;
+                }
+            }
+            if fds[1].revents != 0 {
+                break true;
+            }
+            if fds[0].revents != 0 {
+                match handler.handle_request() {
+                    Ok(()) => {}
+                    Err(e) if is_fatal(&e) => {
+                        if !matches!(e, VuError::Disconnected | VuError::PartialMessage) {
+                            tracing::warn!("frontend sent a bad message ({e}); disconnecting it");
+                        }
+                        break false;
+                    }
+                    Err(e) => tracing::warn!("frontend request failed: {e}"),
+                }
+            }
+            // Only now, with the current frontend's messages (and a possible hang-up) handled,
+            // is a waiting connection really a second frontend.
+            if fds[2].revents != 0 {
+                if let Ok((s, _)) = self.listener.accept() {
+                    tracing::warn!("refusing a second frontend: one is already connected");
+                    drop(s);
+                }
+            }
+        };
+        lock(&state).reset();
+        stopped
+    }
+}
+
+impl Drop for VhostUserServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Errors after which the connection cannot be trusted to be in sync.
+fn is_fatal(e: &VuError) -> bool {
+    matches!(
+        e,
+        VuError::Disconnected
+            | VuError::PartialMessage
+            | VuError::InvalidMessage
+            | VuError::OversizedMsg
+            | VuError::IncorrectFds
+            | VuError::SocketError(_)
+            | VuError::SocketBroken(_)
+            | VuError::SocketRetry(_)
+            | VuError::InvalidSocketFd(_)
+            | VuError::FeatureMismatch
+    )
+}
+
+fn pollfd(fd: i32) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+fn poll(fds: &mut [libc::pollfd]) -> io::Result<i32> {
+    // SAFETY: `fds` is a valid, exclusively borrowed pollfd array.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(n)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One memory region of the frontend.
+struct Region {
+    gpa: u64,
+    size: u64,
+    uva: u64,
+    mmap_offset: u64,
+    file: File,
+}
+
+/// The call eventfd of a ring; replaceable while the ring runs.
+#[derive(Default)]
+struct CallFd(RwLock<Option<File>>);
+
+impl Notifier for CallFd {
+    fn notify(&self, _index: u16) -> io::Result<()> {
+        match &*self.0.read().unwrap_or_else(|e| e.into_inner()) {
+            Some(f) => match (&*f).write(&1u64.to_ne_bytes()) {
+                Ok(_) => Ok(()),
+                // The counter is saturated: the frontend will see the interrupt anyway.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                Err(e) => Err(e),
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    addr_set: bool,
+    base: u16,
+    kick: Option<File>,
+    call: Arc<CallFd>,
+    enabled: bool,
+    worker: Option<Worker>,
+}
+
+/// State of one frontend connection.
+struct Session {
+    device: Arc<dyn Device>,
+    map: Arc<MemoryMap>,
+    regions: Vec<Region>,
+    vrings: Vec<Vring>,
+    offered: u64,
+    acked: u64,
+    protocol: VhostUserProtocolFeatures,
+    max_queue_size: u16,
+}
+
+fn invalid(what: &'static str) -> VuError {
+    tracing::warn!("frontend request refused: {what}");
+    VuError::InvalidParam
+}
+
+impl Session {
+    fn new(device: Arc<dyn Device>, max_queue_size: u16) -> Self {
+        let offered = device.features()
+            | (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let n = usize::from(device.num_queues());
+        Session {
+            device,
+            map: Arc::new(MemoryMap::new(None)),
+            regions: Vec::new(),
+            vrings: (0..n).map(|_| Vring::default()).collect(),
+            offered,
+            acked: 0,
+            protocol: VhostUserProtocolFeatures::empty(),
+            max_queue_size,
+        }
+    }
+
+    /// Stops every ring and returns rings and features to their initial state. The memory
+    /// table stays: a frontend resetting the device (RESET_DEVICE) does not send it again.
+    fn reset_rings(&mut self) {
+        for v in &mut self.vrings {
+            if let Some(w) = v.worker.take() {
+                w.stop();
+            }
+            *v = Vring::default();
+        }
+        self.acked = 0;
+    }
+
+    /// Everything a disconnected frontend leaves behind: rings, features and memory.
+    fn reset(&mut self) {
+        self.reset_rings();
+        self.regions.clear();
+        self.map.clear();
+    }
+
+    fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
+        self.vrings
+            .get_mut(index as usize)
+            .ok_or_else(|| invalid("queue index out of range"))
+    }
+
+    /// Frontend virtual address → guest physical address, for ring addresses.
+    fn uva_to_gpa(&self, uva: u64, len: u64) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let off = uva.checked_sub(r.uva)?;
+            (off.checked_add(len)? <= r.size).then(|| r.gpa + off)
+        })
+    }
+
+    fn remap(&mut self) -> VuResult<()> {
+        let mut mappings = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            mappings.push(Mapping {
+                file: r.file.try_clone().map_err(VuError::ReqHandlerError)?,
+                offset: r.mmap_offset,
+                start: r.gpa,
+                last: r.gpa + r.size - 1,
+                prot: libc::PROT_READ | libc::PROT_WRITE,
+            });
+        }
+        self.map.replace(mappings).map_err(|e| {
+            tracing::warn!("frontend memory table refused: {e}");
+            VuError::InvalidParam
+        })
+    }
+
+    fn add_region(&mut self, r: &VhostUserMemoryRegion, file: File) -> VuResult<()> {
+        if self.regions.len() >= MAX_MEM_SLOTS {
+            return Err(invalid("too many memory regions"));
+        }
+        if r.memory_size == 0 {
+            return Err(invalid("empty memory region"));
+        }
+        let gpa_end = r.guest_phys_addr.checked_add(r.memory_size);
+        let uva_end = r.user_addr.checked_add(r.memory_size);
+        let file_end = r.mmap_offset.checked_add(r.memory_size);
+        let (Some(gpa_end), Some(_), Some(file_end)) = (gpa_end, uva_end, file_end) else {
+            return Err(invalid("memory region wraps the address space"));
+        };
+        let meta = file.metadata().map_err(VuError::ReqHandlerError)?;
+        if meta.file_type().is_file() && file_end > meta.len() {
+            return Err(invalid("memory region reaches past the end of its file"));
+        }
+        if self
+            .regions
+            .iter()
+            .any(|o| r.guest_phys_addr < o.gpa + o.size && o.gpa < gpa_end)
+        {
+            return Err(invalid("memory regions overlap"));
+        }
+        let (gpa, size, uva, offset) =
+            (r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset);
+        tracing::debug!(gpa, size, uva, offset, "memory region");
+        self.regions.push(Region {
+            gpa: r.guest_phys_addr,
+            size: r.memory_size,
+            uva: r.user_addr,
+            mmap_offset: r.mmap_offset,
+            file,
+        });
+        Ok(())
+    }
+
+    /// Starts ring `index` if it has everything it needs and is not running.
+    fn maybe_start(&mut self, index: usize) -> VuResult<()> {
+        let protocol_acked = self.acked & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let event_idx = self.acked & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        let v = &self.vrings[index];
+        if v.worker.is_some() || v.kick.is_none() || !v.addr_set || v.size == 0 {
+            return Ok(());
+        }
+        if protocol_acked && !v.enabled {
+            return Ok(());
+        }
+        let (Some(desc), Some(avail), Some(used)) = (
+            self.uva_to_gpa(v.desc, 16 * u64::from(v.size)),
+            self.uva_to_gpa(v.avail, 6 + 2 * u64::from(v.size)),
+            self.uva_to_gpa(v.used, 6 + 8 * u64::from(v.size)),
+        ) else {
+            return Err(invalid("ring addresses outside the memory table"));
+        };
+        let next_used = self
+            .map
+            .memory()
+            .read_obj::<u16>(GuestAddress(used + 2))
+            .unwrap_or(0);
+        let setup = QueueSetup {
+            index: index as u16,
+            size: v.size,
+            desc,
+            avail,
+            used,
+            next_avail: v.base,
+            next_used,
+            event_idx,
+        };
+        let kick = v
+            .kick
+            .as_ref()
+            .map(|f| f.try_clone())
+            .transpose()
+            .map_err(VuError::ReqHandlerError)?
+            .ok_or(VuError::InvalidParam)?;
+        // SAFETY: `kick` is a fresh duplicate of the frontend's eventfd that we own.
+        let kick = unsafe { EventFd::from_raw_fd(kick.into_raw_fd()) };
+        let handler = self
+            .device
+            .queue_handler(index as u16, self.acked)
+            .map_err(VuError::ReqHandlerError)?;
+        let notifier: Arc<dyn Notifier> = self.vrings[index].call.clone();
+        let worker =
+            Worker::start(setup, handler, self.map.clone(), kick, notifier).map_err(|e| {
+                tracing::warn!(queue = index, "cannot start ring: {e}");
+                VuError::InvalidParam
+            })?;
+        self.vrings[index].worker = Some(worker);
+        tracing::debug!(queue = index, "ring started");
+        Ok(())
+    }
+
+    fn stop_ring(&mut self, index: usize) -> u16 {
+        let v = &mut self.vrings[index];
+        if let Some(w) = v.worker.take() {
+            v.base = w.stop().next_avail;
+        }
+        v.base
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for Session {
+    fn set_owner(&mut self) -> VuResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VuResult<()> {
+        self.reset_rings();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VuResult<()> {
+        self.reset_rings();
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VuResult<u64> {
+        Ok(self.offered)
+    }
+
+    fn set_features(&mut self, features: u64) -> VuResult<()> {
+        if features & !self.offered != 0 {
+            return Err(invalid("frontend acked features that were not offered"));
+        }
+        self.acked = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        if ctx.len() != files.len() {
+            return Err(invalid("memory table and fds differ in number"));
+        }
+        let old = std::mem::take(&mut self.regions);
+        for (r, f) in ctx.iter().zip(files) {
+            if let Err(e) = self.add_region(r, f) {
+                self.regions = old;
+                return Err(e);
+            }
+        }
+        self.remap()?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
+        let max = self.max_queue_size;
+        let v = self.vring(index)?;
+        if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
+            return Err(invalid("queue size out of range"));
+        }
+        v.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VuResult<()> {
+        tracing::debug!(index, descriptor, used, available, "SET_VRING_ADDR");
+        let v = self.vring(index)?;
+        v.desc = descriptor;
+        v.used = used;
+        v.avail = available;
+        v.addr_set = true;
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
+        let v = self.vring(index)?;
+        v.base = u16::try_from(base).map_err(|_| invalid("ring base out of range"))?;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
+        self.vring(index)?;
+        let base = self.stop_ring(index as usize);
+        let v = &mut self.vrings[index as usize];
+        v.kick = None;
+        v.enabled = false;
+        Ok(VhostUserVringState::new(index, u32::from(base)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let i = u32::from(index);
+        let Some(fd) = fd else {
+            return Err(invalid("polling rings (no kick fd) are not supported"));
+        };
+        let protocol_acked = self.acked & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let v = self.vring(i)?;
+        v.kick = Some(fd);
+        if !protocol_acked {
+            v.enabled = true;
+        }
+        self.maybe_start(usize::from(index))
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let v = self.vring(u32::from(index))?;
+        *v.call.0.write().unwrap_or_else(|e| e.into_inner()) = fd;
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
+        self.vring(u32::from(index))?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {
+        Ok(VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE)
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        self.protocol = VhostUserProtocolFeatures::from_bits_truncate(features);
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VuResult<u64> {
+        Ok(u64::from(self.device.num_queues()))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VuResult<()> {
+        self.vring(index)?.enabled = enable;
+        if enable {
+            self.maybe_start(index as usize)
+        } else {
+            self.stop_ring(index as usize);
+            Ok(())
+        }
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<Vec<u8>> {
+        let config = self.device.config();
+        let end = offset
+            .checked_add(size)
+            .filter(|e| *e as usize <= config.len())
+            .ok_or_else(|| invalid("config read out of range"))?;
+        Ok(config[offset as usize..end as usize].to_vec())
+    }
+
+    fn set_config(
+        &mut self,
+        _offset: u32,
+        _buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VuResult<()> {
+        Err(invalid("the configuration space is read-only"))
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
+        Err(VuError::InvalidOperation("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VuResult<File> {
+        Err(VuError::InvalidOperation(
+            "shared objects are not supported",
+        ))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VuResult<(VhostUserInflight, File)> {
+        Err(VuError::InvalidOperation(
+            "in-flight tracking is not offered yet",
+        ))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
+        Err(VuError::InvalidOperation(
+            "in-flight tracking is not offered yet",
+        ))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VuResult<u64> {
+        Ok(MAX_MEM_SLOTS as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VuResult<Option<VhostUserMemoryRegionBase>> {
+        self.add_region(region, fd)?;
+        if let Err(e) = self.remap() {
+            self.regions.pop();
+            return Err(e);
+        }
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
+        let before = self.regions.len();
+        self.regions
+            .retain(|r| !(r.gpa == region.guest_phys_addr && r.size == region.memory_size));
+        if self.regions.len() == before {
+            return Err(invalid("no such memory region"));
+        }
+        self.remap()
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VuResult<Option<File>> {
+        Err(VuError::InvalidOperation(
+            "device state transfer is not supported",
+        ))
+    }
+
+    fn check_device_state(&mut self) -> VuResult<()> {
+        Err(VuError::InvalidOperation(
+            "device state transfer is not supported",
+        ))
+    }
+
+    fn get_shmem_config(&mut self) -> VuResult<VhostUserShMemConfig> {
+        Err(VuError::InvalidOperation("no shared memory regions"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
+        Err(VuError::InvalidOperation(
+            "dirty logging is not offered yet",
+        ))
+    }
+}

@@ -1,0 +1,200 @@
+//! Shared pieces of the vhost-user tests: a server process (vudev or qemu-storage-daemon)
+//! and a blkio client.
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+pub const SIZE: u64 = 64 << 20;
+
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vudev-vu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A server process serving a socket; SIGTERM on drop must end it with status 0.
+pub struct Server {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    expect_clean_exit: bool,
+}
+
+impl Server {
+    fn start(mut cmd: Command, socket: PathBuf, expect_clean_exit: bool) -> Server {
+        let child = cmd.stdin(Stdio::null()).spawn().expect("start the server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if !expect_clean_exit {
+            // qemu-storage-daemon binds before it listens: give it a moment. (vudev renames a
+            // listening socket into place, so its socket is ready once it exists.)
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Server {
+            child: Some(child),
+            socket,
+            expect_clean_exit,
+        }
+    }
+
+    pub fn vudev(dir: &Path, args: &[&str]) -> Server {
+        let socket = dir.join("vudev.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vudev"));
+        cmd.args(["export", "vhost-user", "--socket"])
+            .arg(&socket)
+            .args(args)
+            .stderr(std::fs::File::create(dir.join("vudev.log")).unwrap());
+        Server::start(cmd, socket, true)
+    }
+
+    pub fn qsd(dir: &Path, image: &Path, writable: bool, queues: u16) -> Option<Server> {
+        let socket = dir.join("qsd.sock");
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--blockdev")
+            .arg(format!(
+                "driver=file,filename={},node-name=d0,discard=unmap",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable={},num-queues={queues}",
+                socket.display(),
+                if writable { "on" } else { "off" }
+            ))
+            .stderr(Stdio::null());
+        Some(Server::start(cmd, socket, false))
+    }
+
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: sending SIGTERM to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the server did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(st) = self.stop() {
+            if self.expect_clean_exit && !std::thread::panicking() {
+                assert!(st.success(), "server exited with {st}");
+                assert!(!self.socket.exists(), "socket file left behind");
+            }
+        }
+    }
+}
+
+/// A connected blkio client with one 2 MiB buffer region.
+pub struct Client {
+    blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    region: MemoryRegion,
+}
+
+impl Client {
+    pub fn connect(socket: &Path, queues: i32) -> Result<Client, String> {
+        Client::open(socket, queues, false)
+    }
+
+    pub fn open(socket: &Path, queues: i32, read_only: bool) -> Result<Client, String> {
+        let e = |what: &'static str| move |err: blkio::Error| format!("{what}: {}", err.message());
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").map_err(e("new"))?;
+        blkio
+            .set_str("path", socket.to_str().unwrap())
+            .map_err(e("path"))?;
+        blkio
+            .set_bool("read-only", read_only)
+            .map_err(e("read-only"))?;
+        blkio.connect().map_err(e("connect"))?;
+        blkio
+            .set_i32("num-queues", queues)
+            .map_err(e("num-queues"))?;
+        let started = blkio.start().map_err(e("start"))?;
+        let region = blkio.alloc_mem_region(2 << 20).map_err(e("alloc"))?;
+        blkio.map_mem_region(&region).map_err(e("map"))?;
+        Ok(Client {
+            blkio,
+            queues: started.queues,
+            region,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.blkio.get_bool("read-only").unwrap()
+    }
+
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is 2 MiB of our own mapping, alive as long as `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, 2 << 20) }
+    }
+
+    pub fn wait(&mut self, q: usize) -> i32 {
+        let mut c = [MaybeUninit::<Completion>::uninit()];
+        let n = self.queues[q]
+            .do_io(&mut c, 1, Some(&mut Duration::from_secs(10)), None)
+            .expect("do_io");
+        assert_eq!(n, 1, "no completion within 10 s");
+        // SAFETY: do_io initialised one completion.
+        unsafe { c[0].assume_init_read() }.ret
+    }
+
+    pub fn write(&mut self, q: usize, off: u64, len: usize) -> i32 {
+        let p = self.region.addr as *const u8;
+        self.queues[q].write(off, p, len, 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn read(&mut self, q: usize, off: u64, len: usize) -> i32 {
+        let p = (self.region.addr + (1 << 20)) as *mut u8;
+        self.queues[q].read(off, p, len, 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, ReqFlags::empty());
+        self.wait(q)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.blkio.unmap_mem_region(&self.region);
+        self.blkio.free_mem_region(&self.region);
+    }
+}
+
+pub fn pattern(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for b in buf.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}

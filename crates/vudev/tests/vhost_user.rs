@@ -1,0 +1,144 @@
+//! The vhost-user export driven by an independent client, the `blkio` crate's
+//! virtio-blk-vhost-user driver. The same client suite runs against qemu-storage-daemon's
+//! vhost-user-blk export, which proves the suite itself.
+
+mod common;
+
+use std::path::Path;
+
+use blkio::ReqFlags;
+use common::{pattern, scratch, Client, Server, SIZE};
+
+/// The checks every writable vhost-user-blk export must pass.
+fn writable_suite(socket: &Path, queues: i32) {
+    let mut c = Client::connect(socket, queues).unwrap();
+    assert_eq!(c.capacity(), SIZE);
+    assert!(!c.read_only());
+    for (i, &(off, len)) in [
+        (0u64, 4096usize),
+        (8192 + 512, 512),
+        (5 << 20, 1 << 20),
+        (SIZE - 65536, 65536),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let q = i % c.queues.len();
+        pattern(&mut c.buf()[..len], off ^ i as u64);
+        assert_eq!(c.write(q, off, len), 0, "write {len} at {off}");
+        assert_eq!(c.read(q, off, len), 0, "read {len} at {off}");
+        let b = c.buf();
+        assert!(
+            b[..len] == b[1 << 20..(1 << 20) + len],
+            "read-back of {len} at {off} differs"
+        );
+    }
+    assert_eq!(c.flush(0), 0);
+    // Past the end fails; so does a length that is not a multiple of 512.
+    assert_ne!(c.read(0, SIZE, 4096), 0);
+    // Discard is accepted; write-zeroes reads back as zeros.
+    pattern(&mut c.buf()[..65536], 7);
+    assert_eq!(c.write(0, 1 << 20, 65536), 0);
+    c.queues[0].discard(1 << 20, 32768, 0, ReqFlags::empty());
+    assert_eq!(c.wait(0), 0);
+    c.queues[0].write_zeroes(1 << 20, 65536, 0, ReqFlags::empty());
+    assert_eq!(c.wait(0), 0);
+    assert_eq!(c.read(0, 1 << 20, 65536), 0);
+    assert!(c.buf()[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0));
+}
+
+fn read_only_suite(socket: &Path) {
+    // A read-only device refuses a read-write client...
+    let err = Client::connect(socket, 1)
+        .err()
+        .expect("read-write open of a read-only device");
+    assert!(err.contains("read-only"), "{err}");
+    // ...and serves a read-only one.
+    let mut c = Client::open(socket, 1, true).unwrap();
+    assert!(c.read_only());
+    assert_eq!(c.read(0, 0, 4096), 0);
+    // blkio refuses writes to a read-only device itself, or the device answers IOERR.
+    assert_ne!(c.write(0, 0, 4096), 0);
+}
+
+#[test]
+fn vudev_serves_blkio() {
+    let dir = scratch("basic");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let file = image.to_str().unwrap();
+    let _s = Server::vudev(&dir, &["--file", file, "--num-queues", "2"]);
+    writable_suite(&dir.join("vudev.sock"), 2);
+    // Once the client is gone, the data is in the image file.
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[5 << 20..6 << 20].iter().any(|&b| b != 0));
+}
+
+#[test]
+fn vudev_memory_and_read_only() {
+    let dir = scratch("mem");
+    let s = Server::vudev(&dir, &["--memory", "64M"]);
+    writable_suite(&s.socket, 1);
+    drop(s);
+    let dir = scratch("ro");
+    let s = Server::vudev(&dir, &["--null", "64M", "--readonly"]);
+    read_only_suite(&s.socket);
+}
+
+#[test]
+fn vudev_serves_one_frontend_after_another() {
+    let dir = scratch("cycles");
+    let s = Server::vudev(&dir, &["--memory", "64M"]);
+    for i in 0..50u64 {
+        let mut c = Client::connect(&s.socket, 1).unwrap_or_else(|e| panic!("cycle {i}: {e}"));
+        pattern(&mut c.buf()[..4096], i);
+        assert_eq!(c.write(0, i * 4096, 4096), 0, "cycle {i}");
+        assert_eq!(c.read(0, i * 4096, 4096), 0, "cycle {i}");
+        let b = c.buf();
+        assert!(b[..4096] == b[1 << 20..(1 << 20) + 4096], "cycle {i}");
+    }
+}
+
+#[test]
+fn a_second_concurrent_frontend_is_refused() {
+    let dir = scratch("second");
+    let s = Server::vudev(&dir, &["--memory", "64M"]);
+    let mut first = Client::connect(&s.socket, 1).unwrap();
+    assert!(Client::connect(&s.socket, 1).is_err());
+    assert_eq!(
+        first.read(0, 0, 4096),
+        0,
+        "the first frontend keeps working"
+    );
+}
+
+#[test]
+fn the_socket_mode_is_applied() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("mode");
+    let s = Server::vudev(&dir, &["--null", "1M"]);
+    let mode = std::fs::metadata(&s.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    drop(s);
+    let s = Server::vudev(&dir, &["--null", "1M", "--socket-mode", "0660"]);
+    let mode = std::fs::metadata(&s.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+}
+
+#[test]
+fn the_suite_passes_against_qemu_storage_daemon() {
+    let dir = scratch("qsd");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let s = Server::qsd(&dir, &image, true, 2).unwrap();
+    writable_suite(&s.socket, 2);
+    drop(s);
+    let s = Server::qsd(&dir, &image, false, 1).unwrap();
+    read_only_suite(&s.socket);
+}

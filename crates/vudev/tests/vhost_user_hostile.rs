@@ -1,0 +1,307 @@
+//! A hostile vhost-user frontend: malformed, oversized, cut-short and out-of-range messages.
+//! After each one the export must still be alive and serve the next, well-behaved client.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::{scratch, Client, Server};
+
+// vhost-user request codes (docs/interop/vhost-user.rst).
+const GET_FEATURES: u32 = 1;
+const SET_FEATURES: u32 = 2;
+const SET_OWNER: u32 = 3;
+const SET_MEM_TABLE: u32 = 5;
+const SET_VRING_NUM: u32 = 8;
+const SET_VRING_ADDR: u32 = 9;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const SET_PROTOCOL_FEATURES: u32 = 16;
+const GET_CONFIG: u32 = 24;
+const VERSION: u32 = 0x1;
+const NEED_REPLY: u32 = 0x8;
+const PROTOCOL_REPLY_ACK: u64 = 1 << 3;
+const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+
+fn msg(code: u32, flags: u32, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&code.to_le_bytes());
+    m.extend_from_slice(&(VERSION | flags).to_le_bytes());
+    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+fn u64_body(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+/// Sends `msgs`, then reads until the server closes or goes quiet; returns what came back.
+fn send_raw(sock: &std::path::Path, msgs: &[Vec<u8>]) -> Vec<u8> {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for m in msgs {
+        if s.write_all(m).is_err() {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+/// Sends a message with SCM_RIGHTS fds attached.
+fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[i32]) {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: msghdr and cmsg built over buffers that live for the call.
+    unsafe {
+        let mut mh: libc::msghdr = std::mem::zeroed();
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        if !fds.is_empty() {
+            mh.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+            mh.msg_controllen = space;
+            let c = libc::CMSG_FIRSTHDR(&mh);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut i32, fds.len());
+        }
+        assert!(libc::sendmsg(s.as_raw_fd(), &mh, 0) >= 0);
+    }
+}
+
+fn good_client_works(server: &Server) {
+    let mut c = Client::connect(&server.socket, 1).expect("a good client after a hostile one");
+    assert_eq!(c.read(0, 0, 4096), 0);
+}
+
+fn server(name: &str) -> Server {
+    let dir = scratch(name);
+    Server::vudev(&dir, &["--memory", "16M"])
+}
+
+/// Negotiates REPLY_ACK so that refused requests are answered with a non-zero ack.
+fn acked_session() -> Vec<Vec<u8>> {
+    vec![
+        msg(SET_OWNER, 0, &[]),
+        msg(GET_FEATURES, 0, &[]),
+        msg(SET_FEATURES, 0, &u64_body(PROTOCOL_FEATURES_BIT)),
+        msg(GET_PROTOCOL_FEATURES, 0, &[]),
+        msg(SET_PROTOCOL_FEATURES, 0, &u64_body(PROTOCOL_REPLY_ACK)),
+    ]
+}
+
+/// The u64 ack values in a reply stream (each reply: 12-byte header + body).
+fn acks_of(code: u32, replies: &[u8]) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut p = replies;
+    while p.len() >= 12 {
+        let c = u32::from_le_bytes(p[0..4].try_into().unwrap());
+        let size = u32::from_le_bytes(p[8..12].try_into().unwrap()) as usize;
+        if p.len() < 12 + size {
+            break;
+        }
+        if c == code && size == 8 {
+            out.push(u64::from_le_bytes(p[12..20].try_into().unwrap()));
+        }
+        p = &p[12 + size..];
+    }
+    out
+}
+
+#[test]
+fn garbage_bytes() {
+    let s = server("garbage");
+    send_raw(&s.socket, &[vec![0xa5; 64]]);
+    good_client_works(&s);
+}
+
+#[test]
+fn oversized_message() {
+    let s = server("oversized");
+    let mut m = msg(SET_FEATURES, 0, &[]);
+    m[8..12].copy_from_slice(&0x1000_0000u32.to_le_bytes());
+    send_raw(&s.socket, &[m]);
+    good_client_works(&s);
+}
+
+#[test]
+fn message_cut_short() {
+    let s = server("short");
+    let m = msg(SET_FEATURES, 0, &u64_body(0));
+    send_raw(&s.socket, &[m[..14].to_vec()]);
+    send_raw(&s.socket, &[m[..6].to_vec()]);
+    good_client_works(&s);
+}
+
+#[test]
+fn unknown_message() {
+    let s = server("unknown");
+    send_raw(&s.socket, &[msg(9999, 0, &[1, 2, 3, 4])]);
+    good_client_works(&s);
+}
+
+#[test]
+fn queue_index_and_size_out_of_range() {
+    let s = server("vring");
+    let mut msgs = acked_session();
+    let mut body = Vec::new();
+    body.extend_from_slice(&99u32.to_le_bytes());
+    body.extend_from_slice(&256u32.to_le_bytes());
+    msgs.push(msg(SET_VRING_NUM, NEED_REPLY, &body)); // index 99
+    let mut body = Vec::new();
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&65536u32.to_le_bytes());
+    msgs.push(msg(SET_VRING_NUM, NEED_REPLY, &body)); // size too large
+    let mut body = Vec::new();
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&100u32.to_le_bytes());
+    msgs.push(msg(SET_VRING_NUM, NEED_REPLY, &body)); // not a power of two
+    let replies = send_raw(&s.socket, &msgs);
+    assert_eq!(
+        acks_of(SET_VRING_NUM, &replies),
+        vec![1, 1, 1],
+        "each refused with an error ack"
+    );
+    // Ring addresses for a queue that does not exist.
+    let mut msgs = acked_session();
+    let mut body = vec![0u8; 40];
+    body[0..4].copy_from_slice(&7u32.to_le_bytes());
+    msgs.push(msg(SET_VRING_ADDR, NEED_REPLY, &body));
+    let replies = send_raw(&s.socket, &msgs);
+    assert_eq!(acks_of(SET_VRING_ADDR, &replies), vec![1]);
+    good_client_works(&s);
+}
+
+#[test]
+fn config_read_out_of_range() {
+    let s = server("config");
+    let mut body = Vec::new();
+    body.extend_from_slice(&4000u32.to_le_bytes()); // offset
+    body.extend_from_slice(&64u32.to_le_bytes()); // size
+    body.extend_from_slice(&0u32.to_le_bytes()); // flags
+    body.extend_from_slice(&[0u8; 64]);
+    let mut msgs = acked_session();
+    msgs.push(msg(GET_CONFIG, 0, &body));
+    send_raw(&s.socket, &msgs);
+    good_client_works(&s);
+}
+
+fn region(gpa: u64, size: u64, uva: u64, offset: u64) -> Vec<u8> {
+    [gpa, size, uva, offset]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+fn mem_table(regions: &[Vec<u8>]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    for r in regions {
+        body.extend_from_slice(r);
+    }
+    body
+}
+
+/// Runs the acked session, then SET_MEM_TABLE with `fds`; returns the ack values.
+fn try_mem_table(s: &Server, body: &[u8], fds: &[i32]) -> Vec<u64> {
+    let stream = UnixStream::connect(&s.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for m in acked_session() {
+        (&stream).write_all(&m).unwrap();
+    }
+    send_with_fds(&stream, &msg(SET_MEM_TABLE, NEED_REPLY, body), fds);
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = (&stream).read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    acks_of(SET_MEM_TABLE, &out)
+}
+
+fn memfd(len: u64) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create with a static name; the fd is ours.
+    let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is new and owned.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+#[test]
+fn bad_memory_tables() {
+    let s = server("memtable");
+    let m = memfd(1 << 20);
+    let fd = m.as_raw_fd();
+    // A region reaching past the end of its fd.
+    let acks = try_mem_table(&s, &mem_table(&[region(0, 2 << 20, 0x7000_0000, 0)]), &[fd]);
+    assert_ne!(acks, vec![0], "region past its fd accepted");
+    // Overlapping regions.
+    let body = mem_table(&[
+        region(0, 1 << 20, 0x7000_0000, 0),
+        region(1 << 19, 1 << 19, 0x8000_0000, 0),
+    ]);
+    assert_ne!(
+        try_mem_table(&s, &body, &[fd, fd]),
+        vec![0],
+        "overlap accepted"
+    );
+    // A region whose end wraps the address space.
+    let body = mem_table(&[region(u64::MAX - 4095, 1 << 20, 0x7000_0000, 0)]);
+    assert_ne!(
+        try_mem_table(&s, &body, &[fd]),
+        vec![0],
+        "wrapping region accepted"
+    );
+    // More regions than fds, and an empty region.
+    let body = mem_table(&[
+        region(0, 4096, 0x7000_0000, 0),
+        region(8192, 4096, 0x7100_0000, 0),
+    ]);
+    assert_ne!(
+        try_mem_table(&s, &body, &[fd]),
+        vec![0],
+        "missing fd accepted"
+    );
+    let body = mem_table(&[region(0, 0, 0x7000_0000, 0)]);
+    assert_ne!(
+        try_mem_table(&s, &body, &[fd]),
+        vec![0],
+        "empty region accepted"
+    );
+    // A region count that does not match the regions sent.
+    let mut body = mem_table(&[region(0, 4096, 0x7000_0000, 0)]);
+    body[0..4].copy_from_slice(&9u32.to_le_bytes());
+    assert_ne!(
+        try_mem_table(&s, &body, &[fd]),
+        vec![0],
+        "region count mismatch accepted"
+    );
+    // A valid table is still accepted after all that.
+    let acks = try_mem_table(&s, &mem_table(&[region(0, 1 << 20, 0x7000_0000, 0)]), &[fd]);
+    assert_eq!(acks, vec![0]);
+    good_client_works(&s);
+}

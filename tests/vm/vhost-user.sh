@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# vhost-user end to end: vudev serves a file on the host; a QEMU TCG guest uses it as
+# vhost-user-blk-pci (num-queues 1 and 4) and runs the block suite; then a second QEMU connects
+# after the first exits and finds the data; finally SIGTERM ends vudev with status 0.
+#   vhost-user.sh KERNEL   (prints CHECK lines and `N passed, M failed`)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+ver=${1:-7.3}
+vudev=$root/target/release/vudev
+work=$(mktemp -d "$root/target/vm/vu-XXXXXX")
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
+pass=0 fail=0
+check() { # name, command...
+    local name=$1; shift
+    if "$@"; then echo "CHECK PASS $name"; pass=$((pass + 1)); else echo "CHECK FAIL $name"; fail=$((fail + 1)); fi
+}
+tally() { # output of run.sh
+    local line; line=$(grep -E "^[0-9]+ passed, [0-9]+ failed$" <<<"$1" | tail -1 || true)
+    grep -E 'CHECK|FAIL|timed out' <<<"$1" | grep -v '^[0-9]' || true
+    local p=${line%% passed*} f=${line#*passed, }; f=${f%% failed}
+    pass=$((pass + ${p:-0})); fail=$((fail + ${f:-1}))
+}
+for nq in 1 4; do
+    sock=$work/vu$nq.sock img=$work/disk$nq.img
+    truncate -s 128M "$img"
+    "$vudev" export vhost-user --socket "$sock" --file "$img" --num-queues "$nq" 2>"$work/vudev$nq.log" &
+    pid=$!; pids+=("$pid")
+    for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
+    qargs=(--qemu-arg -object --qemu-arg memory-backend-memfd,id=mem,size=2G,share=on
+           --qemu-arg -numa --qemu-arg node,memdev=mem
+           --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock"
+           --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=c0,num-queues=$nq")
+    out=$("$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-guest.sh" \
+        --env QUEUES=$nq --env MODE=full --log-name "vhost-user-q$nq-first" --timeout 400 "${qargs[@]}" 2>&1) || true
+    tally "$out"
+    out=$("$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-guest.sh" \
+        --env QUEUES=$nq --env MODE=quick --log-name "vhost-user-q$nq-second" --timeout 400 "${qargs[@]}" 2>&1) || true
+    tally "$out"
+    check "q$nq-vudev-alive-between-frontends" kill -0 "$pid"
+    kill -TERM "$pid"
+    set +e; wait "$pid"; rc=$?; set -e
+    check "q$nq-sigterm-exit-0" [ "$rc" = 0 ]
+    check "q$nq-socket-removed" [ ! -e "$sock" ]
+    check "q$nq-image-has-marker" grep -q "marker from the first frontend" "$img"
+done
+echo "$pass passed, $fail failed"
+[[ $fail == 0 ]]
