@@ -25,7 +25,7 @@ tally() { # output of run.sh
 for nq in 1 4; do
     sock=$work/vu$nq.sock img=$work/disk$nq.img
     truncate -s 128M "$img"
-    "$vudev" export vhost-user --socket "$sock" --file "$img" --num-queues "$nq" 2>"$work/vudev$nq.log" &
+    "$vudev" export vhost-user --socket "$sock" --file "$img" --num-queues "$nq" --serial vudev-vu 2>"$work/vudev$nq.log" &
     pid=$!; pids+=("$pid")
     for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
     qargs=(--qemu-arg -object --qemu-arg memory-backend-memfd,id=mem,size=2G,share=on

@@ -66,6 +66,17 @@ impl Access {
     }
 }
 
+/// An IOVA region as `VDUSE_IOTLB_GET_INFO` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IovaInfo {
+    /// First IOVA.
+    pub start: u64,
+    /// Last IOVA (inclusive).
+    pub last: u64,
+    /// Userspace memory may be registered for it (the bounce buffer).
+    pub umem: bool,
+}
+
 /// One IOTLB range `[start, last]` and the file (and offset) that backs it.
 #[derive(Debug)]
 pub struct IotlbMapping {
@@ -393,6 +404,48 @@ impl VduseDevice {
             last: entry.last,
             access,
         }))
+    }
+
+    /// Describes the first IOVA region overlapping `[start, last]` (`VDUSE_IOTLB_GET_INFO`):
+    /// its bounds and whether userspace memory may back it (`VDUSE_IOVA_CAP_UMEM`, the bounce
+    /// buffer). `None` if no region overlaps.
+    pub fn iova_info(&self, start: u64, last: u64) -> Result<Option<IovaInfo>> {
+        let mut info = vduse_iova_info {
+            start,
+            last,
+            ..Default::default()
+        };
+        match self.ioctl(VDUSE_IOTLB_GET_INFO, &mut info, "VDUSE_IOTLB_GET_INFO") {
+            Ok(()) => Ok(Some(IovaInfo {
+                start: info.start,
+                last: info.last,
+                umem: info.capability & VDUSE_IOVA_CAP_UMEM != 0,
+            })),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Registers `size` bytes of our memory at `uaddr` as the backing of IOVA `[iova, iova +
+    /// size)` (`VDUSE_IOTLB_REG_UMEM`; the bounce buffer, page aligned).
+    pub fn reg_umem(&self, uaddr: u64, iova: u64, size: u64) -> Result<()> {
+        let mut umem = vduse_iova_umem {
+            uaddr,
+            iova,
+            size,
+            ..Default::default()
+        };
+        self.ioctl(VDUSE_IOTLB_REG_UMEM, &mut umem, "VDUSE_IOTLB_REG_UMEM")
+    }
+
+    /// Undoes [`VduseDevice::reg_umem`] (`VDUSE_IOTLB_DEREG_UMEM`).
+    pub fn dereg_umem(&self, iova: u64, size: u64) -> Result<()> {
+        let mut umem = vduse_iova_umem {
+            iova,
+            size,
+            ..Default::default()
+        };
+        self.ioctl(VDUSE_IOTLB_DEREG_UMEM, &mut umem, "VDUSE_IOTLB_DEREG_UMEM")
     }
 
     /// Reads one control message; `Ok(None)` when none is pending (the fd is non-blocking

@@ -18,5 +18,5 @@ pub mod sysfs;
 pub mod uapi;
 
 pub use control::{DeviceConfig, VduseControl, CONTROL_PATH};
-pub use device::{Access, IotlbMapping, Reply, Request, VduseDevice, VqInfo};
+pub use device::{Access, IotlbMapping, IovaInfo, Reply, Request, VduseDevice, VqInfo};
 pub use error::{Result, VduseError};

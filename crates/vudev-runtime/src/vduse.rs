@@ -14,7 +14,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::Device;
@@ -441,6 +441,17 @@ impl Inner {
             .map_err(|e| io::Error::other(e.to_string()))?;
         self.map.clear();
         self.map.populate(0, u64::MAX);
+        match self.dev.iova_info(0, u64::MAX) {
+            Ok(Some(i)) => tracing::debug!(
+                start = i.start,
+                last = i.last,
+                umem = i.umem,
+                regions = self.map.memory().num_regions(),
+                "first IOVA region"
+            ),
+            Ok(None) => tracing::debug!("no IOVA region"),
+            Err(e) => tracing::debug!("{e}"),
+        }
         let mut st = self.lock();
         for q in 0..st.workers.len() as u32 {
             let info = self

@@ -142,3 +142,32 @@ fn the_suite_passes_against_qemu_storage_daemon() {
     let s = Server::qsd(&dir, &image, false, 1).unwrap();
     read_only_suite(&s.socket);
 }
+
+#[test]
+fn runs_as_an_unprivileged_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = scratch("nobody");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let cmd = if root {
+        // Only the socket directory and the image need permissions for the user.
+        std::os::unix::fs::chown(&image, Some(65534), Some(65534)).unwrap();
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(env!("CARGO_BIN_EXE_vudev"));
+        c
+    } else {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vudev"))
+    };
+    let s = Server::vudev_with(&dir, &["--file", image.to_str().unwrap()], cmd);
+    if root {
+        assert_eq!(std::fs::metadata(&s.socket).unwrap().uid(), 65534);
+    }
+    writable_suite(&s.socket, 1);
+}

@@ -20,9 +20,13 @@ const SET_VRING_ADDR: u32 = 9;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const GET_CONFIG: u32 = 24;
+const ADD_MEM_REG: u32 = 37;
+const SET_VRING_KICK: u32 = 12;
+const SET_VRING_ENABLE: u32 = 18;
 const VERSION: u32 = 0x1;
 const NEED_REPLY: u32 = 0x8;
 const PROTOCOL_REPLY_ACK: u64 = 1 << 3;
+const PROTOCOL_MEM_SLOTS: u64 = 1 << 15;
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 
 fn msg(code: u32, flags: u32, body: &[u8]) -> Vec<u8> {
@@ -90,9 +94,10 @@ fn good_client_works(server: &Server) {
     assert_eq!(c.read(0, 0, 4096), 0);
 }
 
-fn server(name: &str) -> Server {
+fn server(name: &str) -> (common::Scratch, Server) {
     let dir = scratch(name);
-    Server::vudev(&dir, &["--memory", "16M"])
+    let s = Server::vudev(&dir, &["--memory", "16M"]);
+    (dir, s)
 }
 
 /// Negotiates REPLY_ACK so that refused requests are answered with a non-zero ack.
@@ -126,14 +131,14 @@ fn acks_of(code: u32, replies: &[u8]) -> Vec<u64> {
 
 #[test]
 fn garbage_bytes() {
-    let s = server("garbage");
+    let (_dir, s) = server("garbage");
     send_raw(&s.socket, &[vec![0xa5; 64]]);
     good_client_works(&s);
 }
 
 #[test]
 fn oversized_message() {
-    let s = server("oversized");
+    let (_dir, s) = server("oversized");
     let mut m = msg(SET_FEATURES, 0, &[]);
     m[8..12].copy_from_slice(&0x1000_0000u32.to_le_bytes());
     send_raw(&s.socket, &[m]);
@@ -142,7 +147,7 @@ fn oversized_message() {
 
 #[test]
 fn message_cut_short() {
-    let s = server("short");
+    let (_dir, s) = server("short");
     let m = msg(SET_FEATURES, 0, &u64_body(0));
     send_raw(&s.socket, &[m[..14].to_vec()]);
     send_raw(&s.socket, &[m[..6].to_vec()]);
@@ -151,14 +156,14 @@ fn message_cut_short() {
 
 #[test]
 fn unknown_message() {
-    let s = server("unknown");
+    let (_dir, s) = server("unknown");
     send_raw(&s.socket, &[msg(9999, 0, &[1, 2, 3, 4])]);
     good_client_works(&s);
 }
 
 #[test]
 fn queue_index_and_size_out_of_range() {
-    let s = server("vring");
+    let (_dir, s) = server("vring");
     let mut msgs = acked_session();
     let mut body = Vec::new();
     body.extend_from_slice(&99u32.to_le_bytes());
@@ -190,7 +195,7 @@ fn queue_index_and_size_out_of_range() {
 
 #[test]
 fn config_read_out_of_range() {
-    let s = server("config");
+    let (_dir, s) = server("config");
     let mut body = Vec::new();
     body.extend_from_slice(&4000u32.to_le_bytes()); // offset
     body.extend_from_slice(&64u32.to_le_bytes()); // size
@@ -253,7 +258,7 @@ fn memfd(len: u64) -> std::fs::File {
 
 #[test]
 fn bad_memory_tables() {
-    let s = server("memtable");
+    let (_dir, s) = server("memtable");
     let m = memfd(1 << 20);
     let fd = m.as_raw_fd();
     // A region reaching past the end of its fd.
@@ -303,5 +308,136 @@ fn bad_memory_tables() {
     // A valid table is still accepted after all that.
     let acks = try_mem_table(&s, &mem_table(&[region(0, 1 << 20, 0x7000_0000, 0)]), &[fd]);
     assert_eq!(acks, vec![0]);
+    good_client_works(&s);
+}
+
+#[test]
+fn too_many_memory_slots() {
+    let (_dir, s) = server("slots");
+    let m = memfd(4096);
+    let stream = UnixStream::connect(&s.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut setup = acked_session();
+    setup[4] = msg(
+        SET_PROTOCOL_FEATURES,
+        0,
+        &u64_body(PROTOCOL_REPLY_ACK | PROTOCOL_MEM_SLOTS),
+    );
+    for x in setup {
+        (&stream).write_all(&x).unwrap();
+    }
+    // 257 one-page regions: the 257th is over the 256 slots advertised.
+    for i in 0..257u64 {
+        let mut body = vec![0u8; 8];
+        body.extend(region(i << 12, 4096, 0x7000_0000 + (i << 12), 0));
+        send_with_fds(
+            &stream,
+            &msg(ADD_MEM_REG, NEED_REPLY, &body),
+            &[m.as_raw_fd()],
+        );
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    while let Ok(n) = (&stream).read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+        if acks_of(ADD_MEM_REG, &out).len() == 257 {
+            break;
+        }
+    }
+    let acks = acks_of(ADD_MEM_REG, &out);
+    assert_eq!(acks.len(), 257, "every ADD_MEM_REG answered");
+    assert!(
+        acks[..256].iter().all(|&a| a == 0),
+        "the first 256 slots are accepted"
+    );
+    assert_eq!(acks[256], 1, "slot 257 is refused");
+    drop(stream);
+    good_client_works(&s);
+}
+
+/// A session with a valid 1 MiB memory table, for ring tests; returns the stream.
+fn session_with_memory(s: &Server, m: &std::fs::File) -> UnixStream {
+    let stream = UnixStream::connect(&s.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for x in acked_session() {
+        (&stream).write_all(&x).unwrap();
+    }
+    let body = mem_table(&[region(0, 1 << 20, 0x7000_0000, 0)]);
+    send_with_fds(
+        &stream,
+        &msg(SET_MEM_TABLE, NEED_REPLY, &body),
+        &[m.as_raw_fd()],
+    );
+    stream
+}
+
+fn read_all(stream: &UnixStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = (&*stream).read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    out
+}
+
+#[test]
+fn vring_addresses_outside_memory() {
+    let (_dir, s) = server("ringaddr");
+    let m = memfd(1 << 20);
+    let stream = session_with_memory(&s, &m);
+    let mut num = Vec::new();
+    num.extend_from_slice(&0u32.to_le_bytes());
+    num.extend_from_slice(&256u32.to_le_bytes());
+    (&stream).write_all(&msg(SET_VRING_NUM, 0, &num)).unwrap();
+    // index, flags, then descriptor/used/available/log addresses: far outside the table.
+    let mut addr = vec![0u8; 8];
+    for a in [0x9000_0000u64, 0x9000_1000, 0x9000_2000, 0] {
+        addr.extend_from_slice(&a.to_le_bytes());
+    }
+    (&stream).write_all(&msg(SET_VRING_ADDR, 0, &addr)).unwrap();
+    // SAFETY: plain eventfd creation; the fd is closed below.
+    let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    send_with_fds(&stream, &msg(SET_VRING_KICK, 0, &u64_body(0)), &[kick]);
+    let mut enable = Vec::new();
+    enable.extend_from_slice(&0u32.to_le_bytes());
+    enable.extend_from_slice(&1u32.to_le_bytes());
+    (&stream)
+        .write_all(&msg(SET_VRING_ENABLE, NEED_REPLY, &enable))
+        .unwrap();
+    let acks = acks_of(SET_VRING_ENABLE, &read_all(&stream));
+    assert_eq!(acks, vec![1], "starting a ring outside memory is refused");
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(kick) };
+    drop(stream);
+    good_client_works(&s);
+}
+
+#[test]
+fn missing_and_extra_fds() {
+    let (_dir, s) = server("fds");
+    // A kick without an fd and without the NOFD flag.
+    let mut msgs = acked_session();
+    msgs.push(msg(SET_VRING_KICK, 0, &u64_body(0)));
+    send_raw(&s.socket, &msgs);
+    good_client_works(&s);
+    // An fd attached to a message that takes none.
+    let stream = UnixStream::connect(&s.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let m = memfd(4096);
+    send_with_fds(&stream, &msg(GET_FEATURES, 0, &[]), &[m.as_raw_fd()]);
+    read_all(&stream);
+    drop(stream);
     good_client_works(&s);
 }

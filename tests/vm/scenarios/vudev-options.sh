@@ -12,6 +12,10 @@ check readonly-reads sh -c "dd if=$dev bs=1M count=4 2>/dev/null | cmp - /tmp/ro
 expect_fail readonly-write-refused dd if=/dev/zero of=$dev bs=4k count=1 oflag=direct
 expect_fail readonly-discard-refused $BLKDISCARD -f -o 0 -l 1048576 $dev
 grep "VDUSE device created" /tmp/ro0.log
+grep "first IOVA region" /tmp/ro0.log
+# IOTLB_GET_INFO answers (the bounce region itself is created on first use, so at DRIVER_OK
+# the first region is a ring's coherent mapping).
+check iova-info-answers grep -q "first IOVA region start=[0-9]* last=[0-9]*" /tmp/ro0.log
 case $(uname -r) in
     7.*) check api-v1-with-features grep -q "api_version=1 vduse_features=3" /tmp/ro0.log
          check queue-ready-messages-answered grep -q "SetVqReady.*reply=Ok" /tmp/ro0.log ;;

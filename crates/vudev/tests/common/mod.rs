@@ -11,11 +11,27 @@ use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 pub const SIZE: u64 = 64 << 20;
 
-pub fn scratch(name: &str) -> PathBuf {
+/// A scratch directory, removed on drop.
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("vudev-vu-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 /// A server process serving a socket; SIGTERM on drop must end it with status 0.
@@ -50,8 +66,12 @@ impl Server {
     }
 
     pub fn vudev(dir: &Path, args: &[&str]) -> Server {
+        Server::vudev_with(dir, args, Command::new(env!("CARGO_BIN_EXE_vudev")))
+    }
+
+    /// vudev run through `cmd` (e.g. setpriv dropping to another user, ending in the binary).
+    pub fn vudev_with(dir: &Path, args: &[&str], mut cmd: Command) -> Server {
         let socket = dir.join("vudev.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vudev"));
         cmd.args(["export", "vhost-user", "--socket"])
             .arg(&socket)
             .args(args)
