@@ -35,6 +35,9 @@ use crate::device::Device;
 use crate::memory::{Mapping, MemoryMap};
 use crate::worker::{Notifier, QueueSetup, Worker};
 
+/// Largest config space a frontend may read (VHOST_USER_MAX_CONFIG_SIZE).
+const MAX_CONFIG_SIZE: u32 = 256;
+
 /// Most memory regions a frontend may hand us (SET_MEM_TABLE or ADD_MEM_REG).
 pub const MAX_MEM_SLOTS: usize = 256;
 
@@ -609,11 +612,14 @@ impl VhostUserBackendReqHandlerMut for Session {
         size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VuResult<Vec<u8>> {
-        let config = self.device.config();
+        // Fields past the device's config (newer virtio-blk fields a frontend may ask for) read
+        // as zero, up to the protocol's 256-byte limit.
         let end = offset
             .checked_add(size)
-            .filter(|e| *e as usize <= config.len())
+            .filter(|e| *e <= MAX_CONFIG_SIZE)
             .ok_or_else(|| invalid("config read out of range"))?;
+        let mut config = self.device.config();
+        config.resize(MAX_CONFIG_SIZE as usize, 0);
         Ok(config[offset as usize..end as usize].to_vec())
     }
 
