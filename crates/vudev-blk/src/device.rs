@@ -69,11 +69,13 @@ impl Device for BlockDevice {
 }
 
 /// A request handed to the backend, waiting for its result.
-#[derive(Clone, Copy, Debug)]
 struct Pending {
     status: u64,
     /// Bytes written into driver buffers on success (data read + status).
     used_ok: u32,
+    /// For asynchronous backends: the memory snapshot the request's buffers live in, kept
+    /// mapped until the backend is done with them.
+    _mem: Option<Memory>,
 }
 
 /// The per-queue request handler.
@@ -185,11 +187,11 @@ impl BlockQueue {
                 } else {
                     1
                 };
-                self.submit(head, status, used_ok, op);
+                self.submit(mem, head, status, used_ok, op);
                 Ok(None)
             }
             Kind::Flush => {
-                self.submit(head, status, 1, IoOp::Flush);
+                self.submit(mem, head, status, 1, IoOp::Flush);
                 Ok(None)
             }
             Kind::GetId => {
@@ -258,15 +260,20 @@ impl BlockQueue {
                         may_unmap: flags & unmap != 0,
                     }
                 };
-                self.submit(head, status, 1, op);
+                self.submit(mem, head, status, 1, op);
                 Ok(None)
             }
             Kind::Other(_) => Ok(Some((VIRTIO_BLK_S_UNSUPP as u8, 1))),
         }
     }
 
-    fn submit(&mut self, head: u16, status: u64, used_ok: u32, op: IoOp<'_>) {
-        self.pending[usize::from(head)] = Some(Pending { status, used_ok });
+    fn submit(&mut self, mem: &Memory, head: u16, status: u64, used_ok: u32, op: IoOp<'_>) {
+        let keep = self.backend.completion_fd().is_some().then(|| mem.clone());
+        self.pending[usize::from(head)] = Some(Pending {
+            status,
+            used_ok,
+            _mem: keep,
+        });
         self.in_flight += 1;
         self.backend.submit(u64::from(head), op);
     }

@@ -11,6 +11,6 @@ pub mod config;
 pub mod device;
 pub mod request;
 
-pub use backend::{parse_size, BlockBackend, FileBackend, MemoryBackend, NullBackend};
+pub use backend::{parse_size, Aio, BlockBackend, FileBackend, MemoryBackend, NullBackend};
 pub use config::BlockConfig;
 pub use device::BlockDevice;

@@ -3,19 +3,24 @@
 use std::io;
 use std::sync::Arc;
 
-use vudev_blk::{parse_size, BlockBackend, FileBackend, MemoryBackend, NullBackend};
+use vudev_blk::{parse_size, Aio, BlockBackend, FileBackend, MemoryBackend, NullBackend};
 
-use crate::cli::BackendArgs;
+use crate::cli::{AioMode, BackendArgs};
 
 /// Opens the backend; `block_size` is the logical block size its size must be a multiple of.
 pub fn open(
     args: &BackendArgs,
     direct: bool,
+    aio: AioMode,
     read_only: bool,
     block_size: u32,
 ) -> Result<Arc<dyn BlockBackend>, String> {
+    let aio = match aio {
+        AioMode::IoUring => Aio::IoUring,
+        AioMode::Sync => Aio::Sync,
+    };
     let backend: Arc<dyn BlockBackend> = if let Some(path) = &args.file {
-        let b = FileBackend::open(path, read_only, direct).map_err(|e| {
+        let b = FileBackend::open(path, read_only, direct, aio).map_err(|e| {
             let p = path.display();
             match e.kind() {
                 io::ErrorKind::NotFound => {

@@ -94,6 +94,10 @@ pub struct DeviceArgs {
     /// Open --file with O_DIRECT (bypass the host page cache).
     #[arg(long, requires = "file")]
     pub direct: bool,
+    /// How --file does I/O: io_uring (asynchronous, batched) or sync (preadv/pwritev on the
+    /// queue's thread).
+    #[arg(long, default_value = "io_uring", requires = "file")]
+    pub aio: AioMode,
     /// Number of request queues (one worker thread each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
@@ -109,6 +113,16 @@ pub struct DeviceArgs {
     /// Logical block size in bytes.
     #[arg(long, default_value = "512")]
     pub logical_block_size: BlockSize,
+}
+
+/// I/O submission of the file backend.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AioMode {
+    /// io_uring.
+    #[value(name = "io_uring")]
+    IoUring,
+    /// Synchronous preadv/pwritev.
+    Sync,
 }
 
 /// Allowed logical block sizes.

@@ -35,7 +35,7 @@ fn build_device(
         ));
     }
     let block_size = dev.logical_block_size.bytes();
-    let backend = backend::open(backend, dev.direct, dev.readonly, block_size)?;
+    let backend = backend::open(backend, dev.direct, dev.aio, dev.readonly, block_size)?;
     let cfg = BlockConfig {
         size: backend.size(),
         logical_block_size: block_size,

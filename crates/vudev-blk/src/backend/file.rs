@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use vm_memory::VolatileSlice;
 
+use super::uring::UringQueue;
 use super::{check_range, total_len, BlockBackend, Immediate, IoOp, QueueBackend, RunNow};
 
 /// `BLKGETSIZE64`: size of a block device in bytes.
@@ -25,6 +26,16 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 /// Alignment O_DIRECT needs for memory, offsets and lengths (logical block size of most disks).
 const DIRECT_ALIGN: usize = 4096;
 
+/// How a file backend submits I/O.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Aio {
+    /// io_uring: asynchronous, batched per kick (falls back to `Sync` where unavailable).
+    #[default]
+    IoUring,
+    /// preadv/pwritev on the queue's worker thread.
+    Sync,
+}
+
 /// A file or block device opened for export.
 #[derive(Debug)]
 pub struct FileBackend {
@@ -34,11 +45,12 @@ pub struct FileBackend {
     read_only: bool,
     direct: bool,
     block_device: bool,
+    aio: Aio,
 }
 
 impl FileBackend {
     /// Opens `path`. Errors say what is wrong with the file.
-    pub fn open(path: &Path, read_only: bool, direct: bool) -> io::Result<Self> {
+    pub fn open(path: &Path, read_only: bool, direct: bool, aio: Aio) -> io::Result<Self> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(!read_only);
         let mut flags = libc::O_CLOEXEC;
@@ -71,6 +83,7 @@ impl FileBackend {
             read_only,
             direct,
             block_device,
+            aio,
         })
     }
 }
@@ -83,25 +96,37 @@ impl BlockBackend for FileBackend {
         self.read_only
     }
     fn queue(&self) -> io::Result<Box<dyn QueueBackend>> {
-        Ok(Immediate::boxed(FileQueue {
+        let sync = FileQueue {
             file: self.file.clone(),
             size: self.size,
             direct: self.direct,
             block_device: self.block_device,
             iovecs: Vec::new(),
-        }))
+        };
+        if self.aio == Aio::IoUring {
+            match UringQueue::new(sync.clone_queue(), self.direct) {
+                Ok(q) => return Ok(Box::new(q)),
+                Err(e) => tracing::warn!("io_uring unavailable ({e}); using synchronous I/O"),
+            }
+        }
+        Ok(Immediate::boxed(sync))
     }
     fn describe(&self) -> String {
         format!(
-            "file {}{}, {} bytes",
+            "file {}{}{}, {} bytes",
             self.path.display(),
-            if self.direct { " (O_DIRECT)" } else { "" },
+            if self.direct { ", O_DIRECT" } else { "" },
+            if self.aio == Aio::Sync {
+                ", synchronous I/O"
+            } else {
+                ", io_uring"
+            },
             self.size
         )
     }
 }
 
-struct FileQueue {
+pub(crate) struct FileQueue {
     file: Arc<File>,
     size: u64,
     direct: bool,
@@ -185,6 +210,27 @@ impl RunNow for FileQueue {
 impl FileQueue {
     fn fd(&self) -> i32 {
         self.file.as_raw_fd()
+    }
+
+    /// The file descriptor (for registering with io_uring).
+    pub(crate) fn raw_fd(&self) -> i32 {
+        self.fd()
+    }
+
+    /// Size of the exported range.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// A second queue on the same file.
+    pub(crate) fn clone_queue(&self) -> FileQueue {
+        FileQueue {
+            file: self.file.clone(),
+            size: self.size,
+            direct: self.direct,
+            block_device: self.block_device,
+            iovecs: Vec::new(),
+        }
     }
 
     fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
@@ -306,7 +352,8 @@ impl FileQueue {
     }
 }
 
-fn aligned(offset: u64, bufs: &[VolatileSlice<'_>]) -> bool {
+/// True if O_DIRECT can take `bufs` at `offset` as they are.
+pub(crate) fn aligned(offset: u64, bufs: &[VolatileSlice<'_>]) -> bool {
     offset.is_multiple_of(512)
         && bufs.iter().all(|b| {
             (b.ptr_guard().as_ptr() as usize).is_multiple_of(512) && b.len().is_multiple_of(512)

@@ -2,8 +2,9 @@
 //!
 //! The interface is asynchronous so that io_uring and network backends fit: a queue worker
 //! [`QueueBackend::submit`]s operations and later [`QueueBackend::reap`]s their results,
-//! waking on [`QueueBackend::completion_fd`]. The backends here finish each operation inside
-//! `submit` (their completion is ready at once), which is the simplest case of that contract.
+//! waking on [`QueueBackend::completion_fd`]. The file backend does this with io_uring; the
+//! memory and null backends finish each operation inside `submit` (their completion is ready
+//! at once), the simplest case of that contract.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -13,8 +14,9 @@ use vm_memory::VolatileSlice;
 mod file;
 mod memory;
 mod null;
+mod uring;
 
-pub use file::FileBackend;
+pub use file::{Aio, FileBackend};
 pub use memory::MemoryBackend;
 pub use null::NullBackend;
 
