@@ -13,6 +13,7 @@ expect_fail readonly-write-refused dd if=/dev/zero of=$dev bs=4k count=1 oflag=d
 expect_fail readonly-discard-refused $BLKDISCARD -f -o 0 -l 1048576 $dev
 grep "VDUSE device created" /tmp/ro0.log
 grep "first IOVA region" /tmp/ro0.log
+check file-backend-on-io-uring sh -c "grep -q 'serving file .*, io_uring' /tmp/ro0.log && ! grep -q 'io_uring unavailable' /tmp/ro0.log"
 # IOTLB_GET_INFO answers (the bounce region itself is created on first use, so at DRIVER_OK
 # the first region is a ring's coherent mapping).
 check iova-info-answers grep -q "first IOVA region start=[0-9]* last=[0-9]*" /tmp/ro0.log

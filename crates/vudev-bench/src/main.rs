@@ -1,0 +1,398 @@
+//! vudev-bench: vudev's vhost-user export and qemu-storage-daemon's, side by side, on the same
+//! machine in the same run, driven by the same client (the `blkio` crate). Prints a table with
+//! ratios and writes BENCHMARKS.md. A benchmark, not a test: it never fails on a figure.
+//!
+//! Usage: vudev-bench [--seconds N] [--output PATH] [--vudev PATH]
+
+use std::fmt::Write as _;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Completion, ReqFlags};
+
+const DISK: u64 = 1 << 30;
+const BS: usize = 4096;
+
+/// What a server exports.
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Null,
+    TmpfsFile,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Pattern {
+    RandRead,
+    RandWrite,
+}
+
+struct Workload {
+    name: &'static str,
+    backend: Backend,
+    pattern: Pattern,
+    depth: usize,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "null, random read, QD32",
+        backend: Backend::Null,
+        pattern: Pattern::RandRead,
+        depth: 32,
+    },
+    Workload {
+        name: "null, random read, QD1",
+        backend: Backend::Null,
+        pattern: Pattern::RandRead,
+        depth: 1,
+    },
+    Workload {
+        name: "file on tmpfs, random read, QD32",
+        backend: Backend::TmpfsFile,
+        pattern: Pattern::RandRead,
+        depth: 32,
+    },
+    Workload {
+        name: "file on tmpfs, random write, QD32",
+        backend: Backend::TmpfsFile,
+        pattern: Pattern::RandWrite,
+        depth: 32,
+    },
+];
+
+/// One measurement.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    iops: f64,
+    p50_us: f64,
+    /// Server CPU seconds (user + system) per I/O, in microseconds.
+    cpu_us_per_io: f64,
+}
+
+struct Server {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(mut cmd: Command, socket: PathBuf) -> Server {
+        let _ = std::fs::remove_file(&socket);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        Server { child, socket }
+    }
+
+    /// utime + stime of the server in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn vudev(bin: &Path, dir: &Path, backend: Backend, image: &Path) -> (Server, String) {
+    let socket = dir.join("vudev.sock");
+    let mut cmd = Command::new(bin);
+    cmd.args(["export", "vhost-user", "--socket"]).arg(&socket);
+    match backend {
+        Backend::Null => cmd.args(["--null", "1G"]),
+        Backend::TmpfsFile => cmd.arg("--file").arg(image),
+    };
+    let line = format!("{cmd:?}");
+    (Server::start(cmd, socket), line)
+}
+
+fn qsd(dir: &Path, backend: Backend, image: &Path) -> (Server, String) {
+    let socket = dir.join("qsd.sock");
+    let mut cmd = Command::new("qemu-storage-daemon");
+    let blockdev = match backend {
+        Backend::Null => "driver=null-co,size=1073741824,node-name=d0".to_string(),
+        Backend::TmpfsFile => format!(
+            "driver=file,filename={},node-name=d0,aio=io_uring",
+            image.display()
+        ),
+    };
+    cmd.arg("--blockdev").arg(blockdev).arg("--export").arg(format!(
+        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+        socket.display()
+    ));
+    let line = format!("{cmd:?}");
+    (Server::start(cmd, socket), line)
+}
+
+/// Drives `socket` with one queue for `secs` seconds.
+fn drive(server: &Server, w: &Workload, secs: f64) -> Result<Figures, String> {
+    let e = |what: &'static str| move |err: blkio::Error| format!("{what}: {}", err.message());
+    let mut b = Blkio::new("virtio-blk-vhost-user").map_err(e("new"))?;
+    b.set_str("path", server.socket.to_str().unwrap())
+        .map_err(e("path"))?;
+    b.connect().map_err(e("connect"))?;
+    b.set_i32("num-queues", 1).map_err(e("num-queues"))?;
+    let mut started = b.start().map_err(e("start"))?;
+    let region = b.alloc_mem_region(w.depth * BS).map_err(e("alloc"))?;
+    b.map_mem_region(&region).map_err(e("map"))?;
+    let q = &mut started.queues[0];
+    let blocks = DISK / BS as u64;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % blocks) * BS as u64
+    };
+    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
+        let buf = region.addr + slot * BS;
+        match w.pattern {
+            Pattern::RandRead => q.read(off, buf as *mut u8, BS, slot, ReqFlags::empty()),
+            Pattern::RandWrite => q.write(off, buf as *const u8, BS, slot, ReqFlags::empty()),
+        }
+    };
+    let mut started_at = vec![Instant::now(); w.depth];
+    for (slot, t) in started_at.iter_mut().enumerate() {
+        *t = Instant::now();
+        submit(q, slot, next());
+    }
+    let mut lat = Vec::with_capacity(1 << 20);
+    let mut done = 0u64;
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
+    let cpu0 = server.cpu_seconds();
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    loop {
+        let n = q
+            .do_io(&mut comps, 1, Some(&mut Duration::from_secs(10)), None)
+            .map_err(e("do_io"))?;
+        if n == 0 {
+            return Err("no completion within 10 s".into());
+        }
+        let now = Instant::now();
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            if c.ret != 0 {
+                return Err(format!("request failed with errno {}", -c.ret));
+            }
+            done += 1;
+            if w.depth == 1 {
+                lat.push(now.duration_since(started_at[c.user_data]).as_nanos() as u64);
+            }
+            if now < end {
+                started_at[c.user_data] = Instant::now();
+                submit(q, c.user_data, next());
+            }
+        }
+        if now >= end {
+            break;
+        }
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = server.cpu_seconds() - cpu0;
+    // Drain what is still in flight before disconnecting.
+    let mut left = w.depth;
+    while left > 0 {
+        let n = q
+            .do_io(&mut comps, 0, Some(&mut Duration::from_millis(200)), None)
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        left = left.saturating_sub(n);
+    }
+    lat.sort_unstable();
+    b.unmap_mem_region(&region);
+    b.free_mem_region(&region);
+    Ok(Figures {
+        iops: done as f64 / elapsed,
+        p50_us: lat.get(lat.len() / 2).map_or(0.0, |&ns| ns as f64 / 1000.0),
+        cpu_us_per_io: cpu / done.max(1) as f64 * 1e6,
+    })
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    format!("{cpus} CPUs ({cpu}), kernel {}", kernel.trim())
+}
+
+fn version(cmd: &str, arg: &str) -> String {
+    Command::new(cmd)
+        .arg(arg)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| format!("{cmd}: not found"))
+}
+
+fn main() {
+    let mut secs = 5.0;
+    let mut output = PathBuf::from("BENCHMARKS.md");
+    let mut bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("vudev")))
+        .unwrap_or_else(|| PathBuf::from("vudev"));
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match (a.as_str(), args.next()) {
+            ("--seconds", Some(v)) => secs = v.parse().expect("--seconds N"),
+            ("--output", Some(v)) => output = PathBuf::from(v),
+            ("--vudev", Some(v)) => bin = PathBuf::from(v),
+            _ => {
+                eprintln!("usage: vudev-bench [--seconds N] [--output PATH] [--vudev PATH]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("vudev-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The tmpfs file: /dev/shm is tmpfs on Debian.
+    let image = PathBuf::from(format!("/dev/shm/vudev-bench-{}.img", std::process::id()));
+    {
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(DISK).unwrap();
+        // Write it once so that reads hit real pages.
+        let chunk = vec![0x5au8; 1 << 20];
+        use std::io::Write;
+        let mut w = std::io::BufWriter::new(&f);
+        for _ in 0..(DISK >> 20) {
+            w.write_all(&chunk).unwrap();
+        }
+    }
+    let mut rows = Vec::new();
+    let mut commands = Vec::new();
+    for w in &WORKLOADS {
+        let (s, cmd) = vudev(&bin, &dir, w.backend, &image);
+        let ours = drive(&s, w, secs);
+        drop(s);
+        commands.push(cmd);
+        let (s, cmd) = qsd(&dir, w.backend, &image);
+        let theirs = drive(&s, w, secs);
+        drop(s);
+        commands.push(cmd);
+        let line = match (&ours, &theirs) {
+            (Ok(o), Ok(t)) => format!(
+                "{:<36} vudev {:>9.0} IOPS  qsd {:>9.0} IOPS  ratio {:.2}",
+                w.name,
+                o.iops,
+                t.iops,
+                o.iops / t.iops
+            ),
+            _ => format!(
+                "{:<36} failed: {:?} / {:?}",
+                w.name,
+                ours.as_ref().err(),
+                theirs.as_ref().err()
+            ),
+        };
+        println!("{line}");
+        rows.push((w, ours, theirs));
+    }
+    let _ = std::fs::remove_file(&image);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut md = String::new();
+    let now = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .unwrap_or_default();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(md, "Written by `scripts/bench` (vudev-bench). Figures are from one run on one machine; compare only within a run.\n");
+    let _ = writeln!(md, "- date: {}", now.trim());
+    let _ = writeln!(md, "- machine: {}", machine());
+    let _ = writeln!(
+        md,
+        "- vudev: {}",
+        version(bin.to_str().unwrap_or("vudev"), "--version")
+    );
+    let _ = writeln!(
+        md,
+        "- peer: {}",
+        version("qemu-storage-daemon", "--version")
+    );
+    let _ = writeln!(md, "- client: the blkio crate's virtio-blk-vhost-user driver, 1 queue, 4 KiB, {secs} s per run, on the same machine");
+    let _ = writeln!(
+        md,
+        "- transport: vhost-user for both (the VDUSE row of issue 4 is not measured yet)\n"
+    );
+    let _ = writeln!(md, "| workload | vudev IOPS | qsd IOPS | IOPS ratio | vudev p50 µs | qsd p50 µs | vudev CPU µs/IO | qsd CPU µs/IO | CPU ratio |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    for (w, o, t) in &rows {
+        match (o, t) {
+            (Ok(o), Ok(t)) => {
+                let p = |f: &Figures| {
+                    if w.depth == 1 {
+                        format!("{:.1}", f.p50_us)
+                    } else {
+                        "-".into()
+                    }
+                };
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.0} | {:.0} | {:.2} | {} | {} | {:.2} | {:.2} | {:.2} |",
+                    w.name,
+                    o.iops,
+                    t.iops,
+                    o.iops / t.iops,
+                    p(o),
+                    p(t),
+                    o.cpu_us_per_io,
+                    t.cpu_us_per_io,
+                    o.cpu_us_per_io / t.cpu_us_per_io
+                );
+            }
+            _ => {
+                let _ = writeln!(md, "| {} | failed | failed | | | | | | |", w.name);
+            }
+        }
+    }
+    let _ = writeln!(md, "\nCommands (servers):\n");
+    for c in &commands {
+        let _ = writeln!(md, "    {c}");
+    }
+    std::fs::write(&output, md).unwrap();
+    println!("wrote {}", output.display());
+}
