@@ -9,6 +9,7 @@ use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
+use vm_memory::VolatileSlice;
 
 use super::file::{aligned, FileQueue};
 use super::{check_range, total_len, IoDone, IoOp, QueueBackend, RunNow};
@@ -107,6 +108,32 @@ impl UringQueue {
     }
 }
 
+impl UringQueue {
+    /// Queues a readv or writev of `bufs` at `offset`.
+    fn rw(&mut self, cookie: u64, offset: u64, bufs: &[VolatileSlice<'_>], write: bool) {
+        let len = total_len(bufs);
+        if let Err(e) = check_range(offset, len, self.sync.size()) {
+            self.done.push((cookie, Err(e)));
+            return;
+        }
+        let iov = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        let fd = types::Fixed(0);
+        self.push(cookie, iov, len, |p, n| {
+            if write {
+                opcode::Writev::new(fd, p, n).offset(offset).build()
+            } else {
+                opcode::Readv::new(fd, p, n).offset(offset).build()
+            }
+        });
+    }
+}
+
 impl QueueBackend for UringQueue {
     fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
         let fd = types::Fixed(0);
@@ -117,40 +144,8 @@ impl QueueBackend for UringQueue {
                 let res = self.sync.run(op);
                 self.done.push((cookie, res));
             }
-            IoOp::Read { offset, bufs } => {
-                let len = total_len(bufs);
-                if let Err(e) = check_range(offset, len, self.sync.size()) {
-                    self.done.push((cookie, Err(e)));
-                    return;
-                }
-                let iov = bufs
-                    .iter()
-                    .map(|b| libc::iovec {
-                        iov_base: b.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-                        iov_len: b.len(),
-                    })
-                    .collect();
-                self.push(cookie, iov, len, |p, n| {
-                    opcode::Readv::new(fd, p, n).offset(offset).build()
-                });
-            }
-            IoOp::Write { offset, bufs } => {
-                let len = total_len(bufs);
-                if let Err(e) = check_range(offset, len, self.sync.size()) {
-                    self.done.push((cookie, Err(e)));
-                    return;
-                }
-                let iov = bufs
-                    .iter()
-                    .map(|b| libc::iovec {
-                        iov_base: b.ptr_guard().as_ptr() as *mut libc::c_void,
-                        iov_len: b.len(),
-                    })
-                    .collect();
-                self.push(cookie, iov, len, |p, n| {
-                    opcode::Writev::new(fd, p, n).offset(offset).build()
-                });
-            }
+            IoOp::Read { offset, bufs } => self.rw(cookie, offset, bufs, false),
+            IoOp::Write { offset, bufs } => self.rw(cookie, offset, bufs, true),
             IoOp::Flush => self.push(cookie, Vec::new(), 0, |_, _| {
                 opcode::Fsync::new(fd)
                     .flags(types::FsyncFlags::DATASYNC)
