@@ -72,7 +72,15 @@ pub fn run_vhost_user(args: VhostUserArgs) -> Result<(), String> {
         .map_err(|e| format!("eventfd: {e}"))?;
     let stop2 = stop.try_clone().map_err(|e| format!("eventfd: {e}"))?;
     std::thread::scope(|s| {
-        let serving = s.spawn(|| server.serve(&stop2));
+        let serving = s.spawn(|| {
+            let served = server.serve(&stop2);
+            if served.is_err() {
+                // Wake the main thread out of sigwait so that the error is reported.
+                // SAFETY: kill(2) on our own process with a signal we have blocked.
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            }
+            served
+        });
         let waited = signals::wait_termination();
         if let Ok(sig) = &waited {
             tracing::info!("signal {sig} received: shutting down");
