@@ -54,11 +54,13 @@ impl Device for BlockDevice {
         self.cfg.queue_size
     }
     fn queue_handler(&self, index: u16, features: u64) -> io::Result<Box<dyn QueueHandler>> {
+        let backend = self.backend.queue()?;
         Ok(Box::new(BlockQueue {
             index,
             cfg: self.cfg.clone(),
             features,
-            backend: self.backend.queue()?,
+            asynchronous: backend.completion_fd().is_some(),
+            backend,
             req: Request::default(),
             pending: (0..self.cfg.queue_size).map(|_| None).collect(),
             in_flight: 0,
@@ -83,6 +85,8 @@ pub struct BlockQueue {
     index: u16,
     cfg: Arc<BlockConfig>,
     features: u64,
+    /// The backend completes requests later (so in-flight buffers must stay mapped).
+    asynchronous: bool,
     backend: Box<dyn QueueBackend>,
     req: Request,
     pending: Vec<Option<Pending>>,
@@ -268,7 +272,7 @@ impl BlockQueue {
     }
 
     fn submit(&mut self, mem: &Memory, head: u16, status: u64, used_ok: u32, op: IoOp<'_>) {
-        let keep = self.backend.completion_fd().is_some().then(|| mem.clone());
+        let keep = self.asynchronous.then(|| mem.clone());
         self.pending[usize::from(head)] = Some(Pending {
             status,
             used_ok,

@@ -84,7 +84,12 @@ impl Request {
         if !last.is_write_only() || last.len() == 0 {
             return Err(ParseError::NoStatus);
         }
-        self.status = last.addr().0 + u64::from(last.len()) - 1;
+        // The status byte is the last byte of the last buffer; an address that wraps has none.
+        self.status = last
+            .addr()
+            .0
+            .checked_add(u64::from(last.len()) - 1)
+            .ok_or(ParseError::NoStatus)?;
         let status = self.status;
         let bad = |why| ParseError::Malformed { status, why };
 
@@ -97,10 +102,10 @@ impl Request {
         }
         let (readable, writable) = descs.split_at(first_writable);
 
-        // Header: the first 16 readable bytes, possibly spread over several buffers.
+        // Header: the first 16 readable bytes, possibly spread over several buffers; the
+        // readable bytes after it go to `self.data` (reused, no allocation once warm).
         let mut header = [0u8; HEADER_LEN as usize];
         let mut got = 0usize;
-        let mut data_readable: Vec<(u64, u32)> = Vec::new();
         for d in readable {
             let (addr, len) = (d.addr().0, u64::from(d.len()));
             let take = (HEADER_LEN as usize - got).min(len as usize);
@@ -110,7 +115,9 @@ impl Request {
                 got += take;
             }
             if (take as u64) < len {
-                data_readable.push((addr + take as u64, (len - take as u64) as u32));
+                // `addr + take` was just read, so it does not wrap.
+                self.data
+                    .push((addr + take as u64, (len - take as u64) as u32));
             }
         }
         if got < HEADER_LEN as usize {
@@ -119,29 +126,28 @@ impl Request {
         let kind = Kind::from_raw(u32::from_le_bytes(header[0..4].try_into().unwrap()));
         self.sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
 
-        // Writable data: everything but the final status byte.
-        let mut data_writable: Vec<(u64, u32)> = writable
-            .iter()
-            .filter(|d| d.len() > 0)
-            .map(|d| (d.addr().0, d.len()))
-            .collect();
-        if let Some(l) = data_writable.last_mut() {
-            l.1 -= 1;
-            if l.1 == 0 {
-                data_writable.pop();
+        // Writable data is every writable byte but the final status byte.
+        let writable_bytes: u64 = writable.iter().map(|d| u64::from(d.len())).sum();
+        match kind {
+            Kind::Read | Kind::GetId => {
+                if !self.data.is_empty() {
+                    return Err(bad("data buffers point the wrong way for the request type"));
+                }
+                for (i, d) in writable.iter().enumerate() {
+                    let len = d.len() - u32::from(i + 1 == writable.len());
+                    if len > 0 {
+                        self.data.push((d.addr().0, len));
+                    }
+                }
             }
+            Kind::Write | Kind::Discard | Kind::WriteZeroes => {
+                if writable_bytes != 1 {
+                    return Err(bad("data buffers point the wrong way for the request type"));
+                }
+            }
+            Kind::Flush | Kind::Other(_) => self.data.clear(),
         }
-
-        let (data, other) = match kind {
-            Kind::Read | Kind::GetId => (data_writable, data_readable),
-            Kind::Write | Kind::Discard | Kind::WriteZeroes => (data_readable, data_writable),
-            Kind::Flush | Kind::Other(_) => (Vec::new(), Vec::new()),
-        };
-        if !other.is_empty() {
-            return Err(bad("data buffers point the wrong way for the request type"));
-        }
-        self.data_len = data.iter().map(|&(_, l)| u64::from(l)).sum();
-        self.data = data;
+        self.data_len = self.data.iter().map(|&(_, l)| u64::from(l)).sum();
         self.kind = Some(kind);
         Ok(())
     }
@@ -252,6 +258,11 @@ mod tests {
             r.parse(&m, &[desc(0xfff8, 16, false), desc(0x200, 1, true)]),
             Err(ParseError::Malformed { .. })
         ));
+        // A status byte whose address wraps the address space.
+        assert_eq!(
+            r.parse(&m, &[desc(0x100, 16, false), desc(u64::MAX, 2, true)]),
+            Err(ParseError::NoStatus)
+        );
         // A read with readable data.
         assert!(matches!(
             r.parse(&m, &[desc(0x100, 32, false), desc(0x200, 1, true)]),
