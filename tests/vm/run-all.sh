@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every VM scenario on both VDUSE kernels: first the block suite against
 # qemu-storage-daemon (proves the suite and harness), then vudev's scenarios; then the
-# vhost-user export with a QEMU guest as its frontend.
+# vhost-user export with a QEMU guest as its frontend (including a real reboot), a live
+# migration between two vudev processes, and vudev killed and restarted under guest I/O.
 # Prints one line per scenario and a final `N passed, M failed` over all checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -15,13 +16,13 @@ for ver in 6.12 7.3; do
     "$here/build-initramfs.sh" "$ver" >/dev/null
 done
 for ver in 6.12 7.3; do
-    for s in qsd-reference vudev-basic vudev-options vudev-lifecycle; do
+    for s in qsd-reference vudev-basic vudev-options vudev-lifecycle vudev-crash vudev-nbd-faults; do
         set +e
         "$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/$s.sh" "${bins[@]}" --timeout 400 \
             > "$root/target/vm/$s-$ver.out" 2>&1
         rc=$?
         set -e
-        cat "$root/target/vm/$s-$ver.out" | grep -v '^[0-9]* passed, [0-9]* failed$' || true
+        grep -v '^[0-9]* passed, [0-9]* failed$' "$root/target/vm/$s-$ver.out" || true
         line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$root/target/vm/$s-$ver.out" | tail -1)
         p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed}
         total_pass=$((total_pass + ${p:-0})); total_fail=$((total_fail + ${f:-1}))
@@ -31,21 +32,31 @@ for ver in 6.12 7.3; do
         fi
     done
 done
+# host_test NAME CMD...: a test driven from this host (its own QEMU guests); prints its checks
+# and adds them to the totals.
+host_test() {
+    local name=$1 out=$root/target/vm/$1.out rc line p f; shift
+    set +e
+    "$@" > "$out" 2>&1
+    rc=$?
+    set -e
+    grep -v '^[0-9]* passed, [0-9]* failed$' "$out" || true
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$out" | tail -1 || true)
+    p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed}
+    total_pass=$((total_pass + ${p:-0})); total_fail=$((total_fail + ${f:-1}))
+    if [[ $rc != 0 ]]; then
+        failed_runs+=("$name")
+        [[ ${f:-0} == 0 ]] && total_fail=$((total_fail + 1))
+    fi
+    return 0
+}
 # vhost-user: vudev on this host, a QEMU guest as the frontend (the guest kernel is not what
 # is tested here, so one kernel is enough).
-set +e
-"$here/vhost-user.sh" 7.3 > "$root/target/vm/vhost-user.out" 2>&1
-rc=$?
-set -e
-grep -v '^[0-9]* passed, [0-9]* failed$' "$root/target/vm/vhost-user.out" || true
-line=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$root/target/vm/vhost-user.out" | tail -1 || true)
-p=${line%% passed*}; f=${line#*passed, }; f=${f%% failed}
-total_pass=$((total_pass + ${p:-0})); total_fail=$((total_fail + ${f:-1}))
-if [[ $rc != 0 ]]; then
-    failed_runs+=("vhost-user")
-    [[ ${f:-0} == 0 ]] && total_fail=$((total_fail + 1))
-fi
-
+host_test vhost-user "$here/vhost-user.sh" 7.3
+# live migration of a guest between two vudev processes sharing one image, under I/O
+host_test vhost-user-migrate "$here/vhost-user-migrate.sh" 7.3 --backend vudev
+# SIGKILL of vudev under guest I/O, restarted each time; QEMU's chardev reconnects
+host_test vhost-user-crash "$here/vhost-user-crash.sh" 7.3
 echo
 if [[ ${#failed_runs[@]} -gt 0 ]]; then
     echo "VM scenarios that failed: ${failed_runs[*]} (logs in target/vm/logs)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a Debian 12 host (idempotent; quick when all is present):
 # QEMU from bookworm-backports, fio, busybox-static, cpio, e2fsprogs, util-linux, iproute2,
-# qemu-utils (qemu-storage-daemon), xz and zstd.
+# qemu-utils (qemu-storage-daemon, qemu-nbd), nbdkit (NBD backend tests), xz and zstd.
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -13,6 +13,8 @@ have mke2fs || need+=(e2fsprogs)
 have blkdiscard || need+=(util-linux)
 have vdpa || need+=(iproute2)
 have qemu-storage-daemon || need+=(qemu-utils)
+have nbdkit || need+=(nbdkit)
+have openssl || need+=(openssl)
 have xz || need+=(xz-utils)
 have zstd || need+=(zstd)
 have gzip || need+=(gzip)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # vhost-user end to end: vudev serves a file on the host; a QEMU TCG guest uses it as
 # vhost-user-blk-pci (num-queues 1 and 4) and runs the block suite; then a second QEMU connects
-# after the first exits and finds the data; finally SIGTERM ends vudev with status 0.
-#   vhost-user.sh KERNEL   (prints CHECK lines and `N passed, M failed`)
+# after the first exits and finds the data; finally SIGTERM ends vudev with status 0. Then a
+# real guest reboot (QEMU without -no-reboot): data and a marker written before it are found after.
+#   [VUDEV=PATH] vhost-user.sh KERNEL   (prints CHECK lines and `N passed, M failed`)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 ver=${1:-7.3}
-vudev=$root/target/release/vudev
+vudev=${VUDEV:-$root/target/release/vudev}
 work=$(mktemp -d "$root/target/vm/vu-XXXXXX")
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -22,16 +23,19 @@ tally() { # output of run.sh
     local p=${line%% passed*} f=${line#*passed, }; f=${f%% failed}
     pass=$((pass + ${p:-0})); fail=$((fail + ${f:-1}))
 }
-for nq in 1 4; do
-    sock=$work/vu$nq.sock img=$work/disk$nq.img
+start_vudev() { # tag queues: vudev on $work/TAG.sock serving a fresh $work/TAG.img; sets pid, qargs
+    sock=$work/$1.sock img=$work/$1.img
     truncate -s 128M "$img"
-    "$vudev" export vhost-user --socket "$sock" --file "$img" --num-queues "$nq" --serial vudev-vu 2>"$work/vudev$nq.log" &
+    "$vudev" export vhost-user --socket "$sock" --file "$img" --num-queues "$2" --serial vudev-vu 2>"$work/$1.log" &
     pid=$!; pids+=("$pid")
     for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
-    qargs=(--qemu-arg -object --qemu-arg memory-backend-memfd,id=mem,size=2G,share=on
-           --qemu-arg -numa --qemu-arg node,memdev=mem
+    qargs=(--qemu-arg -object --qemu-arg "memory-backend-memfd,id=mem,size=2G,share=on"
+           --qemu-arg -numa --qemu-arg "node,memdev=mem"
            --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock"
-           --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=c0,num-queues=$nq")
+           --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=c0,num-queues=$2")
+}
+for nq in 1 4; do
+    start_vudev "vu$nq" "$nq"
     out=$("$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-guest.sh" \
         --env QUEUES=$nq --env MODE=full --log-name "vhost-user-q$nq-first" --timeout 400 "${qargs[@]}" 2>&1) || true
     tally "$out"
@@ -45,5 +49,15 @@ for nq in 1 4; do
     check "q$nq-socket-removed" [ ! -e "$sock" ]
     check "q$nq-image-has-marker" grep -q "marker from the first frontend" "$img"
 done
+# A real reboot: the guest reboots itself once (-no-reboot dropped), then powers off. Two boots
+# print two `INIT: kernel` lines (not at line start: SeaBIOS's screen-clearing escapes precede).
+start_vudev reboot 1
+out=$("$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-guest.sh" --allow-reboot \
+    --env QUEUES=1 --env MODE=reboot --log-name vhost-user-reboot --timeout 300 "${qargs[@]}" 2>&1) || true
+tally "$out"
+check reboot-two-boots [ "$(grep -c 'INIT: kernel' "$root/target/vm/logs/vhost-user-reboot-$ver.log")" = 2 ]
+kill -TERM "$pid"
+set +e; wait "$pid"; rc=$?; set -e
+check reboot-sigterm-exit-0 [ "$rc" = 0 ]
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]

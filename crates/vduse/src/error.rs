@@ -14,10 +14,10 @@ pub enum VduseError {
         /// The node that was refused.
         path: String,
     },
-    /// A device of this name exists already.
+    /// A device of this name exists already and is served by another process.
     #[error(
-        "a VDUSE device named '{0}' already exists: pick another --name, or stop the \
-         process serving it (or run `vudev vdpa detach {0}` if it is left over)"
+        "a VDUSE device named '{0}' already exists and another process serves it: pick \
+         another --name, or stop that process"
     )]
     NameTaken(String),
     /// The name is empty, too long or holds a character the kernel refuses.

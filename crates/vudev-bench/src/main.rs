@@ -2,7 +2,15 @@
 //! machine in the same run, driven by the same client (the `blkio` crate). Prints a table with
 //! ratios and writes BENCHMARKS.md. A benchmark, not a test: it never fails on a figure.
 //!
-//! Usage: vudev-bench [--seconds N] [--output PATH] [--vudev PATH]
+//! Usage: vudev-bench [--seconds N] [--output PATH] [--vudev PATH] [--vduse-log PATH]
+//!                    [--only TEXT] [--poll-us N]
+//!
+//! `--only` runs the workloads whose name contains TEXT; `--poll-us` is vudev's busy-poll
+//! budget (default 50 µs: qemu-storage-daemon polls too, adaptively up to 32 µs).
+//!
+//! `--vduse-log` is the console log of `tests/vm/scenarios/bench-vduse.sh` (fio on the VDUSE
+//! block devices of both daemons inside a guest; `scripts/bench` runs it): its figures become
+//! the VDUSE table.
 
 use std::fmt::Write as _;
 use std::mem::MaybeUninit;
@@ -12,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
 
+mod profile;
+
 const DISK: u64 = 1 << 30;
 const BS: usize = 4096;
 
@@ -20,6 +30,8 @@ const BS: usize = 4096;
 enum Backend {
     Null,
     TmpfsFile,
+    /// The tmpfs file served by qemu-nbd on a unix socket; the exporters are NBD clients.
+    Nbd,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -35,7 +47,7 @@ struct Workload {
     depth: usize,
 }
 
-const WORKLOADS: [Workload; 4] = [
+const WORKLOADS: [Workload; 6] = [
     Workload {
         name: "null, random read, QD32",
         backend: Backend::Null,
@@ -60,11 +72,30 @@ const WORKLOADS: [Workload; 4] = [
         pattern: Pattern::RandWrite,
         depth: 32,
     },
+    Workload {
+        name: "NBD (qemu-nbd, unix), random read, QD32",
+        backend: Backend::Nbd,
+        pattern: Pattern::RandRead,
+        depth: 32,
+    },
+    Workload {
+        name: "NBD (qemu-nbd, unix), random read, QD1",
+        backend: Backend::Nbd,
+        pattern: Pattern::RandRead,
+        depth: 1,
+    },
 ];
+
+/// The NBD server both exporters connect to (started by `main` for the NBD rows).
+fn nbd_socket(dir: &Path) -> PathBuf {
+    dir.join("nbd.sock")
+}
 
 /// One measurement.
 #[derive(Clone, Copy, Default)]
 struct Figures {
+    /// Requests completed in the measured window.
+    ios: u64,
     iops: f64,
     p50_us: f64,
     /// Server CPU seconds (user + system) per I/O, in microseconds.
@@ -85,7 +116,7 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {
             assert!(
                 Instant::now() < deadline,
@@ -121,19 +152,45 @@ impl Drop for Server {
     }
 }
 
-fn vudev(bin: &Path, dir: &Path, backend: Backend, image: &Path) -> (Server, String) {
-    let socket = dir.join("vudev.sock");
-    let mut cmd = Command::new(bin);
-    cmd.args(["export", "vhost-user", "--socket"]).arg(&socket);
-    match backend {
-        Backend::Null => cmd.args(["--null", "1G"]),
-        Backend::TmpfsFile => cmd.arg("--file").arg(image),
-    };
+fn vudev(bin: &Path, dir: &Path, backend: Backend, image: &Path, poll_us: u32) -> (Server, String) {
+    let (cmd, socket) = vudev_cmd(bin, dir, backend, image, poll_us);
     let line = format!("{cmd:?}");
     (Server::start(cmd, socket), line)
 }
 
+/// The command that runs vudev's vhost-user export of `backend`, and its socket.
+fn vudev_cmd(
+    bin: &Path,
+    dir: &Path,
+    backend: Backend,
+    image: &Path,
+    poll_us: u32,
+) -> (Command, PathBuf) {
+    let socket = dir.join("vudev.sock");
+    let mut cmd = Command::new(bin);
+    cmd.args(["export", "vhost-user", "--socket"]).arg(&socket);
+    if poll_us > 0 {
+        cmd.arg("--poll-us").arg(poll_us.to_string());
+    }
+    match backend {
+        Backend::Null => cmd.args(["--null", "1G"]),
+        Backend::TmpfsFile => cmd.arg("--file").arg(image),
+        Backend::Nbd => cmd
+            .arg("--nbd")
+            .arg(format!("nbd+unix:///?socket={}", nbd_socket(dir).display())),
+    };
+    (cmd, socket)
+}
+
 fn qsd(dir: &Path, backend: Backend, image: &Path) -> (Server, String) {
+    let (cmd, socket) = qsd_cmd(dir, backend, image);
+    let line = format!("{cmd:?}");
+    (Server::start(cmd, socket), line)
+}
+
+/// The command that runs qemu-storage-daemon's vhost-user-blk export of `backend`, and its
+/// socket.
+fn qsd_cmd(dir: &Path, backend: Backend, image: &Path) -> (Command, PathBuf) {
     let socket = dir.join("qsd.sock");
     let mut cmd = Command::new("qemu-storage-daemon");
     let blockdev = match backend {
@@ -142,13 +199,16 @@ fn qsd(dir: &Path, backend: Backend, image: &Path) -> (Server, String) {
             "driver=file,filename={},node-name=d0,aio=io_uring",
             image.display()
         ),
+        Backend::Nbd => format!(
+            "driver=nbd,server.type=unix,server.path={},node-name=d0",
+            nbd_socket(dir).display()
+        ),
     };
     cmd.arg("--blockdev").arg(blockdev).arg("--export").arg(format!(
         "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
         socket.display()
     ));
-    let line = format!("{cmd:?}");
-    (Server::start(cmd, socket), line)
+    (cmd, socket)
 }
 
 /// Drives a server's socket with one queue for `secs` seconds.
@@ -159,6 +219,7 @@ fn drive(server: &Server, w: &Workload, secs: f64) -> Result<Figures, String> {
         Some(server),
         w,
         secs,
+        &|_| {},
     )
 }
 
@@ -170,6 +231,7 @@ fn drive_with(
     server: Option<&Server>,
     w: &Workload,
     secs: f64,
+    window: &dyn Fn(bool),
 ) -> Result<Figures, String> {
     let e = |what: &'static str| move |err: blkio::Error| format!("{what}: {}", err.message());
     let mut b = Blkio::new(driver).map_err(e("new"))?;
@@ -205,6 +267,7 @@ fn drive_with(
     let mut done = 0u64;
     let mut comps: Vec<MaybeUninit<Completion>> =
         (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
+    window(true);
     let cpu0 = server.map_or(f64::NAN, Server::cpu_seconds);
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(secs);
@@ -235,6 +298,7 @@ fn drive_with(
             break;
         }
     }
+    window(false);
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = server.map_or(f64::NAN, Server::cpu_seconds) - cpu0;
     // Drain what is still in flight before disconnecting.
@@ -252,10 +316,49 @@ fn drive_with(
     b.unmap_mem_region(&region);
     b.free_mem_region(&region);
     Ok(Figures {
+        ios: done,
         iops: done as f64 / elapsed,
         p50_us: lat.get(lat.len() / 2).map_or(0.0, |&ns| ns as f64 / 1000.0),
         cpu_us_per_io: cpu / done.max(1) as f64 * 1e6,
     })
+}
+
+/// One exporter's figures from the VDUSE guest run (a `BENCH name key=value…` line).
+struct GuestFigures {
+    iops: f64,
+    user_us_per_io: f64,
+    sys_us_per_io: f64,
+}
+
+/// The `BENCH` lines of the VDUSE guest run, by exporter name.
+fn vduse_figures(log: &str) -> Vec<(String, GuestFigures)> {
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let Some(rest) = line.trim().strip_prefix("BENCH ") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let Some(name) = words.next() else { continue };
+        let kv: std::collections::HashMap<&str, f64> = words
+            .filter_map(|w| w.split_once('='))
+            .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+            .collect();
+        let get = |k: &str| kv.get(k).copied().unwrap_or(0.0);
+        let ios = get("ios");
+        if ios <= 0.0 || get("hz") <= 0.0 {
+            continue;
+        }
+        let per_io = |ticks: f64| ticks / get("hz") * 1e6 / ios;
+        out.push((
+            name.to_string(),
+            GuestFigures {
+                iops: get("iops"),
+                user_us_per_io: per_io(get("utime")),
+                sys_us_per_io: per_io(get("stime")),
+            },
+        ));
+    }
+    out
 }
 
 fn machine() -> String {
@@ -290,14 +393,20 @@ fn main() {
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("vudev")))
         .unwrap_or_else(|| PathBuf::from("vudev"));
+    let mut vduse_log = None;
+    let mut only: Option<String> = None;
+    let mut poll_us: u32 = 50;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
             ("--seconds", Some(v)) => secs = v.parse().expect("--seconds N"),
             ("--output", Some(v)) => output = PathBuf::from(v),
             ("--vudev", Some(v)) => bin = PathBuf::from(v),
+            ("--vduse-log", Some(v)) => vduse_log = Some(PathBuf::from(v)),
+            ("--only", Some(v)) => only = Some(v),
+            ("--poll-us", Some(v)) => poll_us = v.parse().expect("--poll-us N"),
             _ => {
-                eprintln!("usage: vudev-bench [--seconds N] [--output PATH] [--vudev PATH]");
+                eprintln!("usage: vudev-bench [--seconds N] [--output PATH] [--vudev PATH] [--vduse-log PATH] [--only TEXT] [--poll-us N]");
                 std::process::exit(2);
             }
         }
@@ -317,10 +426,27 @@ fn main() {
             w.write_all(&chunk).unwrap();
         }
     }
+    // qemu-nbd serves the tmpfs file for the NBD rows (-t: it stays up between clients).
+    let nbd_pid = dir.join("qemu-nbd.pid");
+    let nbd_cmd = format!(
+        "qemu-nbd -f raw -t --fork -k {} --pid-file {} {}",
+        nbd_socket(&dir).display(),
+        nbd_pid.display(),
+        image.display()
+    );
+    let nbd_started = Command::new("sh")
+        .arg("-c")
+        .arg(&nbd_cmd)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !nbd_started {
+        eprintln!("qemu-nbd did not start: the NBD rows will fail");
+    }
     let mut rows = Vec::new();
-    let mut commands = Vec::new();
-    for w in &WORKLOADS {
-        let (s, cmd) = vudev(&bin, &dir, w.backend, &image);
+    let mut commands = vec![nbd_cmd.clone()];
+    let chosen = |w: &&Workload| only.as_ref().is_none_or(|o| w.name.contains(o.as_str()));
+    for w in WORKLOADS.iter().filter(chosen) {
+        let (s, cmd) = vudev(&bin, &dir, w.backend, &image, poll_us);
         let ours = drive(&s, w, secs);
         drop(s);
         commands.push(cmd);
@@ -329,7 +455,7 @@ fn main() {
         drop(s);
         commands.push(cmd);
         let plain = (w.backend == Backend::TmpfsFile)
-            .then(|| drive_with("io_uring", &image, None, w, secs).ok())
+            .then(|| drive_with("io_uring", &image, None, w, secs, &|_| {}).ok())
             .flatten();
         let line = match (&ours, &theirs) {
             (Ok(o), Ok(t)) => format!(
@@ -356,6 +482,41 @@ fn main() {
             );
         }
         rows.push((w, ours, theirs, plain));
+    }
+    // Instructions per request under callgrind, for the null rows (the daemons' own cost).
+    let mut profiles = Vec::new();
+    let valgrind = Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    for w in WORKLOADS
+        .iter()
+        .filter(|w| valgrind && w.backend == Backend::Null)
+    {
+        let peers = [
+            // No polling here: spinning would count as cost per request.
+            ("vudev", vudev_cmd(&bin, &dir, w.backend, &image, 0)),
+            ("qemu-storage-daemon", qsd_cmd(&dir, w.backend, &image)),
+        ];
+        for (name, (cmd, socket)) in peers {
+            let out = dir.join(format!("callgrind-{name}-{}.out", w.depth));
+            let p = profile::profile(&cmd, &socket, &out, w, 3.0);
+            match &p {
+                Ok(p) => println!(
+                    "{:<36} {name}: {:.0} instructions per I/O",
+                    w.name, p.ir_per_io
+                ),
+                Err(e) => println!("{:<36} {name}: profile failed: {e}", w.name),
+            }
+            profiles.push((w, name, p));
+        }
+    }
+    if let Some(pid) = std::fs::read_to_string(&nbd_pid)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    {
+        // SAFETY: signalling the qemu-nbd this run started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
     }
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_dir_all(&dir);
@@ -385,7 +546,7 @@ fn main() {
     let _ = writeln!(md, "- client: the blkio crate's virtio-blk-vhost-user driver, 1 queue, 4 KiB, {secs} s per run, on the same machine");
     let _ = writeln!(
         md,
-        "- transport: vhost-user for both (the VDUSE row of issue 4 is not measured yet)\n"
+        "- transport: vhost-user for both in the first tables; VDUSE in the last one\n"
     );
     let _ = writeln!(md, "| workload | vudev IOPS | qsd IOPS | IOPS ratio | vudev p50 µs | qsd p50 µs | vudev CPU µs/IO | qsd CPU µs/IO | CPU ratio |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
@@ -436,7 +597,63 @@ fn main() {
             );
         }
     }
-    let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set); vudev's null backend writes zeros into every read buffer. Figures drift a lot between runs on this shared 2-CPU machine (the tmpfs read row moved between ~70k and ~120k IOPS for vudev across runs).");
+    let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set); vudev's null backend writes zeros into every read buffer. Figures drift a lot between runs on this shared 2-CPU machine (the tmpfs read row moved between ~70k and ~120k IOPS for vudev across runs). vudev runs with `--poll-us {poll_us}` (each queue busy-polls for that long after its last activity; 0 = off); qemu-storage-daemon's iothread polls by default (adaptively, up to 32 µs). NBD rows: both keep many requests in flight on their connection to the same qemu-nbd.");
+    let guest = vduse_log
+        .as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .map(|l| vduse_figures(&l))
+        .unwrap_or_default();
+    let _ = writeln!(md, "\nVDUSE: fio 4 KiB random read, QD16, libaio, O_DIRECT, on the /dev/vdX of each exporter in the same Debian 6.12 guest (QEMU TCG, 2 vCPUs: every figure is emulated CPU time, far below the host's), file on guest tmpfs, io_uring in both daemons (`tests/vm/scenarios/bench-vduse.sh`). CPU is the daemon's own, per I/O.\n");
+    if guest.is_empty() {
+        let _ = writeln!(
+            md,
+            "Not measured in this run (the VM run failed or was not given)."
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "| exporter | IOPS | CPU µs/IO | of which user | of which system |"
+        );
+        let _ = writeln!(md, "|---|---|---|---|---|");
+        for (name, g) in &guest {
+            let _ = writeln!(
+                md,
+                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                g.iops,
+                g.user_us_per_io + g.sys_us_per_io,
+                g.user_us_per_io,
+                g.sys_us_per_io
+            );
+        }
+        let find = |n: &str| guest.iter().find(|(k, _)| k == n).map(|(_, g)| g);
+        if let (Some(v), Some(q)) = (find("vudev"), find("qsd")) {
+            let line = format!(
+                "VDUSE fio QD16: vudev/qsd IOPS {:.2}, CPU per I/O {:.2}",
+                v.iops / q.iops,
+                (v.user_us_per_io + v.sys_us_per_io) / (q.user_us_per_io + q.sys_us_per_io)
+            );
+            println!("{line}");
+            let _ = writeln!(md, "\n{line}.");
+        }
+    }
+    let _ = writeln!(md, "\n## Where the time goes\n\nInstructions per request, counted by callgrind (`valgrind --tool=callgrind --instr-atstart=no`, switched on with `callgrind_control` only while the client runs 3 s of steady I/O, so start-up and connection set-up are left out), null backend, 4 KiB random read. Instruction counts are stable here where timings are not; they leave out time in the kernel and waiting.\n");
+    if profiles.is_empty() {
+        let _ = writeln!(md, "Not measured in this run (valgrind missing).");
+    }
+    for (w, name, p) in &profiles {
+        match p {
+            Ok(p) => {
+                let _ = writeln!(md, "\n{name}, {}: **{:.0} instructions per I/O**; the most expensive functions (own cost, per I/O):\n", w.name, p.ir_per_io);
+                let _ = writeln!(md, "| function | instructions per I/O |\n|---|---|");
+                for (f, ir) in &p.top {
+                    let _ = writeln!(md, "| `{}` | {:.0} |", f.replace('|', "\\|"), ir);
+                }
+            }
+            Err(e) => {
+                let _ = writeln!(md, "\n{name}, {}: profile failed: {e}", w.name);
+            }
+        }
+    }
     let _ = writeln!(md, "\nCommands (servers):\n");
     for c in &commands {
         let _ = writeln!(md, "    {c}");

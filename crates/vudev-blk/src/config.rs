@@ -24,6 +24,10 @@ pub struct BlockConfig {
     pub discard: bool,
     /// Offer WRITE_ZEROES.
     pub write_zeroes: bool,
+    /// How long queue workers busy-poll after activity before sleeping (zero: never poll).
+    pub poll: std::time::Duration,
+    /// CPUs for the queue workers: queue i runs on `cpus[i % len]` (empty: not pinned).
+    pub cpus: Vec<usize>,
 }
 
 impl BlockConfig {
@@ -105,6 +109,8 @@ mod tests {
             serial: "vudev-serial-number-too-long".into(),
             discard: true,
             write_zeroes: true,
+            poll: std::time::Duration::ZERO,
+            cpus: Vec::new(),
         }
     }
 

@@ -157,6 +157,9 @@ impl BlockQueue {
                 if !self.in_capacity(sector, data_len) {
                     return Err("request goes past the end of the disk");
                 }
+                if self.req.data.len() > self.cfg.seg_max() as usize {
+                    return Err("more data segments than the seg_max the device offers");
+                }
                 let access = if kind == Kind::Read {
                     Permissions::Write
                 } else {
@@ -351,5 +354,22 @@ impl QueueHandler for BlockQueue {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn has_completions(&mut self) -> bool {
+        self.in_flight > 0 && self.backend.has_results()
+    }
+
+    fn set_polling(&mut self, on: bool) {
+        self.backend.set_polling(on);
+    }
+
+    fn poll_budget(&self) -> std::time::Duration {
+        self.cfg.poll
+    }
+
+    fn cpu(&self) -> Option<usize> {
+        let cpus = &self.cfg.cpus;
+        (!cpus.is_empty()).then(|| cpus[usize::from(self.index) % cpus.len()])
     }
 }

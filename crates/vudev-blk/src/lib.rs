@@ -3,7 +3,7 @@
 //! - [`config`]: feature bits and configuration space;
 //! - [`request`]: parsing and validating a request from a descriptor chain;
 //! - [`device`]: [`BlockDevice`] (a runtime `Device`) and its per-queue handler;
-//! - [`backend`]: the asynchronous [`BlockBackend`] trait and the file, memory and null
+//! - [`backend`]: the asynchronous [`BlockBackend`] trait and the file, memory, null and NBD
 //!   backends.
 
 pub mod backend;
@@ -11,6 +11,8 @@ pub mod config;
 pub mod device;
 pub mod request;
 
-pub use backend::{parse_size, Aio, BlockBackend, FileBackend, MemoryBackend, NullBackend};
+pub use backend::{
+    parse_size, Aio, BlockBackend, FileBackend, MemoryBackend, NbdBackend, NullBackend,
+};
 pub use config::BlockConfig;
 pub use device::BlockDevice;

@@ -13,7 +13,9 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice, MemoryBackend};
-use vudev_runtime::{Device, Mapping, MemoryMap, Notifier, QueueSetup, Worker};
+use vudev_runtime::{
+    Device, DirtyLog, InflightArea, Mapping, MemoryMap, Notifier, QueueSetup, Tracking, Worker,
+};
 
 const MEM_SIZE: u64 = 16 << 20;
 const QSIZE: u16 = 64;
@@ -62,6 +64,13 @@ impl Rig {
     }
 
     fn with_backend(read_only: bool, backend: Arc<dyn vudev_blk::BlockBackend>) -> Rig {
+        let mut r = Rig::stopped();
+        r.start(read_only, backend, Tracking::default(), 0);
+        r
+    }
+
+    /// Driver memory and rings with no worker yet.
+    fn stopped() -> Rig {
         let map = Arc::new(MemoryMap::new(None));
         map.replace(vec![Mapping {
             file: memfd(),
@@ -71,6 +80,24 @@ impl Rig {
             prot: libc::PROT_READ | libc::PROT_WRITE,
         }])
         .unwrap();
+        Rig {
+            map,
+            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            worker: None,
+            next_desc: 0,
+            avail_idx: 0,
+            used_seen: 0,
+        }
+    }
+
+    /// Starts the worker at avail index `next_avail`.
+    fn start(
+        &mut self,
+        read_only: bool,
+        backend: Arc<dyn vudev_blk::BlockBackend>,
+        tracking: Tracking,
+        next_avail: u16,
+    ) {
         let cfg = BlockConfig {
             size: DISK,
             logical_block_size: 512,
@@ -80,36 +107,31 @@ impl Rig {
             serial: "test-serial".into(),
             discard: true,
             write_zeroes: true,
+            poll: std::time::Duration::ZERO,
+            cpus: Vec::new(),
         };
         let dev = BlockDevice::new(cfg, backend);
         let handler = dev.queue_handler(0, dev.features()).unwrap();
-        let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let setup = QueueSetup {
             index: 0,
             size: QSIZE,
             desc: DESC,
             avail: AVAIL,
             used: USED,
-            next_avail: 0,
-            next_used: 0,
+            next_avail,
+            next_used: self.read(USED + 2),
             event_idx: false,
         };
         let worker = Worker::start(
             setup,
             handler,
-            map.clone(),
-            kick.try_clone().unwrap(),
+            self.map.clone(),
+            self.kick.try_clone().unwrap(),
             Arc::new(Count(AtomicUsize::new(0))),
+            tracking,
         )
         .unwrap();
-        Rig {
-            map,
-            kick,
-            worker: Some(worker),
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-        }
+        self.worker = Some(worker);
     }
 
     fn write<T: vm_memory::ByteValued>(&self, addr: u64, v: T) {
@@ -477,4 +499,139 @@ fn file_backend_with_io_uring_and_synchronous_io() {
         }
         std::fs::remove_file(&path).unwrap();
     }
+}
+
+/// The dirty pages a log file holds, as page numbers.
+fn dirty_pages(log: &File) -> Vec<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut bits = vec![0u8; (MEM_SIZE / 4096 / 8) as usize];
+    log.read_exact_at(&mut bits, 0).unwrap();
+    let mut pages = Vec::new();
+    for (i, b) in bits.iter().enumerate() {
+        for k in 0..8 {
+            if b & (1 << k) != 0 {
+                pages.push(i as u64 * 8 + k);
+            }
+        }
+    }
+    pages
+}
+
+#[test]
+fn dirty_log_records_what_the_device_writes() {
+    let log_file = memfd();
+    let log = Arc::new(DirtyLog::new());
+    log.set_bitmap(log_file.try_clone().unwrap(), 0, MEM_SIZE / 4096 / 8)
+        .unwrap();
+    let backend = Arc::new(MemoryBackend::new(DISK, false).unwrap());
+    let mut r = Rig::stopped();
+    let tracking = Tracking {
+        log: Some(log.clone()),
+        ..Tracking::default()
+    };
+    r.start(false, backend, tracking, 0);
+    let page = |a: u64| a / 4096;
+    // Logging off: nothing is marked.
+    r.request(VIRTIO_BLK_T_IN, 0, Some((DATA, 4096, true)));
+    assert!(dirty_pages(&log_file).is_empty());
+    // Logging on: a read marks its data buffer (two pages here), its status byte and the
+    // used ring; a write marks no data page, since the device only reads it.
+    log.set_active(true);
+    let (st, _) = r.request(VIRTIO_BLK_T_IN, 0, Some((DATA + 0x800, 4096, true)));
+    assert_eq!(st, OK);
+    let mut want = vec![page(USED), page(STATUS), page(DATA), page(DATA) + 1];
+    want.sort();
+    let mut got = dirty_pages(&log_file);
+    got.sort();
+    assert_eq!(got, want);
+    log_file.set_len(0).unwrap();
+    log_file.set_len(MEM_SIZE).unwrap();
+    assert_eq!(
+        r.request(VIRTIO_BLK_T_OUT, 0, Some((DATA + 0x40000, 4096, false)))
+            .0,
+        OK
+    );
+    let mut got = dirty_pages(&log_file);
+    got.sort();
+    assert_eq!(got, vec![page(USED), page(STATUS)]);
+    r.stop();
+}
+
+#[test]
+fn requests_left_in_flight_are_resubmitted_after_a_restart() {
+    let (file, len) = InflightArea::create(1, QSIZE).unwrap();
+    let area = InflightArea::map(file, 0, len, 1, QSIZE).unwrap();
+    let backend = Arc::new(MemoryBackend::new(DISK, false).unwrap());
+    let mut r = Rig::stopped();
+    // A first daemon takes three writes off the ring (the driver kicked; no worker ran the
+    // ring here, so we play the dead daemon's part) and completes only the second.
+    let mut dead = area.queue(0, QSIZE).unwrap();
+    assert!(dead.recover(0).heads.is_empty());
+    let mut heads = Vec::new();
+    for (k, byte) in [(0u64, 0x11u8), (1, 0x22), (2, 0x33)] {
+        let (hdr, data, status) = (HDR + 16 * k, DATA + 0x1000 * k, STATUS + k);
+        r.header(hdr, VIRTIO_BLK_T_OUT, 8 * k);
+        r.fill(data, 4096, byte);
+        r.write(status, 0xffu8);
+        heads.push(r.chain(&[(hdr, 16, false), (data, 4096, false), (status, 1, true)]));
+    }
+    for &h in &heads {
+        dead.start(h);
+    }
+    dead.before_used(heads[1]);
+    r.write(USED + 4, u32::from(heads[1]));
+    r.write(USED + 8, 4097u32);
+    r.write(USED + 2, 1u16);
+    dead.after_used(heads[1], 1);
+    r.write(STATUS + 1, 0u8);
+    drop(dead);
+    // The next daemon resumes at avail index 3 and finishes the first and third, in order.
+    let mut q = area.queue(0, QSIZE).unwrap();
+    let rec = q.recover(1);
+    assert_eq!(rec.heads, vec![heads[0], heads[2]]);
+    assert_eq!(rec.next_avail, 3);
+    let tracking = Tracking {
+        inflight: Some(q),
+        resubmit: rec.heads,
+        ..Tracking::default()
+    };
+    r.used_seen = 1;
+    r.start(false, backend.clone(), tracking, rec.next_avail);
+    let done: Vec<u32> = (0..2).map(|_| r.wait_used().0).collect();
+    assert_eq!(done, vec![u32::from(heads[0]), u32::from(heads[2])]);
+    assert_eq!(r.bytes(STATUS, 3), vec![OK, OK, OK]);
+    // The data of every write is on the disk, and new requests go on from where the ring is.
+    for (k, byte) in [(0u64, 0x11u8), (2, 0x33)] {
+        let st = r.request(VIRTIO_BLK_T_IN, 8 * k, Some((DATA + 0x10000, 4096, true)));
+        assert_eq!(st, (OK, 4097));
+        assert!(r.bytes(DATA + 0x10000, 4096) == vec![byte; 4096]);
+    }
+    r.stop();
+    // Everything completed: a further restart has nothing to redo.
+    let again = area.queue(0, QSIZE).unwrap().recover(r.read(USED + 2));
+    assert!(again.heads.is_empty());
+    assert_eq!(again.next_avail, 5);
+}
+
+#[test]
+fn more_segments_than_seg_max_get_ioerr() {
+    let mut r = Rig::new(false);
+    let table = 0x30000;
+    // seg_max is the queue size less 2 (62 here): one header, N data segments, one status.
+    for (segments, want) in [(63u16, IOERR), (62, OK)] {
+        r.header(HDR, VIRTIO_BLK_T_IN, 0);
+        r.write(STATUS, 0xffu8);
+        r.put_desc(table, 0, HDR, 16, VRING_DESC_F_NEXT, 1);
+        for k in 1..=segments {
+            let flags = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT;
+            r.put_desc(table, k, DATA + 512 * u64::from(k), 512, flags, k + 1);
+        }
+        r.put_desc(table, segments + 1, STATUS, 1, VRING_DESC_F_WRITE, 0);
+        let len = 16 * (u32::from(segments) + 2);
+        r.put_desc(DESC, 50, table, len, VRING_DESC_F_INDIRECT, 0);
+        r.publish(50);
+        r.wait_used();
+        assert_eq!(r.read::<u8>(STATUS), want, "{segments} segments");
+    }
+    r.stop();
 }

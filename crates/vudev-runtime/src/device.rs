@@ -1,6 +1,7 @@
 //! What a virtio device implements to be served by either transport.
 
 use std::os::fd::RawFd;
+use std::time::Duration;
 
 use virtio_queue::desc::split::Descriptor;
 
@@ -74,5 +75,27 @@ pub trait QueueHandler: Send {
     /// Requests started but not yet in `done`.
     fn in_flight(&self) -> usize {
         0
+    }
+
+    /// True if `poll` may find finished requests now; checked without a system call by a
+    /// worker that busy-polls (the default, true, only costs a `poll` that finds nothing).
+    fn has_completions(&mut self) -> bool {
+        true
+    }
+
+    /// The worker starts (`true`) or stops (`false`) busy-polling; after `false` it calls
+    /// `poll` once more before it sleeps on `completion_fd`.
+    fn set_polling(&mut self, _on: bool) {}
+
+    /// How long the queue's worker keeps busy-polling the ring and the completions after the
+    /// last activity before it sleeps (zero: it sleeps at once). While it polls, the driver
+    /// need not notify it.
+    fn poll_budget(&self) -> Duration {
+        Duration::ZERO
+    }
+
+    /// The CPU the queue's worker thread runs on (None: wherever the scheduler puts it).
+    fn cpu(&self) -> Option<usize> {
+        None
     }
 }

@@ -43,6 +43,34 @@ pub trait MappingSource: Send + Sync {
     fn lookup(&self, start: u64, last: u64) -> io::Result<Option<Mapping>>;
 }
 
+/// Maps `size` bytes at `offset` of a peer's `file` shared and writable (a dirty log, an
+/// in-flight area), after checking the range lies inside the file: a mapping past its end
+/// would fault (SIGBUS) on first use. `what` names the area in errors.
+pub fn map_shared_file(
+    file: File,
+    offset: u64,
+    size: u64,
+    what: &str,
+) -> io::Result<vm_memory::mmap::MmapRegion<()>> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    let end = offset
+        .checked_add(size)
+        .ok_or_else(|| invalid(format!("{what}: offset + size wraps")))?;
+    let meta = file.metadata()?;
+    if size == 0 || !meta.file_type().is_file() || end > meta.len() {
+        return Err(invalid(format!(
+            "{what} {offset:#x}+{size:#x} is not inside its file ({} bytes)",
+            meta.len()
+        )));
+    }
+    MmapRegionBuilder::new(size as usize)
+        .with_file_offset(FileOffset::new(file, offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .map_err(|e| io::Error::other(format!("cannot map the {what}: {e}")))
+}
+
 /// Largest single mapping we accept from a peer (1 TiB): bounds what a bad peer can make us map.
 const MAX_MAPPING: u64 = 1 << 40;
 

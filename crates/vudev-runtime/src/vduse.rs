@@ -1,10 +1,17 @@
-//! The VDUSE transport: creates the kernel device for a [`Device`], answers the kernel's
-//! control messages on a thread of its own (it never waits on I/O: the kernel marks a device
-//! broken when a message goes unanswered for `msg_timeout`), and starts and stops the queue
-//! workers as the driver sets the device status.
+//! The VDUSE transport: creates the kernel device for a [`Device`] (or adopts the one a
+//! previous daemon left), answers the kernel's control messages on a thread of its own (it
+//! never waits on I/O: the kernel marks a device broken when a message goes unanswered for
+//! `msg_timeout`), and starts and stops the queue workers as the driver sets the device status.
+//!
+//! Crash recovery: every request taken off a ring is recorded in the device's state file
+//! ([`StateFile`]) until its completion is on the used ring. The kernel keeps the device, its
+//! rings and the driver's buffers when the daemon dies; the next daemon started for the same
+//! name adopts the device, resumes each ring after what was taken, and resubmits what had not
+//! completed.
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -18,8 +25,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::Device;
+use crate::inflight::InflightArea;
 use crate::memory::{Mapping, MappingSource, MemoryMap};
-use crate::worker::{Notifier, QueuePosition, QueueSetup, Worker};
+use crate::state_file::{DeviceShape, StateFile};
+use crate::worker::{Notifier, QueuePosition, QueueSetup, Tracking, Worker};
 
 /// Feature bits the runtime itself implements for every device.
 pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -34,6 +43,9 @@ pub struct VduseOptions {
     pub name: String,
     /// Queue size offered to the driver (power of two, at most 32768).
     pub queue_size: u16,
+    /// Where the device's state file lives (in-flight records for crash recovery); `None`
+    /// keeps no records, and a restarted daemon then cannot finish what was in flight.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Errors of the VDUSE transport.
@@ -42,9 +54,16 @@ pub enum TransportError {
     /// The kernel interface refused something.
     #[error(transparent)]
     Vduse(#[from] VduseError),
-    /// A local resource (eventfd, thread) could not be created.
+    /// A local resource (eventfd, thread, state file) could not be created.
     #[error("{0}: {1}")]
     Io(&'static str, #[source] io::Error),
+    /// A device of this name exists with other settings than the ones asked for.
+    #[error(
+        "a VDUSE device named '{0}' exists with other settings ({1}): run the command that \
+         created it, or remove it first (`vudev vdpa detach {0}`, then stop every process \
+         using it)"
+    )]
+    Mismatch(String, String),
 }
 
 /// A created VDUSE device and its control state. Destroyed by [`VduseExport::shutdown`] (or,
@@ -53,6 +72,7 @@ pub struct VduseExport {
     name: String,
     control: VduseControl,
     inner: Option<Arc<Inner>>,
+    state: Option<StateFile>,
 }
 
 struct Inner {
@@ -61,6 +81,8 @@ struct Inner {
     map: Arc<MemoryMap>,
     api_version: u64,
     queue_size: u16,
+    /// In-flight records (from the state file), if kept.
+    inflight: Option<Arc<InflightArea>>,
     state: Mutex<State>,
 }
 
@@ -100,8 +122,11 @@ impl Notifier for IrqNotifier {
 }
 
 impl VduseExport {
-    /// Creates `/dev/vduse/NAME` for `device` and declares its queues. The device is not on
-    /// the vdpa bus yet: start [`VduseExport::spawn_message_loop`] first, then attach it.
+    /// Creates `/dev/vduse/NAME` for `device` and declares its queues; or, when a device of
+    /// that name exists and no process serves it (its daemon died), adopts it: checks it is the
+    /// same device, and if its driver is running, resumes its queues and finishes what was in
+    /// flight. A new device is not on the vdpa bus yet: start
+    /// [`VduseExport::spawn_message_loop`] first, then attach it.
     pub fn create(device: Arc<dyn Device>, opts: &VduseOptions) -> Result<Self, TransportError> {
         let control = VduseControl::open()?;
         let cfg = DeviceConfig {
@@ -113,27 +138,35 @@ impl VduseExport {
             vq_align: 4096,
             config: device.config(),
         };
-        control.create_device(&cfg)?;
-        // From here on the device exists: destroy it again on any error.
-        let opened = (|| -> Result<Arc<VduseDevice>, TransportError> {
-            let dev = Arc::new(VduseDevice::open(&opts.name)?);
-            for q in 0..u32::from(device.num_queues()) {
-                dev.setup_vq(q, opts.queue_size)?;
+        let shape = DeviceShape {
+            device_id: cfg.device_id,
+            features: cfg.features,
+            num_queues: device.num_queues(),
+            queue_size: opts.queue_size,
+            config: cfg.config.clone(),
+        };
+        let (dev, state, adopted) = match control.create_device(&cfg) {
+            Ok(()) => {
+                // From here on the device exists: destroy it again on any error.
+                match Self::open_new(&opts.name, &shape, opts) {
+                    Ok((dev, state)) => (dev, state, false),
+                    Err(e) => {
+                        let _ = control.destroy_device(&opts.name);
+                        return Err(e);
+                    }
+                }
             }
-            Ok(dev)
-        })();
-        let dev = match opened {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = control.destroy_device(&opts.name);
-                return Err(e);
+            Err(VduseError::NameTaken(_)) => {
+                let (dev, state) = Self::open_existing(&opts.name, &shape, opts)?;
+                (dev, state, true)
             }
+            Err(e) => return Err(e.into()),
         };
         tracing::info!(
             name = %opts.name,
             api_version = control.api_version(),
             vduse_features = control.features(),
-            "VDUSE device created"
+            "VDUSE device {}", if adopted { "adopted" } else { "created" }
         );
         let map = Arc::new(MemoryMap::new(Some(Box::new(IotlbSource(dev.clone())))));
         let n = usize::from(device.num_queues());
@@ -143,17 +176,89 @@ impl VduseExport {
             map,
             api_version: control.api_version(),
             queue_size: opts.queue_size,
+            inflight: state.as_ref().map(|s| s.area().clone()),
             state: Mutex::new(State {
                 status: 0,
                 workers: (0..n).map(|_| None).collect(),
                 positions: vec![QueuePosition::default(); n],
             }),
         });
+        if adopted {
+            inner
+                .resume()
+                .map_err(|e| TransportError::Io("resume the adopted device", e))?;
+        }
         Ok(VduseExport {
             name: opts.name.clone(),
             control,
             inner: Some(inner),
+            state,
         })
+    }
+
+    /// Opens a device just created, declares its queues and creates its state file.
+    fn open_new(
+        name: &str,
+        shape: &DeviceShape,
+        opts: &VduseOptions,
+    ) -> Result<(Arc<VduseDevice>, Option<StateFile>), TransportError> {
+        let dev = Arc::new(VduseDevice::open(name)?);
+        for q in 0..u32::from(shape.num_queues) {
+            dev.setup_vq(q, opts.queue_size)?;
+        }
+        let state = match &opts.state_dir {
+            Some(dir) => Some(
+                StateFile::create(dir, name, shape)
+                    .map_err(|e| TransportError::Io("state file (see --state-dir)", e))?,
+            ),
+            None => None,
+        };
+        Ok((dev, state))
+    }
+
+    /// Opens a device a previous daemon left and checks that it is the one asked for.
+    fn open_existing(
+        name: &str,
+        shape: &DeviceShape,
+        opts: &VduseOptions,
+    ) -> Result<(Arc<VduseDevice>, Option<StateFile>), TransportError> {
+        let dev = match VduseDevice::open(name) {
+            Ok(d) => Arc::new(d),
+            // One process at a time may hold the device: another daemon serves it.
+            Err(VduseError::Io { source, .. }) if source.kind() == io::ErrorKind::ResourceBusy => {
+                return Err(VduseError::NameTaken(name.into()).into())
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // The kernel tells the queue count (VQ_GET_INFO fails past the last queue).
+        let queues = (0..=u32::from(u16::MAX))
+            .find(|&q| dev.vq_info(q).is_err())
+            .unwrap_or(0);
+        if queues != u32::from(shape.num_queues) {
+            return Err(TransportError::Mismatch(
+                name.into(),
+                format!("{queues} queues, not {}", shape.num_queues),
+            ));
+        }
+        let Some(dir) = &opts.state_dir else {
+            tracing::warn!("adopting {name} without a state dir: requests in flight when the previous daemon stopped are not finished");
+            return Ok((dev, None));
+        };
+        let state = match StateFile::open(dir, name) {
+            Ok(Some((state, old))) if old == *shape => state,
+            Ok(Some((_, old))) => {
+                return Err(TransportError::Mismatch(
+                    name.into(),
+                    describe_difference(&old, shape),
+                ))
+            }
+            Ok(None) | Err(_) => {
+                tracing::warn!("no usable state file for {name} in {}: requests in flight when the previous daemon stopped are not finished", dir.display());
+                StateFile::create(dir, name, shape)
+                    .map_err(|e| TransportError::Io("state file (see --state-dir)", e))?
+            }
+        };
+        Ok((dev, Some(state)))
     }
 
     fn inner(&self) -> &Arc<Inner> {
@@ -200,6 +305,7 @@ impl VduseExport {
         let Some(inner) = self.inner.take() else {
             return Ok(());
         };
+        let state = self.state.take();
         inner.stop_workers();
         // Our device fd must be closed before DESTROY_DEV succeeds: wait for the message
         // thread (if the caller did not stop it) to let go of its reference.
@@ -228,6 +334,9 @@ impl VduseExport {
             match self.control.destroy_device(&self.name) {
                 Ok(()) => {
                     tracing::info!(name = %self.name, "VDUSE device destroyed");
+                    if let Some(s) = state {
+                        s.remove();
+                    }
                     return Ok(());
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -242,6 +351,33 @@ impl VduseExport {
             .map(TransportError::from)
             .unwrap_or_else(|| TransportError::Io("destroy", io::Error::other("device busy"))))
     }
+}
+
+/// What differs between the device that exists and the one asked for, for the operator.
+fn describe_difference(old: &DeviceShape, new: &DeviceShape) -> String {
+    let mut d = Vec::new();
+    if old.device_id != new.device_id {
+        d.push(format!(
+            "device id {} instead of {}",
+            old.device_id, new.device_id
+        ));
+    }
+    if old.features != new.features {
+        d.push(format!(
+            "features {:#x} instead of {:#x} (--readonly, backend capabilities)",
+            old.features, new.features
+        ));
+    }
+    if old.queue_size != new.queue_size {
+        d.push(format!(
+            "--queue-size {} instead of {}",
+            old.queue_size, new.queue_size
+        ));
+    }
+    if old.config != new.config {
+        d.push("a different configuration space (capacity, block size, queue count)".into());
+    }
+    d.join(", ")
 }
 
 impl Drop for VduseExport {
@@ -384,7 +520,7 @@ impl Inner {
                     && st.workers[i].is_none()
                 {
                     let features = self.dev.negotiated_features().unwrap_or(0);
-                    if let Err(e) = self.start_queue(&mut st, index, features) {
+                    if let Err(e) = self.start_queue(&mut st, index, features, false) {
                         tracing::error!(queue = index, "cannot start queue: {e}");
                         return Reply::Failed;
                     }
@@ -421,7 +557,7 @@ impl Inner {
             return Reply::Ok;
         }
         if status & driver_ok != 0 && old & driver_ok == 0 {
-            if let Err(e) = self.start() {
+            if let Err(e) = self.start(false) {
                 tracing::error!("cannot start the device: {e}");
                 self.stop_workers();
                 return Reply::Failed;
@@ -434,7 +570,29 @@ impl Inner {
         Reply::Ok
     }
 
-    fn start(&self) -> io::Result<()> {
+    /// An adopted device: if its driver had started it, start the queues again where the
+    /// previous daemon left them.
+    fn resume(&self) -> io::Result<()> {
+        let features = self
+            .dev
+            .negotiated_features()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let n = self.lock().workers.len() as u32;
+        let running = (0..n).any(|q| self.dev.vq_info(q).is_ok_and(|i| i.ready));
+        if features == 0 || !running {
+            tracing::info!("the adopted device's driver has not started it; waiting");
+            return Ok(());
+        }
+        self.start(true)?;
+        // ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK: what a running driver has set.
+        self.lock().status = 0x0f;
+        tracing::info!("resumed the adopted device's queues");
+        Ok(())
+    }
+
+    /// Starts every ready queue; `recover`: resume from the in-flight records (adoption)
+    /// instead of starting them afresh.
+    fn start(&self, recover: bool) -> io::Result<()> {
         let features = self
             .dev
             .negotiated_features()
@@ -459,13 +617,13 @@ impl Inner {
                 .vq_info(q)
                 .map_err(|e| io::Error::other(e.to_string()))?;
             if info.ready {
-                self.start_queue(&mut st, q, features)?;
+                self.start_queue(&mut st, q, features, recover)?;
             }
         }
         Ok(())
     }
 
-    fn start_queue(&self, st: &mut State, q: u32, features: u64) -> io::Result<()> {
+    fn start_queue(&self, st: &mut State, q: u32, features: u64, recover: bool) -> io::Result<()> {
         let info = self
             .dev
             .vq_info(q)
@@ -496,19 +654,43 @@ impl Inner {
                 setup.next_used = idx;
             }
         }
+        let mut tracking = Tracking::default();
+        if let Some(mut rec) = self.inflight.as_ref().and_then(|a| a.queue(q as u16, size)) {
+            if recover {
+                let r = rec.recover(setup.next_used);
+                tracing::info!(
+                    queue = q,
+                    next_avail = r.next_avail,
+                    resubmit = r.heads.len(),
+                    "resuming from the in-flight records"
+                );
+                setup.next_avail = r.next_avail;
+                tracking.resubmit = r.heads;
+            } else {
+                rec.fresh(setup.next_used);
+            }
+            tracking.inflight = Some(rec);
+        }
         let handler = self.device.queue_handler(q as u16, features)?;
         let kick = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let notifier: Arc<dyn Notifier> = Arc::new(IrqNotifier(self.dev.clone()));
+        // The kick fd first, then the worker (whose first act is to look at the ring): a kick
+        // in between reaches the new fd. (After a crash the kernel still signals the dead
+        // daemon's eventfd until it is replaced; a kick lost there would hang the driver.)
+        self.dev
+            .set_kickfd(q, Some(kick.as_raw_fd()))
+            .map_err(|e| io::Error::other(e.to_string()))?;
         let worker = Worker::start(
             setup,
             handler,
             self.map.clone(),
             kick.try_clone()?,
             notifier,
-        )?;
-        self.dev
-            .set_kickfd(q, Some(kick.as_raw_fd()))
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            tracking,
+        )
+        .inspect_err(|_| {
+            let _ = self.dev.set_kickfd(q, None);
+        })?;
         st.workers[q as usize] = Some(worker);
         tracing::debug!(queue = q, size, "queue started");
         Ok(())

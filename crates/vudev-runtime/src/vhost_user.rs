@@ -5,7 +5,7 @@
 //!
 //! A frontend that disconnects ends its session: workers stop, memory is unmapped, and the
 //! next frontend starts from a reset device. A second frontend connecting while one is served
-//! is refused.
+//! is refused, unless the first one goes within a second (then it is served next).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -14,6 +14,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -22,7 +23,7 @@ use vhost::vhost_user::message::{
     VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{
-    BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult,
+    Backend, BackendReqHandler, Error as VuError, GpuBackend, Result as VuResult,
     VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
@@ -32,8 +33,10 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::Device;
+use crate::dirty_log::DirtyLog;
+use crate::inflight::InflightArea;
 use crate::memory::{Mapping, MemoryMap};
-use crate::worker::{Notifier, QueueSetup, Worker};
+use crate::worker::{Notifier, QueueSetup, Tracking, Worker};
 
 /// Largest config space a frontend may read (VHOST_USER_MAX_CONFIG_SIZE).
 const MAX_CONFIG_SIZE: u32 = 256;
@@ -109,78 +112,144 @@ impl VhostUserServer {
 
     /// Serves frontends one after another until `stop` becomes readable.
     pub fn serve(&self, stop: &EventFd) -> io::Result<()> {
+        let mut next = None;
         loop {
-            let mut fds = [pollfd(self.listener.as_raw_fd()), pollfd(stop.as_raw_fd())];
-            if poll(&mut fds)? == 0 {
-                continue;
-            }
-            if fds[1].revents != 0 {
-                return Ok(());
-            }
-            if fds[0].revents != 0 {
-                let (stream, _) = match self.listener.accept() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!("accept on {}: {e}", self.path.display());
+            let stream = match next.take() {
+                Some(s) => s,
+                None => {
+                    let mut fds = [pollfd(self.listener.as_raw_fd()), pollfd(stop.as_raw_fd())];
+                    if poll(&mut fds, None)? == 0 {
                         continue;
                     }
-                };
-                tracing::info!("frontend connected");
-                let stopped = self.session(stream, stop);
-                tracing::info!("frontend disconnected; device reset, waiting for the next one");
-                if stopped {
-                    return Ok(());
+                    if fds[1].revents != 0 {
+                        return Ok(());
+                    }
+                    match self.listener.accept() {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            tracing::warn!("accept on {}: {e}", self.path.display());
+                            continue;
+                        }
+                    }
+                }
+            };
+            tracing::info!("frontend connected");
+            let ended = serve_frontend(
+                self.device.clone(),
+                self.opts.queue_size,
+                stream,
+                stop,
+                Some(&self.listener),
+            );
+            tracing::info!("frontend disconnected; device reset, waiting for the next one");
+            if ended.stopped {
+                return Ok(());
+            }
+            next = ended.waiting;
+        }
+    }
+}
+
+/// How long a connection that arrives while a frontend is served waits for that frontend to
+/// go before it is refused. A frontend that disconnects and at once reconnects can be seen in
+/// the other order: its old socket stays open while any process still holds a copy of it
+/// (a child between fork and exec, for one).
+const SECOND_FRONTEND_GRACE: Duration = Duration::from_secs(1);
+
+/// How a frontend's session ended.
+pub struct SessionEnd {
+    /// `stop` became readable: the server is to exit.
+    pub stopped: bool,
+    /// A connection that arrived in the session's last [`SECOND_FRONTEND_GRACE`]: the next
+    /// frontend, to be served now.
+    pub waiting: Option<UnixStream>,
+}
+
+/// Serves one connected frontend until it disconnects or `stop` becomes readable, and resets
+/// the device. A connection arriving on `listener` meanwhile is held for
+/// [`SECOND_FRONTEND_GRACE`]: if the session ends by then it is handed back as the next
+/// frontend, otherwise it is refused (closed, with a log line).
+/// This is what [`VhostUserServer::serve`] runs per frontend; a fuzz target drives it directly.
+pub fn serve_frontend(
+    device: Arc<dyn Device>,
+    max_queue_size: u16,
+    stream: UnixStream,
+    stop: &EventFd,
+    listener: Option<&UnixListener>,
+) -> SessionEnd {
+    let state = Arc::new(Mutex::new(Session::new(device, max_queue_size)));
+    let sock = match stream.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot duplicate the frontend socket: {e}");
+            return SessionEnd {
+                stopped: false,
+                waiting: None,
+            };
+        }
+    };
+    let mut handler = BackendReqHandler::from_stream(stream, state.clone());
+    let mut waiting: Option<(UnixStream, Instant)> = None;
+    let stopped = loop {
+        let mut fds = [
+            pollfd(handler.as_raw_fd()),
+            pollfd(stop.as_raw_fd()),
+            pollfd(listener.map_or(-1, |l| l.as_raw_fd())),
+        ];
+        let timeout = waiting
+            .as_ref()
+            .map(|(_, deadline)| deadline.saturating_duration_since(Instant::now()));
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!("poll: {e}");
+                break false;
+            }
+        }
+        if fds[1].revents != 0 {
+            break true;
+        }
+        if fds[0].revents != 0 {
+            let request = match status_message(&sock, &state) {
+                Ok(true) => Ok(()),
+                Ok(false) => handler.handle_request(),
+                Err(e) => {
+                    tracing::warn!("frontend sent a bad status message ({e}); disconnecting it");
+                    break false;
+                }
+            };
+            match request {
+                Ok(()) => {}
+                Err(e) if is_fatal(&e) => {
+                    if !matches!(e, VuError::Disconnected | VuError::PartialMessage) {
+                        tracing::warn!("frontend sent a bad message ({e}); disconnecting it");
+                    }
+                    break false;
+                }
+                Err(e) => tracing::warn!("frontend request failed: {e}"),
+            }
+        }
+        if waiting
+            .as_ref()
+            .is_some_and(|(_, deadline)| Instant::now() >= *deadline)
+        {
+            tracing::warn!("refusing a second frontend: one is already connected");
+            waiting = None;
+        }
+        if fds[2].revents != 0 {
+            if let Some(Ok((s, _))) = listener.map(|l| l.accept()) {
+                if waiting.is_some() {
+                    tracing::warn!("refusing a third frontend: one is connected, one waits");
+                } else {
+                    waiting = Some((s, Instant::now() + SECOND_FRONTEND_GRACE));
                 }
             }
         }
-    }
-
-    /// Serves one frontend; true if `stop` ended it.
-    fn session(&self, stream: UnixStream, stop: &EventFd) -> bool {
-        let state = Arc::new(Mutex::new(Session::new(
-            self.device.clone(),
-            self.opts.queue_size,
-        )));
-        let mut handler = BackendReqHandler::from_stream(stream, state.clone());
-        let stopped = loop {
-            let mut fds = [
-                pollfd(handler.as_raw_fd()),
-                pollfd(stop.as_raw_fd()),
-                pollfd(self.listener.as_raw_fd()),
-            ];
-            match poll(&mut fds) {
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::error!("poll: {e}");
-                    break false;
-                }
-            }
-            if fds[1].revents != 0 {
-                break true;
-            }
-            if fds[0].revents != 0 {
-                match handler.handle_request() {
-                    Ok(()) => {}
-                    Err(e) if is_fatal(&e) => {
-                        if !matches!(e, VuError::Disconnected | VuError::PartialMessage) {
-                            tracing::warn!("frontend sent a bad message ({e}); disconnecting it");
-                        }
-                        break false;
-                    }
-                    Err(e) => tracing::warn!("frontend request failed: {e}"),
-                }
-            }
-            // Only now, with the current frontend's messages (and a possible hang-up) handled,
-            // is a waiting connection really a second frontend.
-            if fds[2].revents != 0 {
-                if let Ok((s, _)) = self.listener.accept() {
-                    tracing::warn!("refusing a second frontend: one is already connected");
-                    drop(s);
-                }
-            }
-        };
-        lock(&state).reset();
-        stopped
+    };
+    lock(&state).reset();
+    SessionEnd {
+        stopped,
+        waiting: waiting.map(|(s, _)| s),
     }
 }
 
@@ -188,6 +257,92 @@ impl Drop for VhostUserServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Frontend requests the `vhost` crate (0.18) does not dispatch; this transport answers them.
+const SET_STATUS: u32 = 39;
+const GET_STATUS: u32 = 40;
+/// Header flags: protocol version 1, "this is a reply", "reply wanted" (REPLY_ACK).
+const HDR_VERSION: u32 = 0x1;
+const HDR_REPLY: u32 = 0x4;
+const HDR_NEED_REPLY: u32 = 0x8;
+/// A message header: request, flags, payload size.
+const HDR_LEN: usize = 12;
+/// A header and a u64 payload (SET_STATUS, and the reply to either status message).
+const STATUS_MSG_LEN: usize = 20;
+
+/// Answers SET_STATUS / GET_STATUS (protocol feature STATUS) when that is the next message on
+/// `sock`. Returns false, consuming nothing, when the next message is anything else or not
+/// complete, so the `vhost` crate's handler takes it (and refuses what it does not know).
+fn status_message(sock: &UnixStream, session: &Mutex<Session>) -> io::Result<bool> {
+    let mut msg = [0u8; STATUS_MSG_LEN];
+    let recv = |buf: &mut [u8], flags: i32| {
+        // SAFETY: `buf` is valid for writes of its length; the fd is the frontend's socket.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags | libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    };
+    let n = match recv(&mut msg, libc::MSG_PEEK) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let word = |i: usize| u32::from_le_bytes(msg[i..i + 4].try_into().unwrap_or_default());
+    let (code, flags, size) = (word(0), word(4), word(8));
+    // GET_STATUS has no payload; SET_STATUS carries the status as a u64.
+    let len = match code {
+        GET_STATUS => HDR_LEN,
+        SET_STATUS => STATUS_MSG_LEN,
+        _ => return Ok(false),
+    };
+    let mut s = lock(session);
+    if n < len || !s.protocol.contains(VhostUserProtocolFeatures::STATUS) {
+        return Ok(false);
+    }
+    // Take the message off the socket (fds sent with it, which it must not carry, are closed
+    // by the kernel since we receive no control data).
+    if recv(&mut msg[..len], 0)? != len {
+        return Err(io::Error::other("status message cut short"));
+    }
+    if flags & 0x3 != HDR_VERSION || flags & HDR_REPLY != 0 || size as usize != len - HDR_LEN {
+        return Err(io::Error::other("malformed header"));
+    }
+    let value = u64::from_le_bytes(msg[12..20].try_into().unwrap_or_default());
+    let reply = if code == GET_STATUS {
+        Some(u64::from(s.status))
+    } else {
+        let ok = s.set_status(value);
+        let ack = flags & HDR_NEED_REPLY != 0
+            && s.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        ack.then_some(u64::from(!ok))
+    };
+    drop(s);
+    if let Some(v) = reply {
+        let mut out = [0u8; STATUS_MSG_LEN];
+        out[0..4].copy_from_slice(&code.to_le_bytes());
+        out[4..8].copy_from_slice(&(HDR_VERSION | HDR_REPLY).to_le_bytes());
+        out[8..12].copy_from_slice(&8u32.to_le_bytes());
+        out[12..20].copy_from_slice(&v.to_le_bytes());
+        // SAFETY: `out` is valid for reads of its length; the fd is the frontend's socket.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if usize::try_from(n).ok() != Some(out.len()) {
+            return Err(io::Error::other("cannot send the reply"));
+        }
+    }
+    Ok(true)
 }
 
 /// Errors after which the connection cannot be trusted to be in sync.
@@ -215,9 +370,14 @@ fn pollfd(fd: i32) -> libc::pollfd {
     }
 }
 
-fn poll(fds: &mut [libc::pollfd]) -> io::Result<i32> {
+/// Waits for one of `fds` (forever when `timeout` is `None`); 0 when interrupted or timed out.
+fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<i32> {
+    // Rounded up, so that a deadline is never polled for 0 ms before it has passed.
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+    });
     // SAFETY: `fds` is a valid, exclusively borrowed pollfd array.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
@@ -283,6 +443,15 @@ struct Session {
     acked: u64,
     protocol: VhostUserProtocolFeatures,
     max_queue_size: u16,
+    /// Dirty-page log for live migration (LOG_SHMFD), shared with the workers.
+    log: Arc<DirtyLog>,
+    /// Device status byte (protocol feature STATUS).
+    status: u8,
+    /// In-flight area the frontend keeps for us across restarts (INFLIGHT_SHMFD).
+    inflight: Option<Arc<InflightArea>>,
+    /// The backend-to-frontend channel (BACKEND_REQ), kept open for the session: closing it
+    /// makes QEMU report an unexpected end of file.
+    backend_req: Option<Backend>,
 }
 
 fn invalid(what: &'static str) -> VuError {
@@ -296,6 +465,7 @@ impl Session {
             | (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let n = usize::from(device.num_queues());
         Session {
@@ -307,6 +477,10 @@ impl Session {
             acked: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             max_queue_size,
+            log: Arc::new(DirtyLog::new()),
+            status: 0,
+            inflight: None,
+            backend_req: None,
         }
     }
 
@@ -320,6 +494,8 @@ impl Session {
             *v = Vring::default();
         }
         self.acked = 0;
+        self.status = 0;
+        self.log.set_active(false);
     }
 
     /// Everything a disconnected frontend leaves behind: rings, features and memory.
@@ -327,6 +503,8 @@ impl Session {
         self.reset_rings();
         self.regions.clear();
         self.map.clear();
+        self.log.clear();
+        self.inflight = None;
     }
 
     fn vring(&mut self, index: u32) -> VuResult<&mut Vring> {
@@ -420,7 +598,7 @@ impl Session {
             .memory()
             .read_obj::<u16>(GuestAddress(used + 2))
             .unwrap_or(0);
-        let setup = QueueSetup {
+        let mut setup = QueueSetup {
             index: index as u16,
             size: v.size,
             desc,
@@ -430,6 +608,38 @@ impl Session {
             next_used,
             event_idx,
         };
+        let mut tracking = Tracking {
+            log: self
+                .protocol
+                .contains(VhostUserProtocolFeatures::LOG_SHMFD)
+                .then(|| self.log.clone()),
+            ..Tracking::default()
+        };
+        // With an in-flight area, the ring resumes where our records say, not at the base the
+        // frontend read back from the used ring after we died.
+        if let Some(area) = &self.inflight {
+            match area.queue(index as u16, v.size) {
+                Some(mut q) => {
+                    let r = q.recover(next_used);
+                    if r.next_avail != v.base || !r.heads.is_empty() {
+                        tracing::info!(
+                            queue = index,
+                            base = v.base,
+                            next_avail = r.next_avail,
+                            resubmit = r.heads.len(),
+                            "resuming from the in-flight area"
+                        );
+                    }
+                    setup.next_avail = r.next_avail;
+                    tracking.inflight = Some(q);
+                    tracking.resubmit = r.heads;
+                }
+                None => tracing::warn!(
+                    queue = index,
+                    "the in-flight area does not cover this ring; requests are not tracked"
+                ),
+            }
+        }
         let kick = v
             .kick
             .as_ref()
@@ -444,14 +654,28 @@ impl Session {
             .queue_handler(index as u16, self.acked)
             .map_err(VuError::ReqHandlerError)?;
         let notifier: Arc<dyn Notifier> = self.vrings[index].call.clone();
-        let worker =
-            Worker::start(setup, handler, self.map.clone(), kick, notifier).map_err(|e| {
+        let worker = Worker::start(setup, handler, self.map.clone(), kick, notifier, tracking)
+            .map_err(|e| {
                 tracing::warn!(queue = index, "cannot start ring: {e}");
                 VuError::InvalidParam
             })?;
         self.vrings[index].worker = Some(worker);
         tracing::debug!(queue = index, "ring started");
         Ok(())
+    }
+
+    /// SET_STATUS: records the driver's status byte; 0 resets the device. False if refused.
+    fn set_status(&mut self, value: u64) -> bool {
+        let Ok(status) = u8::try_from(value) else {
+            tracing::warn!("frontend request refused: status {value:#x} is not a byte");
+            return false;
+        };
+        tracing::debug!(status, "SET_STATUS");
+        if status == 0 {
+            self.reset_rings();
+        }
+        self.status = status;
+        true
     }
 
     fn stop_ring(&mut self, index: usize) -> u16 {
@@ -487,6 +711,12 @@ impl VhostUserBackendReqHandlerMut for Session {
             return Err(invalid("frontend acked features that were not offered"));
         }
         self.acked = features;
+        // The frontend turns LOG_ALL on (and off) around a migration, with the rings running.
+        let log_all = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if log_all {
+            tracing::info!("dirty-page logging on (live migration)");
+        }
+        self.log.set_active(log_all);
         Ok(())
     }
 
@@ -523,13 +753,22 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        _flags: VhostUserVringAddrFlags,
+        flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
-        _log: u64,
+        log: u64,
     ) -> VuResult<()> {
-        tracing::debug!(index, descriptor, used, available, "SET_VRING_ADDR");
+        tracing::debug!(index, descriptor, used, available, log, "SET_VRING_ADDR");
+        // Used-ring writes are logged at the ring's guest address: without a vIOMMU (which
+        // vhost-user here does not offer) that is the log address a frontend gives.
+        if flags.contains(VhostUserVringAddrFlags::VHOST_VRING_F_LOG)
+            && self.uva_to_gpa(used, 1).is_some_and(|gpa| gpa != log)
+        {
+            return Err(invalid(
+                "used ring log address is not the ring's guest address",
+            ));
+        }
         let v = self.vring(index)?;
         v.desc = descriptor;
         v.used = used;
@@ -584,7 +823,10 @@ impl VhostUserBackendReqHandlerMut for Session {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::RESET_DEVICE)
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::STATUS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -632,6 +874,10 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(invalid("the configuration space is read-only"))
     }
 
+    fn set_backend_req_fd(&mut self, backend: Backend) {
+        self.backend_req = Some(backend);
+    }
+
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
         Err(VuError::InvalidOperation("not a GPU device"))
     }
@@ -644,17 +890,43 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VuResult<(VhostUserInflight, File)> {
-        Err(VuError::InvalidOperation(
-            "in-flight tracking is not offered yet",
-        ))
+        let (queues, size) = (inflight.num_queues, inflight.queue_size);
+        if queues > self.device.num_queues() || size > self.max_queue_size {
+            return Err(invalid(
+                "in-flight area for more queues or descriptors than offered",
+            ));
+        }
+        let (file, mmap_size) = InflightArea::create(queues, size).map_err(|e| {
+            tracing::warn!("frontend request refused: {e}");
+            VuError::InvalidParam
+        })?;
+        tracing::debug!(queues, size, mmap_size, "GET_INFLIGHT_FD");
+        let reply = VhostUserInflight {
+            mmap_size,
+            mmap_offset: 0,
+            num_queues: queues,
+            queue_size: size,
+        };
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation(
-            "in-flight tracking is not offered yet",
-        ))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VuResult<()> {
+        let (queues, size) = (inflight.num_queues, inflight.queue_size);
+        if queues > self.device.num_queues() || size > self.max_queue_size {
+            return Err(invalid(
+                "in-flight area for more queues or descriptors than offered",
+            ));
+        }
+        let (len, offset) = (inflight.mmap_size, inflight.mmap_offset);
+        tracing::debug!(queues, size, len, offset, "SET_INFLIGHT_FD");
+        let area = InflightArea::map(file, offset, len, queues, size).map_err(|e| {
+            tracing::warn!("frontend in-flight area refused: {e}");
+            VuError::InvalidParam
+        })?;
+        self.inflight = Some(area);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VuResult<u64> {
@@ -706,9 +978,14 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(VuError::InvalidOperation("no shared memory regions"))
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VuResult<()> {
-        Err(VuError::InvalidOperation(
-            "dirty logging is not offered yet",
-        ))
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        tracing::debug!(size, offset, "SET_LOG_BASE");
+        self.log.set_bitmap(file, offset, size).map_err(|e| {
+            // The frontend waits for a reply the protocol has no error form for: disconnect
+            // it rather than leave it waiting.
+            tracing::warn!("frontend dirty log refused: {e}; disconnecting it");
+            VuError::InvalidMessage
+        })
     }
 }

@@ -9,12 +9,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestRegionMmap, Permissions,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Chain, Completions, QueueHandler};
-use crate::memory::{Memory, MemoryMap};
+use crate::dirty_log::DirtyLog;
+use crate::inflight::QueueInflight;
+use crate::memory::{Memory, MemoryGuard, MemoryMap};
 
 /// Tells the driver that the used ring moved (VDUSE: an ioctl; vhost-user: the call eventfd).
 pub trait Notifier: Send + Sync {
@@ -52,6 +56,20 @@ pub struct QueuePosition {
     pub next_used: u16,
 }
 
+/// What a worker records besides the ring, and what it must redo first.
+#[derive(Debug, Default)]
+pub struct Tracking {
+    /// Dirty-page log: everything the worker writes into driver memory is marked in it while
+    /// it is active (vhost-user live migration).
+    pub log: Option<Arc<DirtyLog>>,
+    /// In-flight log: every chain taken off the ring is recorded until its used element is
+    /// written, so a restarted daemon can finish it (crash recovery).
+    pub inflight: Option<QueueInflight>,
+    /// Heads a previous daemon had taken off the ring and not completed, oldest first: handled
+    /// before anything new.
+    pub resubmit: Vec<u16>,
+}
+
 /// A running queue worker.
 #[derive(Debug)]
 pub struct Worker {
@@ -71,6 +89,7 @@ impl Worker {
         map: Arc<MemoryMap>,
         kick: EventFd,
         notifier: Arc<dyn Notifier>,
+        tracking: Tracking,
     ) -> io::Result<Worker> {
         let queue = make_queue(&setup, &map)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
@@ -82,6 +101,12 @@ impl Worker {
             map,
             notifier,
             descs: Vec::with_capacity(usize::from(setup.size)),
+            writable: match tracking.log {
+                Some(_) => vec![Vec::new(); usize::from(setup.size)],
+                None => Vec::new(),
+            },
+            log: tracking.log,
+            inflight: tracking.inflight,
             done: Completions::default(),
             broken: false,
             bad_chains: 0,
@@ -90,7 +115,7 @@ impl Worker {
         let stop_fd = stop.try_clone()?;
         let thread = std::thread::Builder::new()
             .name(format!("vq{}", setup.index))
-            .spawn(move || state.run(&kick, &stop_fd))?;
+            .spawn(move || state.run(&kick, &stop_fd, &tracking.resubmit))?;
         Ok(Worker {
             thread: Some(thread),
             stop,
@@ -179,6 +204,11 @@ struct WorkerState {
     map: Arc<MemoryMap>,
     notifier: Arc<dyn Notifier>,
     descs: Vec<Descriptor>,
+    /// With a dirty log: the device-writable buffers of each in-flight chain, by head index,
+    /// recorded whether or not logging is on yet (it may start while they are in flight).
+    writable: Vec<Vec<(u64, u32)>>,
+    log: Option<Arc<DirtyLog>>,
+    inflight: Option<QueueInflight>,
     done: Completions,
     broken: bool,
     bad_chains: u64,
@@ -186,10 +216,20 @@ struct WorkerState {
 }
 
 impl WorkerState {
-    fn run(&mut self, kick: &EventFd, stop: &EventFd) -> QueuePosition {
+    fn run(&mut self, kick: &EventFd, stop: &EventFd, resubmit: &[u16]) -> QueuePosition {
+        if !resubmit.is_empty() {
+            self.resubmit(resubmit);
+        }
+        if let Some(cpu) = self.handler.cpu() {
+            pin_to(cpu, self.index);
+        }
+        let budget = self.handler.poll_budget();
         // A kick may have arrived before the thread started.
         self.process();
         loop {
+            if !budget.is_zero() && self.spin(budget, kick, stop) {
+                break;
+            }
             let mut fds = [
                 pollfd(kick.as_raw_fd()),
                 pollfd(stop.as_raw_fd()),
@@ -245,6 +285,71 @@ impl WorkerState {
         );
     }
 
+    /// Busy-polls the avail ring and the completions, with driver notifications left off,
+    /// until `budget` has passed with nothing to do; then turns notifications back on (and
+    /// takes what raced with that). Returns true if asked to stop meanwhile. The ring and the
+    /// completions are checked in memory; the stop and kick fds only every 64 rounds.
+    fn spin(&mut self, budget: Duration, kick: &EventFd, stop: &EventFd) -> bool {
+        let mut idle_since = Instant::now();
+        let mut round = 0u32;
+        self.handler.set_polling(true);
+        while !self.broken && idle_since.elapsed() < budget {
+            round = round.wrapping_add(1);
+            if round.is_multiple_of(64) {
+                let mut fds = [pollfd(kick.as_raw_fd()), pollfd(stop.as_raw_fd())];
+                // SAFETY: `fds` is a valid array of pollfd; a zero timeout never blocks.
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
+                if fds[1].revents != 0 {
+                    self.handler.set_polling(false);
+                    return true;
+                }
+                if fds[0].revents != 0 {
+                    let _ = kick.read();
+                }
+            }
+            let before = (self.queue.next_avail(), self.queue.next_used());
+            if self.ring_has_work() {
+                self.take_available();
+                self.publish_position();
+            } else if self.handler.has_completions() {
+                self.complete();
+            }
+            if (self.queue.next_avail(), self.queue.next_used()) != before {
+                idle_since = Instant::now();
+            }
+            std::hint::spin_loop();
+        }
+        // Completions that came while the backend's signal was off are taken here.
+        self.handler.set_polling(false);
+        self.process();
+        false
+    }
+
+    /// True if the driver has made chains available that we have not taken.
+    fn ring_has_work(&self) -> bool {
+        let mem = self.map.memory();
+        self.queue
+            .avail_idx(&*mem, Ordering::Acquire)
+            .is_ok_and(|i| i.0 != self.queue.next_avail())
+    }
+
+    /// Turns driver notifications off, takes every available chain and completes what has
+    /// finished. False if the queue broke.
+    fn take_available(&mut self) -> bool {
+        let mem = self.map.memory();
+        if let Err(e) = self.queue.disable_notification(&*mem) {
+            self.mark_broken(&format!("cannot write the used ring: {e:?}"));
+            return false;
+        }
+        drop(mem);
+        while self.pop_one() {}
+        if self.broken {
+            return false;
+        }
+        self.complete();
+        true
+    }
+
     /// Takes every available chain, then re-enables notifications and looks again (the
     /// standard race-free loop).
     fn process(&mut self) {
@@ -252,17 +357,9 @@ impl WorkerState {
             return;
         }
         loop {
-            let mem = self.map.memory();
-            if let Err(e) = self.queue.disable_notification(&*mem) {
-                self.mark_broken(&format!("cannot write the used ring: {e:?}"));
+            if !self.take_available() {
                 return;
             }
-            drop(mem);
-            while self.pop_one() {}
-            if self.broken {
-                return;
-            }
-            self.complete();
             let mem = self.map.memory();
             match self.queue.enable_notification(&*mem) {
                 Ok(true) => continue,
@@ -273,7 +370,30 @@ impl WorkerState {
                 }
             }
         }
+        // Notification suppression wrote into the used ring (flags or avail_event).
+        self.log_used_ring();
         self.publish_position();
+    }
+
+    /// Marks the whole used ring dirty (it is at most a few pages) when logging.
+    fn log_used_ring(&self) {
+        if let Some(w) = self.log.as_ref().and_then(|l| l.writer()) {
+            let size = u64::from(self.queue.size());
+            w.mark(self.queue.used_ring(), 4 + 8 * size + 2);
+        }
+    }
+
+    /// Records the device-writable buffers of the chain in `self.descs` under `head`.
+    fn record_writable(&mut self, head: u16) {
+        if let Some(rec) = self.writable.get_mut(usize::from(head)) {
+            rec.clear();
+            rec.extend(
+                self.descs
+                    .iter()
+                    .filter(|d| d.is_write_only())
+                    .map(|d| (d.addr().0, d.len())),
+            );
+        }
     }
 
     /// Pops and handles one chain; false when the ring is empty or broken.
@@ -292,13 +412,8 @@ impl WorkerState {
                 }
             };
             let head = chain.head_index();
-            self.descs.clear();
-            let mut truncated = false;
-            for d in chain {
-                truncated = d.has_next();
-                self.descs.push(d);
-            }
-            if (self.descs.is_empty() || truncated) && !retried {
+            let complete = collect(chain, &mut self.descs);
+            if !complete && !retried {
                 // Maybe an indirect table is not mapped yet: fault it in and walk again.
                 if let Some((addr, len)) = self.indirect_of(&mem, head) {
                     if self.map.fault_in(addr, len) {
@@ -309,12 +424,22 @@ impl WorkerState {
                     }
                 }
             }
-            if self.descs.is_empty() || truncated {
-                self.bad_chain(head, "descriptor chain is malformed (loop, bad indirect table, bad index or over 4 GiB)");
+            if let Some(q) = &mut self.inflight {
+                q.start(head);
+            }
+            if !complete {
+                self.bad_chain(head, MALFORMED);
                 return true;
             }
             break head;
         };
+        self.handle(mem, head);
+        true
+    }
+
+    /// Hands the chain in `self.descs` to the device, mapping its buffers first where the
+    /// transport maps on demand.
+    fn handle(&mut self, mut mem: MemoryGuard, head: u16) {
         // Map every buffer the chain names; the device rejects what stays unmapped.
         let mut faulted = false;
         for d in &self.descs {
@@ -323,12 +448,15 @@ impl WorkerState {
             } else {
                 Permissions::Read
             };
-            if !mem.check_range(d.addr(), d.len() as usize, access) {
+            if !GuestMemory::check_range(&*mem, d.addr(), d.len() as usize, access) {
                 faulted |= self.map.fault_in(d.addr().0, u64::from(d.len()));
             }
         }
         if faulted {
             mem = self.map.memory();
+        }
+        if self.log.is_some() {
+            self.record_writable(head);
         }
         self.handler.handle(
             &mem,
@@ -338,7 +466,40 @@ impl WorkerState {
             },
             &mut self.done,
         );
-        true
+    }
+
+    /// Handles the chains a previous daemon left in flight, oldest first. virtio-queue walks
+    /// chains only from an avail ring, so the heads go on a private one, in a scratch region
+    /// placed after the driver's memory; the chains themselves are read from the driver's
+    /// descriptor table and bounded as usual.
+    fn resubmit(&mut self, heads: &[u16]) {
+        let mem = self.map.memory();
+        let Some((scratch_mem, mut queue)) = scratch_ring(&mem, &self.queue, heads) else {
+            self.mark_broken("cannot build the ring to resubmit in-flight requests on");
+            return;
+        };
+        drop(mem);
+        tracing::info!(
+            queue = self.index,
+            count = heads.len(),
+            "resubmitting requests left in flight by the previous daemon"
+        );
+        let Ok(iter) = queue.iter(&scratch_mem) else {
+            return;
+        };
+        for chain in iter {
+            let head = chain.head_index();
+            let complete = collect(chain, &mut self.descs);
+            if let Some(q) = &mut self.inflight {
+                q.start(head);
+            }
+            if complete {
+                self.handle(self.map.memory(), head);
+            } else {
+                self.bad_chain(head, MALFORMED);
+            }
+        }
+        self.complete();
     }
 
     fn indirect_of(&self, mem: &Memory, head: u16) -> Option<(u64, u64)> {
@@ -360,6 +521,10 @@ impl WorkerState {
         } else {
             tracing::debug!(queue = self.index, head, "{why}");
         }
+        // Nothing is written into a malformed chain's buffers.
+        if let Some(rec) = self.writable.get_mut(usize::from(head)) {
+            rec.clear();
+        }
         self.done.push(head, 0);
     }
 
@@ -380,12 +545,26 @@ impl WorkerState {
         if self.done.is_empty() {
             return;
         }
+        let log = self.log.as_ref().and_then(|l| l.writer());
         for (head, len) in self.done.drain() {
+            if let (Some(w), Some(rec)) = (&log, self.writable.get(usize::from(head))) {
+                for &(addr, len) in rec {
+                    w.mark(addr, u64::from(len));
+                }
+            }
+            if let Some(q) = &self.inflight {
+                q.before_used(head);
+            }
             if let Err(e) = self.queue.add_used(&*mem, head, len) {
                 tracing::error!(queue = self.index, "cannot complete request {head}: {e:?}");
                 self.broken = true;
             }
+            if let Some(q) = &self.inflight {
+                q.after_used(head, self.queue.next_used());
+            }
         }
+        drop(log);
+        self.log_used_ring();
         match self.queue.needs_notification(&*mem) {
             Ok(false) => {}
             _ => {
@@ -398,10 +577,84 @@ impl WorkerState {
     }
 }
 
+const MALFORMED: &str =
+    "descriptor chain is malformed (loop, bad indirect table, bad index or over 4 GiB)";
+
+/// Copies a chain's descriptors into `descs`; false if the walk stopped early (a loop, a bad
+/// index or indirect table, or the 4 GiB bound) or found nothing.
+fn collect<M>(chain: DescriptorChain<M>, descs: &mut Vec<Descriptor>) -> bool
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    descs.clear();
+    let mut truncated = false;
+    for d in chain {
+        truncated = d.has_next();
+        descs.push(d);
+    }
+    !descs.is_empty() && !truncated
+}
+
+/// A copy of `mem` with one more region, after the last one, holding an avail ring with
+/// `heads` on it; and a queue on the real descriptor table that pops from that ring.
+fn scratch_ring(mem: &Memory, real: &Queue, heads: &[u16]) -> Option<(Memory, Queue)> {
+    let size = real.size();
+    let end = mem.last_addr().0.checked_add(1)?;
+    let base = end.checked_next_multiple_of(4096)?;
+    // avail ring (flags, idx, ring, used_event), then a used ring nobody reads.
+    let avail_len = 6 + 2 * u64::from(size);
+    let used = (base + avail_len).checked_next_multiple_of(4)?;
+    let len = (used - base + 6 + 8 * u64::from(size)).checked_next_multiple_of(4096)?;
+    base.checked_add(len)?;
+    let region = GuestRegionMmap::from_range(GuestAddress(base), len as usize, None).ok()?;
+    let scratch = mem.insert_region(Arc::new(region)).ok()?;
+    for (i, h) in heads.iter().enumerate() {
+        scratch
+            .write_obj(*h, GuestAddress(base + 4 + 2 * i as u64))
+            .ok()?;
+    }
+    scratch
+        .write_obj(heads.len() as u16, GuestAddress(base + 2))
+        .ok()?;
+    let mut q = Queue::new(size).ok()?;
+    q.try_set_desc_table_address(GuestAddress(real.desc_table()))
+        .ok()?;
+    q.try_set_avail_ring_address(GuestAddress(base)).ok()?;
+    q.try_set_used_ring_address(GuestAddress(used)).ok()?;
+    q.set_ready(true);
+    Some((scratch, q))
+}
+
 fn pollfd(fd: RawFd) -> libc::pollfd {
     libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
+    }
+}
+
+/// Pins the calling thread (queue `index`'s worker) to `cpu`; a failure is logged, not fatal.
+fn pin_to(cpu: usize, index: u16) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it for
+    // cpu < CPU_SETSIZE, checked first.
+    let res = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu >= libc::CPU_SETSIZE as usize {
+            -1
+        } else {
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        }
+    };
+    if res == 0 {
+        tracing::info!(queue = index, cpu, "queue worker pinned");
+    } else {
+        tracing::warn!(
+            queue = index,
+            cpu,
+            "cannot pin the queue worker to CPU {cpu}: {}",
+            io::Error::last_os_error()
+        );
     }
 }

@@ -3,19 +3,22 @@
 use std::io;
 use std::sync::Arc;
 
-use vudev_blk::{parse_size, Aio, BlockBackend, FileBackend, MemoryBackend, NullBackend};
+use std::time::Duration;
 
-use crate::cli::{AioMode, BackendArgs};
+use vudev_blk::{
+    parse_size, Aio, BlockBackend, FileBackend, MemoryBackend, NbdBackend, NullBackend,
+};
+
+use crate::cli::{AioMode, BackendArgs, DeviceArgs};
 
 /// Opens the backend; `block_size` is the logical block size its size must be a multiple of.
 pub fn open(
     args: &BackendArgs,
-    direct: bool,
-    aio: AioMode,
-    read_only: bool,
+    dev: &DeviceArgs,
     block_size: u32,
 ) -> Result<Arc<dyn BlockBackend>, String> {
-    let aio = match aio {
+    let (direct, read_only) = (dev.direct, dev.readonly);
+    let aio = match dev.aio {
         AioMode::IoUring => Aio::IoUring,
         AioMode::Sync => Aio::Sync,
     };
@@ -46,8 +49,18 @@ pub fn open(
         Arc::new(MemoryBackend::new(size, read_only).map_err(|e| e.to_string())?)
     } else if let Some(size) = &args.null {
         Arc::new(NullBackend::new(checked_size(size, block_size)?, read_only))
+    } else if let Some(uri) = &args.nbd {
+        let timeout = Duration::from_secs(dev.nbd_timeout);
+        let b = NbdBackend::connect(uri, read_only, timeout)?;
+        if !block_size.is_multiple_of(b.min_block_size()) {
+            return Err(format!(
+                "{uri}: the server needs I/O in units of {} bytes: use --logical-block-size 4096",
+                b.min_block_size()
+            ));
+        }
+        Arc::new(b)
     } else {
-        return Err("no backend: pass --file PATH, --memory SIZE or --null SIZE".into());
+        return Err("no backend: pass --file PATH, --memory SIZE, --null SIZE or --nbd URI".into());
     };
     let size = backend.size();
     if size == 0 || !size.is_multiple_of(u64::from(block_size)) {

@@ -71,6 +71,10 @@ pub struct VduseArgs {
     /// `vudev vdpa attach NAME [--driver vhost-vdpa]`).
     #[arg(long)]
     pub no_attach: bool,
+    /// Where the device's in-flight records live (NAME.state). If vudev dies, running the
+    /// same command again adopts the device and finishes the requests recorded there.
+    #[arg(long, value_name = "DIR", default_value = "/run/vudev")]
+    pub state_dir: PathBuf,
 }
 
 /// Where the data lives. Exactly one is required.
@@ -86,6 +90,9 @@ pub struct BackendArgs {
     /// A disk of SIZE that reads zeros and drops writes.
     #[arg(long, value_name = "SIZE")]
     pub null: Option<String>,
+    /// An NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+    #[arg(long, value_name = "URI")]
+    pub nbd: Option<String>,
 }
 
 /// virtio-blk device options.
@@ -113,6 +120,18 @@ pub struct DeviceArgs {
     /// Logical block size in bytes.
     #[arg(long, default_value = "512")]
     pub logical_block_size: BlockSize,
+    /// Busy-poll each queue for this many microseconds after its last activity before
+    /// sleeping (0: never). Lower latency and fewer notifications, for a CPU that spins.
+    #[arg(long, default_value_t = 0, value_name = "US",
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub poll_us: u32,
+    /// Pin queue worker threads to these CPUs, e.g. 2,3: queue i runs on the (i mod n)-th.
+    #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
+    pub queue_cpus: Vec<usize>,
+    /// Seconds an NBD request may wait for the server before it fails with an I/O error.
+    #[arg(long, default_value_t = 30, value_name = "SECS", requires = "nbd",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub nbd_timeout: u64,
 }
 
 /// I/O submission of the file backend.

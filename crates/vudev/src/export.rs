@@ -34,8 +34,16 @@ fn build_device(
             dev.serial
         ));
     }
+    // SAFETY: sysconf has no memory effects.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
+    if let Some(bad) = dev.queue_cpus.iter().find(|&&c| c >= cpus) {
+        return Err(format!(
+            "invalid --queue-cpus: CPU {bad} does not exist (this machine has CPUs 0 to {})",
+            cpus - 1
+        ));
+    }
     let block_size = dev.logical_block_size.bytes();
-    let backend = backend::open(backend, dev.direct, dev.aio, dev.readonly, block_size)?;
+    let backend = backend::open(backend, dev, block_size)?;
     let cfg = BlockConfig {
         size: backend.size(),
         logical_block_size: block_size,
@@ -45,6 +53,8 @@ fn build_device(
         serial: dev.serial.clone(),
         discard: backend.supports_discard(),
         write_zeroes: true,
+        poll: std::time::Duration::from_micros(u64::from(dev.poll_us)),
+        cpus: dev.queue_cpus.clone(),
     };
     let description = backend.describe();
     Ok((Arc::new(BlockDevice::new(cfg, backend)), description))
@@ -107,6 +117,7 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
         &VduseOptions {
             name: args.name.clone(),
             queue_size: dev.queue_size,
+            state_dir: Some(args.state_dir.clone()),
         },
     )
     .map_err(|e| e.to_string())?;
@@ -142,6 +153,14 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
 }
 
 fn attach(name: &str) -> Result<(), String> {
+    if Path::new("/sys/bus/vdpa/devices").join(name).exists() {
+        // An adopted device stays where the previous daemon put it.
+        let on = vduse::sysfs::block_device_of(name)
+            .map(|b| format!("/dev/{b}"))
+            .unwrap_or_else(|| "the vdpa bus".into());
+        tracing::info!("{name} is already attached: {on}");
+        return Ok(());
+    }
     let mut nl = VdpaNetlink::open().map_err(|e| e.to_string())?;
     nl.add_device(name, VDUSE_MGMTDEV)
         .map_err(|e| e.to_string())?;

@@ -6,46 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use blkio::ReqFlags;
-use common::{pattern, scratch, Client, Server, SIZE};
-
-/// The checks every writable vhost-user-blk export must pass.
-fn writable_suite(socket: &Path, queues: i32) {
-    let mut c = Client::connect(socket, queues).unwrap();
-    assert_eq!(c.capacity(), SIZE);
-    assert!(!c.read_only());
-    for (i, &(off, len)) in [
-        (0u64, 4096usize),
-        (8192 + 512, 512),
-        (5 << 20, 1 << 20),
-        (SIZE - 65536, 65536),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let q = i % c.queues.len();
-        pattern(&mut c.buf()[..len], off ^ i as u64);
-        assert_eq!(c.write(q, off, len), 0, "write {len} at {off}");
-        assert_eq!(c.read(q, off, len), 0, "read {len} at {off}");
-        let b = c.buf();
-        assert!(
-            b[..len] == b[1 << 20..(1 << 20) + len],
-            "read-back of {len} at {off} differs"
-        );
-    }
-    assert_eq!(c.flush(0), 0);
-    // Past the end fails; so does a length that is not a multiple of 512.
-    assert_ne!(c.read(0, SIZE, 4096), 0);
-    // Discard is accepted; write-zeroes reads back as zeros.
-    pattern(&mut c.buf()[..65536], 7);
-    assert_eq!(c.write(0, 1 << 20, 65536), 0);
-    c.queues[0].discard(1 << 20, 32768, 0, ReqFlags::empty());
-    assert_eq!(c.wait(0), 0);
-    c.queues[0].write_zeroes(1 << 20, 65536, 0, ReqFlags::empty());
-    assert_eq!(c.wait(0), 0);
-    assert_eq!(c.read(0, 1 << 20, 65536), 0);
-    assert!(c.buf()[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0));
-}
+use common::{pattern, scratch, sparse_image, writable_suite, Client, Server};
 
 fn read_only_suite(socket: &Path) {
     // A read-only device refuses a read-write client...
@@ -64,17 +25,45 @@ fn read_only_suite(socket: &Path) {
 #[test]
 fn vudev_serves_blkio() {
     let dir = scratch("basic");
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(SIZE)
-        .unwrap();
+    let image = sparse_image(&dir);
     let file = image.to_str().unwrap();
     let _s = Server::vudev(&dir, &["--file", file, "--num-queues", "2"]);
     writable_suite(&dir.join("vudev.sock"), 2);
     // Once the client is gone, the data is in the image file.
     let data = std::fs::read(&image).unwrap();
     assert!(data[5 << 20..6 << 20].iter().any(|&b| b != 0));
+}
+
+#[test]
+fn polling_pinned_queues_serve_blkio() {
+    let dir = scratch("poll");
+    let image = sparse_image(&dir);
+    let file = image.to_str().unwrap();
+    let args = [
+        "--file",
+        file,
+        "--num-queues",
+        "2",
+        "--poll-us",
+        "200",
+        "--queue-cpus",
+        "0",
+    ];
+    let s = Server::vudev(&dir, &args);
+    writable_suite(&s.socket, 2);
+    drop(s);
+    let log = std::fs::read_to_string(dir.join("vudev.log")).unwrap();
+    assert_eq!(log.matches("queue worker pinned").count(), 2, "{log}");
+    // A CPU that does not exist is refused with the range that does.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["export", "vhost-user", "--socket"])
+        .arg(dir.join("bad.sock"))
+        .args(["--null", "1M", "--queue-cpus", "4096"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CPU 4096 does not exist"), "{err}");
 }
 
 #[test]
@@ -116,6 +105,23 @@ fn a_second_concurrent_frontend_is_refused() {
 }
 
 #[test]
+fn a_frontend_that_arrives_as_the_first_leaves_is_served() {
+    let dir = scratch("overlap");
+    let s = Server::vudev(&dir, &["--memory", "64M"]);
+    let first = Client::connect(&s.socket, 1).unwrap();
+    let socket = s.socket.clone();
+    let second = std::thread::spawn(move || Client::connect(&socket, 1));
+    // The second connection is made while the first frontend is still there.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    drop(first);
+    let mut second = second
+        .join()
+        .unwrap()
+        .expect("served once the first has gone");
+    assert_eq!(second.read(0, 0, 4096), 0);
+}
+
+#[test]
 fn the_socket_mode_is_applied() {
     use std::os::unix::fs::PermissionsExt;
     let dir = scratch("mode");
@@ -131,11 +137,7 @@ fn the_socket_mode_is_applied() {
 #[test]
 fn the_suite_passes_against_qemu_storage_daemon() {
     let dir = scratch("qsd");
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(SIZE)
-        .unwrap();
+    let image = sparse_image(&dir);
     let s = Server::qsd(&dir, &image, true, 2).unwrap();
     writable_suite(&s.socket, 2);
     drop(s);
@@ -148,11 +150,7 @@ fn runs_as_an_unprivileged_user() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = scratch("nobody");
     std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(SIZE)
-        .unwrap();
+    let image = sparse_image(&dir);
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     let cmd = if root {

@@ -15,17 +15,22 @@ const GET_FEATURES: u32 = 1;
 const SET_FEATURES: u32 = 2;
 const SET_OWNER: u32 = 3;
 const SET_MEM_TABLE: u32 = 5;
+const SET_LOG_BASE: u32 = 6;
 const SET_VRING_NUM: u32 = 8;
 const SET_VRING_ADDR: u32 = 9;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const SET_PROTOCOL_FEATURES: u32 = 16;
 const GET_CONFIG: u32 = 24;
 const ADD_MEM_REG: u32 = 37;
+const SET_STATUS: u32 = 39;
+const GET_STATUS: u32 = 40;
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_ENABLE: u32 = 18;
 const VERSION: u32 = 0x1;
 const NEED_REPLY: u32 = 0x8;
+const PROTOCOL_LOG_SHMFD: u64 = 1 << 1;
 const PROTOCOL_REPLY_ACK: u64 = 1 << 3;
+const PROTOCOL_STATUS: u64 = 1 << 16;
 const PROTOCOL_MEM_SLOTS: u64 = 1 << 15;
 const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
 
@@ -102,17 +107,46 @@ fn server(name: &str) -> (common::Scratch, Server) {
 
 /// Negotiates REPLY_ACK so that refused requests are answered with a non-zero ack.
 fn acked_session() -> Vec<Vec<u8>> {
+    session_with_protocol(PROTOCOL_REPLY_ACK)
+}
+
+/// Negotiates the given protocol features.
+fn session_with_protocol(protocol: u64) -> Vec<Vec<u8>> {
     vec![
         msg(SET_OWNER, 0, &[]),
         msg(GET_FEATURES, 0, &[]),
         msg(SET_FEATURES, 0, &u64_body(PROTOCOL_FEATURES_BIT)),
         msg(GET_PROTOCOL_FEATURES, 0, &[]),
-        msg(SET_PROTOCOL_FEATURES, 0, &u64_body(PROTOCOL_REPLY_ACK)),
+        msg(SET_PROTOCOL_FEATURES, 0, &u64_body(protocol)),
     ]
 }
 
-/// The u64 ack values in a reply stream (each reply: 12-byte header + body).
-fn acks_of(code: u32, replies: &[u8]) -> Vec<u64> {
+/// Connects and sends a session setup negotiating `protocol` (read timeout 300 ms).
+fn connect_with(server: &Server, protocol: u64) -> UnixStream {
+    let stream = UnixStream::connect(&server.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for m in session_with_protocol(protocol) {
+        (&stream).write_all(&m).unwrap();
+    }
+    stream
+}
+
+/// True when the server has closed `stream` (read returns end of file).
+fn closed(stream: &UnixStream) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match (&*stream).read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The bodies of the replies to `code` in a reply stream (each reply: 12-byte header + body).
+fn bodies_of(code: u32, replies: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     let mut p = replies;
     while p.len() >= 12 {
@@ -121,12 +155,20 @@ fn acks_of(code: u32, replies: &[u8]) -> Vec<u64> {
         if p.len() < 12 + size {
             break;
         }
-        if c == code && size == 8 {
-            out.push(u64::from_le_bytes(p[12..20].try_into().unwrap()));
+        if c == code {
+            out.push(&p[12..12 + size]);
         }
         p = &p[12 + size..];
     }
     out
+}
+
+/// The u64 ack values in a reply stream.
+fn acks_of(code: u32, replies: &[u8]) -> Vec<u64> {
+    bodies_of(code, replies)
+        .into_iter()
+        .filter_map(|b| Some(u64::from_le_bytes(b.try_into().ok()?)))
+        .collect()
 }
 
 #[test]
@@ -226,13 +268,7 @@ fn mem_table(regions: &[Vec<u8>]) -> Vec<u8> {
 
 /// Runs the acked session, then SET_MEM_TABLE with `fds`; returns the ack values.
 fn try_mem_table(s: &Server, body: &[u8], fds: &[i32]) -> Vec<u64> {
-    let stream = UnixStream::connect(&s.socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    for m in acked_session() {
-        (&stream).write_all(&m).unwrap();
-    }
+    let stream = connect_with(s, PROTOCOL_REPLY_ACK);
     send_with_fds(&stream, &msg(SET_MEM_TABLE, NEED_REPLY, body), fds);
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -362,13 +398,7 @@ fn too_many_memory_slots() {
 
 /// A session with a valid 1 MiB memory table, for ring tests; returns the stream.
 fn session_with_memory(s: &Server, m: &std::fs::File) -> UnixStream {
-    let stream = UnixStream::connect(&s.socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    for x in acked_session() {
-        (&stream).write_all(&x).unwrap();
-    }
+    let stream = connect_with(s, PROTOCOL_REPLY_ACK);
     let body = mem_table(&[region(0, 1 << 20, 0x7000_0000, 0)]);
     send_with_fds(
         &stream,
@@ -439,5 +469,96 @@ fn missing_and_extra_fds() {
     send_with_fds(&stream, &msg(GET_FEATURES, 0, &[]), &[m.as_raw_fd()]);
     read_all(&stream);
     drop(stream);
+    good_client_works(&s);
+}
+
+#[test]
+fn status_messages() {
+    let (_dir, s) = server("status");
+    let stream = connect_with(&s, PROTOCOL_REPLY_ACK | PROTOCOL_STATUS);
+    // ACKNOWLEDGE | DRIVER | FEATURES_OK is kept and read back; a value over a byte is refused.
+    let good = msg(SET_STATUS, NEED_REPLY, &u64_body(0x0b));
+    let too_big = msg(SET_STATUS, NEED_REPLY, &u64_body(0x1ff));
+    for m in [good, msg(GET_STATUS, 0, &[]), too_big] {
+        (&stream).write_all(&m).unwrap();
+    }
+    let replies = read_all(&stream);
+    assert_eq!(acks_of(SET_STATUS, &replies), vec![0, 1]);
+    assert_eq!(acks_of(GET_STATUS, &replies), vec![0x0b]);
+    // A status message with a bad size ends the session; an fd attached to one is dropped.
+    (&stream)
+        .write_all(&msg(SET_STATUS, 0, &4u32.to_le_bytes()))
+        .unwrap();
+    assert!(closed(&stream), "a short status message was accepted");
+    let mut msgs = session_with_protocol(PROTOCOL_REPLY_ACK | PROTOCOL_STATUS);
+    msgs.push(msg(GET_STATUS, 0, &[0; 8]));
+    let replies = send_raw(&s.socket, &msgs);
+    assert!(
+        acks_of(GET_STATUS, &replies).is_empty(),
+        "GET_STATUS with a payload was answered"
+    );
+    let stream = connect_with(&s, PROTOCOL_REPLY_ACK | PROTOCOL_STATUS);
+    let m = memfd(4096);
+    send_with_fds(&stream, &msg(GET_STATUS, 0, &[]), &[m.as_raw_fd()]);
+    let replies = read_all(&stream);
+    assert_eq!(acks_of(GET_STATUS, &replies), vec![0]);
+    drop(stream);
+    // Without the STATUS protocol feature, the messages are unknown: disconnect.
+    let mut msgs = acked_session();
+    msgs.push(msg(GET_STATUS, 0, &[]));
+    let replies = send_raw(&s.socket, &msgs);
+    assert!(acks_of(GET_STATUS, &replies).is_empty());
+    good_client_works(&s);
+}
+
+#[test]
+fn bad_dirty_logs() {
+    let (_dir, s) = server("dirtylog");
+    let m = memfd(4096);
+    let log = |size: u64, offset: u64| {
+        let mut body = u64_body(size);
+        body.extend(u64_body(offset));
+        msg(SET_LOG_BASE, 0, &body)
+    };
+    let try_log = |bytes: Vec<u8>, fds: &[i32]| -> (Vec<u8>, bool) {
+        let stream = connect_with(&s, PROTOCOL_REPLY_ACK | PROTOCOL_LOG_SHMFD);
+        send_with_fds(&stream, &bytes, fds);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut eof = false;
+        loop {
+            match (&stream).read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => break,
+            }
+        }
+        (out, eof)
+    };
+    let fd = m.as_raw_fd();
+    // Past the end of its file, empty, wrapping, and with no fd: each ends the session.
+    for (what, bytes, fds) in [
+        ("past its file", log(8192, 0), vec![fd]),
+        ("empty", log(0, 0), vec![fd]),
+        ("wrapping", log(4096, u64::MAX - 10), vec![fd]),
+        ("without an fd", log(4096, 0), vec![]),
+    ] {
+        let (out, eof) = try_log(bytes, &fds);
+        assert!(eof, "a log {what} did not end the session");
+        assert!(
+            bodies_of(SET_LOG_BASE, &out).is_empty(),
+            "a log {what} was answered"
+        );
+        good_client_works(&s);
+    }
+    // A good log is answered (with the log description) and the session goes on.
+    let (out, eof) = try_log(log(4096, 0), &[fd]);
+    assert!(!eof, "a good log ended the session");
+    let mut want = u64_body(4096);
+    want.extend(u64_body(0));
+    assert_eq!(bodies_of(SET_LOG_BASE, &out), vec![&want[..]]);
     good_client_works(&s);
 }

@@ -1,5 +1,6 @@
 # vudev's file backend through VDUSE and virtio-vdpa: the block suite, the image after exit,
-# serial and size; then memory and null backends as two exports at once.
+# serial and size; then memory and null backends as two exports at once; then the NBD backend
+# on qemu-storage-daemon's NBD server.
 . /lib.sh
 truncate -s 128M /tmp/disk.img
 vudev export vduse --name vd0 --file /tmp/disk.img --serial vudev-serial-0 2>/tmp/vd0.log &
@@ -31,4 +32,22 @@ dd if=/dev/zero of=/tmp/zeros8 bs=1M count=8 2>/dev/null
 check null-reads-zeros sh -c "dd if=$ndev bs=1M count=8 iflag=direct 2>/dev/null | cmp - /tmp/zeros8"
 stop_export $mpid mem0
 stop_export $npid null0
+
+# NBD: qemu-storage-daemon serves an image over NBD on a unix socket; vudev exports it.
+truncate -s 128M /tmp/nbd.img
+qemu-storage-daemon --blockdev driver=file,filename=/tmp/nbd.img,node-name=d0 \
+    --nbd-server addr.type=unix,addr.path=/tmp/nbd.sock \
+    --export type=nbd,id=e0,node-name=d0,name=vol,writable=on 2>/tmp/qsd-nbd.log &
+qpid=$!
+wait_for /tmp/nbd.sock 20
+sleep 0.5
+vudev export vduse --name nbd0 --nbd "nbd+unix:///vol?socket=/tmp/nbd.sock" 2>/tmp/nbd0.log &
+bpid=$!
+bdev=$(wait_blkdev nbd0 30) && echo "CHECK PASS nbd-attach" || echo "CHECK FAIL nbd-attach: $(tail -3 /tmp/nbd0.log)"
+check nbd-size [ "$($BLOCKDEV --getsize64 $bdev)" = 134217728 ]
+blk_suite $bdev nbd
+nbd_dev_sum=$(sha256sum < $bdev | cut -d' ' -f1)
+stop_export $bpid nbd0
+kill $qpid; wait $qpid 2>/dev/null
+check nbd-image-equals-device [ "$nbd_dev_sum" = "$(sha256sum < /tmp/nbd.img | cut -d' ' -f1)" ]
 echo SCENARIO DONE

@@ -26,7 +26,9 @@ stop_export $pid ro0
 check readonly-file-untouched [ "$(sha256sum < /tmp/ro.img)" = "$ro_sum" ]
 
 truncate -s 128M /tmp/mq.img
-vudev export vduse --name mq0 --file /tmp/mq.img --num-queues 2 --queue-size 1024 2>/tmp/mq0.log &
+# Two queues, each busy-polling 100 us after activity, pinned to CPUs 1 and 0.
+vudev export vduse --name mq0 --file /tmp/mq.img --num-queues 2 --queue-size 1024 \
+    --poll-us 100 --queue-cpus 1,0 2>/tmp/mq0.log &
 pid=$!
 dev=$(wait_blkdev mq0 30) && echo "CHECK PASS multiqueue-attach" || echo "CHECK FAIL multiqueue-attach: $(tail -3 /tmp/mq0.log)"
 check multiqueue-two-hw-queues [ "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" = 2 ]
@@ -34,6 +36,7 @@ check multiqueue-fio-verify fio --name=mq --filename=$dev --rw=randwrite --bsran
     --iodepth=64 --numjobs=2 --ioengine=libaio --direct=1 --size=16m --offset_increment=32m \
     --verify=crc32c --verify_fatal=1 --group_reporting
 stop_export $pid mq0
+check multiqueue-workers-pinned [ "$(grep -c 'queue worker pinned' /tmp/mq0.log)" -ge 2 ]
 
 truncate -s 64M /tmp/4k.img
 vudev export vduse --name bs0 --file /tmp/4k.img --logical-block-size 4096 --direct 2>/tmp/bs0.log &

@@ -13,11 +13,13 @@ use vm_memory::VolatileSlice;
 
 mod file;
 mod memory;
+mod nbd;
 mod null;
 mod uring;
 
 pub use file::{Aio, FileBackend};
 pub use memory::MemoryBackend;
+pub use nbd::{NbdAddress, NbdBackend, NbdTls, NbdUri};
 pub use null::NullBackend;
 
 /// One storage operation. Offsets and lengths are in bytes.
@@ -88,6 +90,14 @@ pub trait QueueBackend: Send {
     fn reap(&mut self, out: &mut Vec<IoDone>);
     /// Operations submitted and not yet reaped.
     fn in_flight(&self) -> usize;
+    /// True if `reap` may find results now: a check without a system call, for a worker
+    /// that busy-polls (the default, true, only costs a `reap` that finds nothing).
+    fn has_results(&mut self) -> bool {
+        true
+    }
+    /// The worker busy-polls (`true`) or is about to sleep (`false`): while it polls, the
+    /// backend may stop signalling `completion_fd` (no system call per completion).
+    fn set_polling(&mut self, _on: bool) {}
 }
 
 /// A backend queue whose operations finish inside `submit`.
@@ -124,6 +134,9 @@ impl<T: RunNow> QueueBackend for Immediate<T> {
     fn in_flight(&self) -> usize {
         self.done.len()
     }
+    fn has_results(&mut self) -> bool {
+        !self.done.is_empty()
+    }
 }
 
 /// Checks `[offset, offset + len)` against a backend of `size` bytes.
@@ -135,6 +148,19 @@ pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
             format!("range {offset}+{len} is past the end ({size} bytes)"),
         )),
     }
+}
+
+/// A new non-blocking eventfd: how an asynchronous queue backend tells its worker that
+/// results are waiting.
+pub(crate) fn eventfd() -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain eventfd creation; the result is checked before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new fd that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
 /// Total length of `bufs`.

@@ -6,13 +6,13 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
 use vm_memory::VolatileSlice;
 
 use super::file::{aligned, FileQueue};
-use super::{check_range, total_len, IoDone, IoOp, QueueBackend, RunNow};
+use super::{check_range, eventfd, total_len, IoDone, IoOp, QueueBackend, RunNow};
 
 /// Submission queue entries per ring.
 const RING_ENTRIES: u32 = 512;
@@ -36,6 +36,10 @@ pub(crate) struct UringQueue {
     direct: bool,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
+    /// iovec arrays of finished requests, for the next ones.
+    spare: Vec<Vec<libc::iovec>>,
+    /// The worker busy-polls: the eventfd is off and not read.
+    polling: bool,
     unsubmitted: usize,
     in_kernel: usize,
     done: Vec<IoDone>,
@@ -46,13 +50,7 @@ impl UringQueue {
     pub(crate) fn new(sync: FileQueue, direct: bool) -> io::Result<Self> {
         let ring = IoUring::new(RING_ENTRIES)?;
         ring.submitter().register_files(&[sync.raw_fd()])?;
-        // SAFETY: plain eventfd creation; the result is checked and owned below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `efd` is a new fd that nothing else owns.
-        let eventfd = unsafe { File::from_raw_fd(efd) };
+        let eventfd = eventfd()?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(UringQueue {
             ring,
@@ -61,6 +59,8 @@ impl UringQueue {
             direct,
             slots: Vec::new(),
             free: Vec::new(),
+            spare: Vec::new(),
+            polling: false,
             unsubmitted: 0,
             in_kernel: 0,
             done: Vec::new(),
@@ -116,13 +116,13 @@ impl UringQueue {
             self.done.push((cookie, Err(e)));
             return;
         }
-        let iov = bufs
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-                iov_len: b.len(),
-            })
-            .collect();
+        // iovec arrays are reused: no allocation per request once the queue is warm.
+        let mut iov = self.spare.pop().unwrap_or_default();
+        iov.clear();
+        iov.extend(bufs.iter().map(|b| libc::iovec {
+            iov_base: b.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        }));
         let fd = types::Fixed(0);
         self.push(cookie, iov, len, |p, n| {
             if write {
@@ -169,8 +169,10 @@ impl QueueBackend for UringQueue {
                 Err(e) => tracing::warn!("io_uring submit: {e}"),
             }
         }
-        let mut counter = [0u8; 8];
-        let _ = (&self.eventfd).read(&mut counter);
+        if !self.polling {
+            let mut counter = [0u8; 8];
+            let _ = (&self.eventfd).read(&mut counter);
+        }
         out.append(&mut self.done);
         let mut cq = self.ring.completion();
         cq.sync();
@@ -192,13 +194,29 @@ impl QueueBackend for UringQueue {
             } else {
                 Ok(())
             };
-            drop(slot.iovecs);
+            self.spare.push(slot.iovecs);
             out.push((slot.cookie, result));
         }
     }
 
     fn in_flight(&self) -> usize {
         self.in_kernel + self.done.len()
+    }
+
+    fn set_polling(&mut self, on: bool) {
+        // The kernel skips the eventfd while this flag is set in the shared CQ ring.
+        let cq = self.ring.completion();
+        if on {
+            cq.disable_eventfd();
+        } else {
+            cq.enable_eventfd();
+        }
+        self.polling = on;
+    }
+
+    fn has_results(&mut self) -> bool {
+        // The completion queue's head and tail are in memory shared with the kernel.
+        self.unsubmitted > 0 || !self.done.is_empty() || !self.ring.completion().is_empty()
     }
 }
 

@@ -27,6 +27,16 @@ impl Drop for Scratch {
     }
 }
 
+/// A sparse image of `SIZE` bytes, `dir/disk.img`.
+pub fn sparse_image(dir: &Path) -> PathBuf {
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    image
+}
+
 pub fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("vudev-vu-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -184,6 +194,33 @@ impl Client {
         unsafe { c[0].assume_init_read() }.ret
     }
 
+    /// Starts a write of `buf()[at..at + len]` to `off`; `wait_all` collects it.
+    pub fn start_write(&mut self, q: usize, at: usize, off: u64, len: usize) {
+        assert!(at + len <= 2 << 20);
+        let p = (self.region.addr + at) as *const u8;
+        self.queues[q].write(off, p, len, 0, ReqFlags::empty());
+    }
+
+    /// Starts a read of `len` bytes at `off` into `buf()[at..]`; `wait_all` collects it.
+    pub fn start_read(&mut self, q: usize, at: usize, off: u64, len: usize) {
+        assert!(at + len <= 2 << 20);
+        let p = (self.region.addr + at) as *mut u8;
+        self.queues[q].read(off, p, len, 0, ReqFlags::empty());
+    }
+
+    /// Waits (at most 30 s) for `n` started requests; their return codes.
+    pub fn wait_all(&mut self, q: usize, n: usize) -> Vec<i32> {
+        let mut c: Vec<MaybeUninit<Completion>> = (0..n).map(|_| MaybeUninit::uninit()).collect();
+        let got = self.queues[q]
+            .do_io(&mut c, n, Some(&mut Duration::from_secs(30)), None)
+            .expect("do_io");
+        assert_eq!(got, n, "{got} of {n} completions within 30 s");
+        // SAFETY: do_io initialised `n` completions.
+        c.iter()
+            .map(|x| unsafe { x.assume_init_read() }.ret)
+            .collect()
+    }
+
     pub fn write(&mut self, q: usize, off: u64, len: usize) -> i32 {
         let p = self.region.addr as *const u8;
         self.queues[q].write(off, p, len, 0, ReqFlags::empty());
@@ -217,4 +254,42 @@ pub fn pattern(buf: &mut [u8], seed: u64) {
         x ^= x << 17;
         *b = x as u8;
     }
+}
+
+/// The checks every writable vhost-user-blk export must pass.
+pub fn writable_suite(socket: &Path, queues: i32) {
+    let mut c = Client::connect(socket, queues).unwrap();
+    assert_eq!(c.capacity(), SIZE);
+    assert!(!c.read_only());
+    for (i, &(off, len)) in [
+        (0u64, 4096usize),
+        (8192 + 512, 512),
+        (5 << 20, 1 << 20),
+        (SIZE - 65536, 65536),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let q = i % c.queues.len();
+        pattern(&mut c.buf()[..len], off ^ i as u64);
+        assert_eq!(c.write(q, off, len), 0, "write {len} at {off}");
+        assert_eq!(c.read(q, off, len), 0, "read {len} at {off}");
+        let b = c.buf();
+        assert!(
+            b[..len] == b[1 << 20..(1 << 20) + len],
+            "read-back of {len} at {off} differs"
+        );
+    }
+    assert_eq!(c.flush(0), 0);
+    // Past the end fails; so does a length that is not a multiple of 512.
+    assert_ne!(c.read(0, SIZE, 4096), 0);
+    // Discard is accepted; write-zeroes reads back as zeros.
+    pattern(&mut c.buf()[..65536], 7);
+    assert_eq!(c.write(0, 1 << 20, 65536), 0);
+    c.queues[0].discard(1 << 20, 32768, 0, ReqFlags::empty());
+    assert_eq!(c.wait(0), 0);
+    c.queues[0].write_zeroes(1 << 20, 65536, 0, ReqFlags::empty());
+    assert_eq!(c.wait(0), 0);
+    assert_eq!(c.read(0, 1 << 20, 65536), 0);
+    assert!(c.buf()[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0));
 }

@@ -1,0 +1,216 @@
+//! NBD transmission-phase messages (NetworkBlockDevice `doc/proto.md`, and its
+//! `extension-ext-header` branch for extended headers): request headers, reply headers, and
+//! the server's error codes.
+
+use std::io::{self, Read};
+
+pub(super) const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub(super) const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub(super) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub(super) const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+pub(super) const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+
+pub(super) const TF_READ_ONLY: u16 = 0x2;
+pub(super) const TF_SEND_FLUSH: u16 = 0x4;
+pub(super) const TF_SEND_TRIM: u16 = 0x20;
+pub(super) const TF_SEND_WRITE_ZEROES: u16 = 0x40;
+pub(super) const TF_CAN_MULTI_CONN: u16 = 0x100;
+
+pub(super) const CMD_READ: u16 = 0;
+pub(super) const CMD_WRITE: u16 = 1;
+pub(super) const CMD_DISC: u16 = 2;
+pub(super) const CMD_FLUSH: u16 = 3;
+pub(super) const CMD_TRIM: u16 = 4;
+pub(super) const CMD_WRITE_ZEROES: u16 = 6;
+pub(super) const CMD_FLAG_NO_HOLE: u16 = 0x2;
+const CMD_FLAG_PAYLOAD_LEN: u16 = 0x20;
+
+pub(super) const REPLY_FLAG_DONE: u16 = 0x1;
+pub(super) const CHUNK_NONE: u16 = 0;
+pub(super) const CHUNK_OFFSET_DATA: u16 = 1;
+pub(super) const CHUNK_OFFSET_HOLE: u16 = 2;
+pub(super) const CHUNK_ERROR: u16 = 0x8001;
+pub(super) const CHUNK_ERROR_OFFSET: u16 = 0x8002;
+/// Largest chunk other than read data we accept (an error message is at most 4 KiB).
+pub(super) const MAX_CHUNK: u64 = 8 << 10;
+
+/// Largest payload we send or accept in one request (the protocol's default maximum).
+pub(super) const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// How replies look on a connection, as negotiated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Replies {
+    /// Simple replies only (an old server).
+    Simple,
+    /// Structured replies (`NBD_OPT_STRUCTURED_REPLY`).
+    Structured,
+    /// Extended headers (`NBD_OPT_EXTENDED_HEADERS`): 32-byte requests and replies.
+    Extended,
+}
+
+/// A request header, ready to send: the bytes and how many of them are used.
+pub(super) fn request_header(
+    replies: Replies,
+    cmd: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+) -> ([u8; 32], usize) {
+    let mut h = [0u8; 32];
+    h[8..16].copy_from_slice(&cookie.to_be_bytes());
+    h[16..24].copy_from_slice(&offset.to_be_bytes());
+    h[6..8].copy_from_slice(&cmd.to_be_bytes());
+    if replies == Replies::Extended {
+        let flags = if cmd == CMD_WRITE {
+            flags | CMD_FLAG_PAYLOAD_LEN
+        } else {
+            flags
+        };
+        h[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        h[4..6].copy_from_slice(&flags.to_be_bytes());
+        h[24..32].copy_from_slice(&u64::from(len).to_be_bytes());
+        (h, 32)
+    } else {
+        h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        h[4..6].copy_from_slice(&flags.to_be_bytes());
+        h[24..28].copy_from_slice(&len.to_be_bytes());
+        (h, 28)
+    }
+}
+
+/// The header of one reply message.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ReplyHeader {
+    /// A simple reply: the error code (0: success). A successful read's data follows.
+    Simple { cookie: u64, error: u32 },
+    /// One chunk of a structured or extended reply; `len` bytes of payload follow.
+    Chunk {
+        cookie: u64,
+        flags: u16,
+        kind: u16,
+        /// The request's offset, echoed by extended replies.
+        offset: Option<u64>,
+        len: u64,
+    },
+}
+
+/// Reads one reply header, refusing what the negotiated mode does not allow.
+pub(super) fn read_reply_header(r: &mut dyn Read, replies: Replies) -> io::Result<ReplyHeader> {
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic)?;
+    let magic = u32::from_be_bytes(magic);
+    let bytes = |r: &mut dyn Read, n: usize| -> io::Result<[u8; 28]> {
+        let mut b = [0u8; 28];
+        r.read_exact(&mut b[..n])?;
+        Ok(b)
+    };
+    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let be64 = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
+    match (magic, replies) {
+        (SIMPLE_REPLY_MAGIC, Replies::Simple | Replies::Structured) => {
+            let b = bytes(r, 12)?;
+            Ok(ReplyHeader::Simple {
+                error: be32(&b[0..4]),
+                cookie: be64(&b[4..12]),
+            })
+        }
+        (STRUCTURED_REPLY_MAGIC, Replies::Structured) => {
+            let b = bytes(r, 16)?;
+            Ok(ReplyHeader::Chunk {
+                flags: be16(&b[0..2]),
+                kind: be16(&b[2..4]),
+                cookie: be64(&b[4..12]),
+                offset: None,
+                len: u64::from(be32(&b[12..16])),
+            })
+        }
+        (EXTENDED_REPLY_MAGIC, Replies::Extended) => {
+            let b = bytes(r, 28)?;
+            Ok(ReplyHeader::Chunk {
+                flags: be16(&b[0..2]),
+                kind: be16(&b[2..4]),
+                cookie: be64(&b[4..12]),
+                offset: Some(be64(&b[12..20])),
+                len: be64(&b[20..28]),
+            })
+        }
+        _ => Err(proto(format!(
+            "unexpected reply magic {magic:#x} ({replies:?} replies negotiated)"
+        ))),
+    }
+}
+
+/// The server broke the protocol.
+pub(super) fn proto(what: impl Into<String>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("NBD server: {}", what.into()),
+    )
+}
+
+/// A server error as an I/O error the device reports (IOERR), named for the log, with the
+/// server's own message if it sent one.
+pub(super) fn server_error(code: u32, message: &str) -> io::Error {
+    let what = match code {
+        1 => "operation not permitted (EPERM)",
+        5 => "input/output error (EIO)",
+        12 => "out of memory (ENOMEM)",
+        22 => "invalid request (EINVAL)",
+        28 => "no space left (ENOSPC)",
+        75 => "value too large (EOVERFLOW)",
+        95 => "not supported (ENOTSUP)",
+        108 => "server shutting down (ESHUTDOWN)",
+        _ => "unknown error",
+    };
+    let sep = if message.is_empty() { "" } else { ": " };
+    let e = io::Error::other(format!("NBD server: {what}, code {code}{sep}{message}"));
+    tracing::warn!("{e}");
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_encode_and_decode() {
+        let (h, n) = request_header(Replies::Structured, CMD_WRITE, 0, 7, 4096, 512);
+        assert_eq!(n, 28);
+        assert_eq!(&h[0..4], &REQUEST_MAGIC.to_be_bytes());
+        assert_eq!(&h[24..28], &512u32.to_be_bytes());
+        let (h, n) = request_header(Replies::Extended, CMD_WRITE, 0, 7, 4096, 512);
+        assert_eq!(n, 32);
+        assert_eq!(
+            &h[4..6],
+            &0x20u16.to_be_bytes(),
+            "a write carries PAYLOAD_LEN"
+        );
+        assert_eq!(&h[24..32], &512u64.to_be_bytes());
+
+        let mut m = EXTENDED_REPLY_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m.extend_from_slice(&CHUNK_OFFSET_DATA.to_be_bytes());
+        m.extend_from_slice(&9u64.to_be_bytes());
+        m.extend_from_slice(&4096u64.to_be_bytes());
+        m.extend_from_slice(&520u64.to_be_bytes());
+        let h = read_reply_header(&mut &m[..], Replies::Extended).unwrap();
+        assert_eq!(
+            h,
+            ReplyHeader::Chunk {
+                cookie: 9,
+                flags: 1,
+                kind: CHUNK_OFFSET_DATA,
+                offset: Some(4096),
+                len: 520
+            }
+        );
+        // Each mode refuses the others' replies.
+        assert!(read_reply_header(&mut &m[..], Replies::Structured).is_err());
+        let mut s = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        s.extend_from_slice(&[0; 12]);
+        assert!(read_reply_header(&mut &s[..], Replies::Extended).is_err());
+        assert!(read_reply_header(&mut &s[..], Replies::Simple).is_ok());
+    }
+}

@@ -1,0 +1,37 @@
+# Benchmark (not a test): fio 4 KiB random reads at QD16 on the VDUSE block device of
+# qemu-storage-daemon's vduse-blk export, then of vudev's, on the same tmpfs file in the same
+# guest. Prints `BENCH name iops=N utime=T stime=T hz=H ios=N secs=S` per exporter (the
+# daemon's user and system CPU over the run, in clock ticks of 1/H s) and a check per run so that run.sh reports it.
+. /lib.sh
+SECS=${BENCH_SECS:-10}
+dd if=/dev/urandom of=/tmp/b.img bs=1M count=256 2>/dev/null
+hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
+bench() { # name pid device
+    u0=$(awk '{print $14}' /proc/$2/stat); s0=$(awk '{print $15}' /proc/$2/stat)
+    out=$(fio --name=b --filename="$3" --rw=randread --bs=4k --iodepth=16 --ioengine=libaio \
+        --direct=1 --time_based --runtime="$SECS" --ramp_time=1 --norandommap \
+        --output-format=terse --terse-version=3 2>/tmp/fio-$1.err)
+    u1=$(awk '{print $14}' /proc/$2/stat); s1=$(awk '{print $15}' /proc/$2/stat)
+    iops=$(echo "$out" | cut -d';' -f8)
+    ios=$(echo "$out" | cut -d';' -f6)   # KiB read = 4 KiB I/Os * 4
+    echo "BENCH $1 iops=$iops utime=$((u1 - u0)) stime=$((s1 - s0)) hz=$hz ios=$((ios / 4)) secs=$SECS"
+    check "bench-$1-ran" [ -n "$iops" ]
+}
+
+qemu-storage-daemon --blockdev driver=file,filename=/tmp/b.img,node-name=d0,aio=io_uring \
+    --export type=vduse-blk,id=e0,node-name=d0,name=qb0,writable=on,num-queues=1 \
+    2>/tmp/qsd-b.log &
+qsd=$!
+wait_for /dev/vduse/qb0 20
+vdpa dev add name qb0 mgmtdev vduse
+dev=$(wait_blkdev qb0 20)
+bench qsd $qsd "$dev"
+vdpa dev del qb0
+kill -TERM $qsd; wait $qsd 2>/dev/null
+
+vudev export vduse --name vb0 --file /tmp/b.img --num-queues 1 2>/tmp/vb0.log &
+vpid=$!
+dev=$(wait_blkdev vb0 20)
+bench vudev $vpid "$dev"
+stop_export $vpid vb0
+echo SCENARIO DONE

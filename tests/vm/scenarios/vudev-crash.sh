@@ -1,0 +1,63 @@
+# Crash recovery: fio writes with verification through a VDUSE export while vudev is killed
+# with SIGKILL at random moments and started again with the same command (which adopts the
+# device and finishes what was in flight). fio must see no error and no bad data.
+. /lib.sh
+KILLS=${KILLS:-6}
+truncate -s 128M /tmp/crash.img
+start_vudev() {
+    vudev export vduse --name crash0 --file /tmp/crash.img 2>>/tmp/crash0.log &
+    pid=$!
+}
+start_vudev
+dev=$(wait_blkdev crash0 30) && echo "CHECK PASS crash-attach" || echo "CHECK FAIL crash-attach: $(tail -3 /tmp/crash0.log)"
+fio --name=crash --filename="$dev" --rw=randwrite --bsrange=4k-256k --iodepth=32 --ioengine=libaio \
+    --direct=1 --size=32m --time_based --runtime=$((KILLS * 5 + 6)) --verify=crc32c \
+    --verify_backlog=512 --verify_fatal=1 --randrepeat=0 >/tmp/fio-crash.log 2>&1 &
+fio=$!
+sleep 2
+adoptions() { grep -c 'VDUSE device adopted' /tmp/crash0.log; }
+kills=0
+late=0
+i=0
+while [ $i -lt "$KILLS" ]; do
+    i=$((i + 1))
+    # A random moment: 0.5 to 3 s after the previous (re)start took the device over.
+    sleep "$((RANDOM % 3)).$((RANDOM % 10))"
+    sleep 0.5
+    kill -0 $fio 2>/dev/null || break
+    kill -KILL $pid && wait $pid 2>/dev/null
+    kills=$((kills + 1))
+    sleep "0.$((RANDOM % 5))"
+    start_vudev
+    # Each restart must adopt the device within 10 s (the next kill waits for it).
+    t=0
+    while [ "$(adoptions)" -lt "$kills" ] && [ $t -lt 100 ]; do sleep 0.1; t=$((t + 1)); done
+    [ "$(adoptions)" -ge "$kills" ] || late=$((late + 1))
+done
+wait_exit $fio 120
+rc=$?
+echo "INFO crash: $kills kills; $(adoptions) adoptions; requests resubmitted: $(grep -o 'resubmit=[0-9]*' /tmp/crash0.log | tr '\n' ' ')"
+check crash-killed-at-least-5-times [ "$kills" -ge 5 ]
+if [ "$late" -eq 0 ] && [ "$(adoptions)" -eq "$kills" ]; then
+    echo "CHECK PASS crash-every-restart-adopted"
+else
+    echo "CHECK FAIL crash-every-restart-adopted: $kills kills, $(adoptions) adoptions, $late not within 10 s: $(grep -v INFO /tmp/crash0.log | tail -3 | tr '\n' ' ')"
+fi
+if [ $rc -eq 0 ] && ! grep -qi 'verify.*fail\|bad magic\|crc32c.*mismatch' /tmp/fio-crash.log; then
+    echo "CHECK PASS crash-fio-no-error"
+else
+    echo "CHECK FAIL crash-fio-no-error: fio status $rc: $(grep -i 'err\|verify' /tmp/fio-crash.log | head -5 | tr '\n' ' ')"
+fi
+sync
+a=$(dd if="$dev" bs=1M count=128 iflag=direct 2>/dev/null | sha256sum)
+b=$(dd if=/tmp/crash.img bs=1M count=128 2>/dev/null | sha256sum)
+check crash-image-equals-device [ "$a" = "$b" ]
+# A restart with other settings is refused and leaves the device alone; the right one adopts it.
+kill -KILL $pid && wait $pid 2>/dev/null
+vudev export vduse --name crash0 --file /tmp/crash.img --readonly 2>/tmp/mismatch.log
+check crash-adopt-refuses-other-settings grep -q "exists with other settings" /tmp/mismatch.log
+start_vudev
+check crash-readopted-after-refusal dd if="$dev" of=/dev/null bs=4k count=256 iflag=direct
+stop_export $pid crash0
+check crash-state-file-removed [ ! -e /run/vudev/crash0.state ]
+echo SCENARIO DONE
