@@ -100,6 +100,20 @@ struct Figures {
     p50_us: f64,
     /// Server CPU seconds (user + system) per I/O, in microseconds.
     cpu_us_per_io: f64,
+    /// Share of the window the server's threads were on a CPU (1.0 = one CPU all the time).
+    server_busy: f64,
+    /// Share of the window the client thread was on a CPU: near 1.0, the client is the limit.
+    client_busy: f64,
+}
+
+/// CPU seconds (user + system) the calling thread has used.
+fn thread_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, exclusively borrowed rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
 }
 
 struct Server {
@@ -269,6 +283,7 @@ fn drive_with(
         (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
     window(true);
     let cpu0 = server.map_or(f64::NAN, Server::cpu_seconds);
+    let client0 = thread_cpu_seconds();
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(secs);
     loop {
@@ -301,6 +316,7 @@ fn drive_with(
     window(false);
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = server.map_or(f64::NAN, Server::cpu_seconds) - cpu0;
+    let client = thread_cpu_seconds() - client0;
     // Drain what is still in flight before disconnecting.
     let mut left = w.depth;
     while left > 0 {
@@ -320,6 +336,8 @@ fn drive_with(
         iops: done as f64 / elapsed,
         p50_us: lat.get(lat.len() / 2).map_or(0.0, |&ns| ns as f64 / 1000.0),
         cpu_us_per_io: cpu / done.max(1) as f64 * 1e6,
+        server_busy: cpu / elapsed,
+        client_busy: client / elapsed,
     })
 }
 
@@ -459,11 +477,15 @@ fn main() {
             .flatten();
         let line = match (&ours, &theirs) {
             (Ok(o), Ok(t)) => format!(
-                "{:<36} vudev {:>9.0} IOPS  qsd {:>9.0} IOPS  ratio {:.2}",
+                "{:<36} vudev {:>9.0} IOPS  qsd {:>9.0} IOPS  ratio {:.2}  busy (server/client) vudev {:.2}/{:.2} qsd {:.2}/{:.2}",
                 w.name,
                 o.iops,
                 t.iops,
-                o.iops / t.iops
+                o.iops / t.iops,
+                o.server_busy,
+                o.client_busy,
+                t.server_busy,
+                t.client_busy
             ),
             _ => format!(
                 "{:<36} failed: {:?} / {:?}",
@@ -550,6 +572,7 @@ fn main() {
     );
     let _ = writeln!(md, "| workload | vudev IOPS | qsd IOPS | IOPS ratio | vudev p50 µs | qsd p50 µs | vudev CPU µs/IO | qsd CPU µs/IO | CPU ratio |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
+    let mut busy = String::new();
     for (w, o, t, _) in &rows {
         match (o, t) {
             (Ok(o), Ok(t)) => {
@@ -573,13 +596,23 @@ fn main() {
                     t.cpu_us_per_io,
                     o.cpu_us_per_io / t.cpu_us_per_io
                 );
+                let _ = writeln!(
+                    busy,
+                    "| {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    w.name, o.server_busy, o.client_busy, t.server_busy, t.client_busy
+                );
             }
             _ => {
                 let _ = writeln!(md, "| {} | failed | failed | | | | | | |", w.name);
             }
         }
     }
-    let _ = writeln!(md, "\nWith no virtio in between: the same client's `io_uring` driver on the same tmpfs file.\n");
+    let _ = writeln!(md, "\nHow busy each side was: CPU time over the measured window (1.00 = one CPU the whole time; the machine has {}). The client is one thread; when it is near 1.00 the client, not the daemon, sets the pace.\n", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let _ = writeln!(md, "| workload | vudev busy | its client busy | qsd busy | its client busy |\n|---|---|---|---|---|\n{busy}");
+    let _ = writeln!(
+        md,
+        "With no virtio in between: the same client's `io_uring` driver on the same tmpfs file.\n"
+    );
     let _ = writeln!(
         md,
         "| workload | plain io_uring IOPS | vudev IOPS | vudev / plain |"

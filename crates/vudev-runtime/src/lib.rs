@@ -8,6 +8,7 @@
 //! vhost-user live migration needs and the [`InflightArea`] that lets a restarted daemon finish
 //! its predecessor's requests.
 
+mod bounce;
 pub mod device;
 pub mod dirty_log;
 pub mod inflight;

@@ -24,6 +24,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::bounce::BounceBuffer;
 use crate::device::Device;
 use crate::inflight::InflightArea;
 use crate::memory::{Mapping, MappingSource, MemoryMap};
@@ -79,6 +80,7 @@ struct Inner {
     dev: Arc<VduseDevice>,
     device: Arc<dyn Device>,
     map: Arc<MemoryMap>,
+    bounce: Arc<BounceBuffer>,
     api_version: u64,
     queue_size: u16,
     /// In-flight records (from the state file), if kept.
@@ -93,14 +95,24 @@ struct State {
     positions: Vec<QueuePosition>,
 }
 
-struct IotlbSource(Arc<VduseDevice>);
+/// Mappings looked up in the kernel's IOTLB; the bounce buffer is our own memory where the
+/// kernel lets us register it.
+struct IotlbSource {
+    dev: Arc<VduseDevice>,
+    bounce: Arc<BounceBuffer>,
+}
 
 impl MappingSource for IotlbSource {
     fn lookup(&self, start: u64, last: u64) -> io::Result<Option<Mapping>> {
         let m = self
-            .0
+            .dev
             .iotlb_get_fd(start, last)
             .map_err(|e| io::Error::other(e.to_string()))?;
+        if let Some(m) = &m {
+            if let Some(ours) = self.bounce.mapping(m.start, m.last)? {
+                return Ok(Some(ours));
+            }
+        }
         Ok(m.map(|m| Mapping {
             file: m.file,
             offset: m.offset,
@@ -168,12 +180,17 @@ impl VduseExport {
             vduse_features = control.features(),
             "VDUSE device {}", if adopted { "adopted" } else { "created" }
         );
-        let map = Arc::new(MemoryMap::new(Some(Box::new(IotlbSource(dev.clone())))));
+        let bounce = Arc::new(BounceBuffer::new(dev.clone()));
+        let map = Arc::new(MemoryMap::new(Some(Box::new(IotlbSource {
+            dev: dev.clone(),
+            bounce: bounce.clone(),
+        }))));
         let n = usize::from(device.num_queues());
         let inner = Arc::new(Inner {
             dev,
             device,
             map,
+            bounce,
             api_version: control.api_version(),
             queue_size: opts.queue_size,
             inflight: state.as_ref().map(|s| s.area().clone()),
@@ -553,6 +570,7 @@ impl Inner {
             st.status = 0;
             drop(st);
             self.map.clear();
+            self.bounce.reset();
             tracing::info!("driver reset the device");
             return Reply::Ok;
         }

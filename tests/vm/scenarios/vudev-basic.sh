@@ -9,6 +9,7 @@ dev=$(wait_blkdev vd0 30) && echo "CHECK PASS file-attach" || { echo "CHECK FAIL
 check file-size [ "$($BLOCKDEV --getsize64 $dev)" = 134217728 ]
 check file-serial [ "$(cat /sys/block/${dev#/dev/}/serial)" = vudev-serial-0 ]
 blk_suite $dev file
+check file-bounce-registered grep -q "bounce buffer registered: 64 MiB" /tmp/vd0.log
 dev_sum=$(sha256sum < $dev | cut -d' ' -f1)
 stop_export $pid vd0
 file_sum=$(sha256sum < /tmp/disk.img | cut -d' ' -f1)

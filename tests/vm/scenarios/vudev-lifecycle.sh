@@ -29,6 +29,24 @@ check vhost-vdpa-node [ -c "$node" ]
 check vhost-vdpa-blkio-verify blkio-verify --driver virtio-blk-vhost-vdpa --path $node
 stop_export $pid vm0
 
+# Detached and attached again while the daemon runs: the kernel may give the device a new
+# bounce domain, and the daemon registers its memory for the bounce buffer afresh.
+truncate -s 64M /tmp/re.img
+dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null
+vudev export vduse --name re0 --file /tmp/re.img 2>/tmp/re0.log &
+pid=$!
+dev=$(wait_blkdev re0 30) && echo "CHECK PASS reattach-first-attach" || echo "CHECK FAIL reattach-first-attach: $(tail -3 /tmp/re0.log)"
+check reattach-write dd if=/tmp/pattern of=$dev bs=1M count=8 oflag=direct
+check reattach-detach vudev vdpa detach re0
+check reattach-attach vudev vdpa attach re0
+dev=$(wait_blkdev re0 30)
+check reattach-read-back sh -c "dd if=$dev bs=1M count=8 iflag=direct 2>/dev/null | cmp - /tmp/pattern"
+check reattach-fio-verify fio --name=r --filename=$dev --rw=randwrite --bs=4k --iodepth=16 \
+    --ioengine=libaio --direct=1 --size=16m --verify=crc32c --verify_fatal=1
+check reattach-registered-each-time [ "$(grep -c 'bounce buffer registered' /tmp/re0.log)" -ge 2 ]
+stop_export $pid re0
+check reattach-no-kernel-warning sh -c "! dmesg | grep -q 'WARNING:\|BUG:'"
+
 # Errors a user meets.
 vudev export vduse --name dup0 --memory 16M 2>/tmp/dup0.log &
 pid=$!
