@@ -106,6 +106,17 @@ struct Figures {
     client_busy: f64,
 }
 
+/// The run with the median IOPS; the first error if any run failed.
+fn median(mut runs: Vec<Result<Figures, String>>) -> Result<Figures, String> {
+    if let Some(i) = runs.iter().position(Result::is_err) {
+        return runs.swap_remove(i);
+    }
+    let mut ok: Vec<Figures> = runs.into_iter().flatten().collect();
+    ok.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+    let mid = ok.len() / 2;
+    Ok(ok.swap_remove(mid))
+}
+
 /// CPU seconds (user + system) the calling thread has used.
 fn thread_cpu_seconds() -> f64 {
     // SAFETY: getrusage fills the zeroed struct it is given.
@@ -414,6 +425,8 @@ fn main() {
     let mut vduse_log = None;
     let mut only: Option<String> = None;
     let mut poll_us: u32 = 50;
+    let mut keep: Option<PathBuf> = None;
+    let mut rounds: usize = 3;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
@@ -423,8 +436,16 @@ fn main() {
             ("--vduse-log", Some(v)) => vduse_log = Some(PathBuf::from(v)),
             ("--only", Some(v)) => only = Some(v),
             ("--poll-us", Some(v)) => poll_us = v.parse().expect("--poll-us N"),
+            ("--keep-profiles", Some(v)) => keep = Some(PathBuf::from(v)),
+            ("--rounds", Some(v)) => {
+                rounds = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .expect("--rounds N (N > 0)")
+            }
             _ => {
-                eprintln!("usage: vudev-bench [--seconds N] [--output PATH] [--vudev PATH] [--vduse-log PATH] [--only TEXT] [--poll-us N]");
+                eprintln!("usage: vudev-bench [--seconds N] [--rounds N] [--output PATH] [--vudev PATH] [--vduse-log PATH] [--only TEXT] [--poll-us N] [--keep-profiles DIR]");
                 std::process::exit(2);
             }
         }
@@ -464,17 +485,26 @@ fn main() {
     let mut commands = vec![nbd_cmd.clone()];
     let chosen = |w: &&Workload| only.as_ref().is_none_or(|o| w.name.contains(o.as_str()));
     for w in WORKLOADS.iter().filter(chosen) {
-        let (s, cmd) = vudev(&bin, &dir, w.backend, &image, poll_us);
-        let ours = drive(&s, w, secs);
-        drop(s);
-        commands.push(cmd);
-        let (s, cmd) = qsd(&dir, w.backend, &image);
-        let theirs = drive(&s, w, secs);
-        drop(s);
-        commands.push(cmd);
-        let plain = (w.backend == Backend::TmpfsFile)
-            .then(|| drive_with("io_uring", &image, None, w, secs, &|_| {}).ok())
-            .flatten();
+        // The peers take turns, `rounds` times each; the run with the median IOPS stands for
+        // each, so one burst of noise on this shared machine does not decide a ratio.
+        let (mut ours, mut theirs, mut plain) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let (s, cmd) = vudev(&bin, &dir, w.backend, &image, poll_us);
+            ours.push(drive(&s, w, secs));
+            drop(s);
+            let (s, cmd2) = qsd(&dir, w.backend, &image);
+            theirs.push(drive(&s, w, secs));
+            drop(s);
+            if round == 0 {
+                commands.push(cmd);
+                commands.push(cmd2);
+            }
+            if w.backend == Backend::TmpfsFile {
+                plain.push(drive_with("io_uring", &image, None, w, secs, &|_| {}));
+            }
+        }
+        let (ours, theirs) = (median(ours), median(theirs));
+        let plain = (!plain.is_empty()).then(|| median(plain).ok()).flatten();
         let line = match (&ours, &theirs) {
             (Ok(o), Ok(t)) => format!(
                 "{:<36} vudev {:>9.0} IOPS  qsd {:>9.0} IOPS  ratio {:.2}  busy (server/client) vudev {:.2}/{:.2} qsd {:.2}/{:.2}",
@@ -523,6 +553,11 @@ fn main() {
         for (name, (cmd, socket)) in peers {
             let out = dir.join(format!("callgrind-{name}-{}.out", w.depth));
             let p = profile::profile(&cmd, &socket, &out, w, 3.0);
+            if let Some(k) = &keep {
+                // For a closer look: callgrind_annotate --inclusive=yes, or kcachegrind.
+                let _ = std::fs::create_dir_all(k);
+                let _ = std::fs::copy(&out, k.join(out.file_name().unwrap()));
+            }
             match &p {
                 Ok(p) => println!(
                     "{:<36} {name}: {:.0} instructions per I/O",
@@ -565,7 +600,7 @@ fn main() {
         "- peer: {}",
         version("qemu-storage-daemon", "--version")
     );
-    let _ = writeln!(md, "- client: the blkio crate's virtio-blk-vhost-user driver, 1 queue, 4 KiB, {secs} s per run, on the same machine");
+    let _ = writeln!(md, "- client: the blkio crate's virtio-blk-vhost-user driver, 1 queue, 4 KiB, {secs} s per run, on the same machine; the peers take turns {rounds} times per workload and each figure is from the run with the median IOPS");
     let _ = writeln!(
         md,
         "- transport: vhost-user for both in the first tables; VDUSE in the last one\n"

@@ -5,8 +5,10 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
+use vudev_runtime::memory::{one_slice, read_bytes, write_bytes};
 use vudev_runtime::{Chain, Completions, Device, Memory, QueueHandler};
 
 use crate::backend::{BlockBackend, IoDone, IoOp, QueueBackend};
@@ -107,9 +109,10 @@ impl BlockQueue {
     ) {
         // The status address was in driver memory when parsed; if it vanished since, the
         // driver unmapped its own buffer and can only see a zero-length completion.
-        let used = match mem.write_obj(code, GuestAddress(status)) {
-            Ok(()) => used,
-            Err(_) => 0,
+        let used = if write_bytes(mem, status, &[code]) {
+            used
+        } else {
+            0
         };
         done.push(head, used);
     }
@@ -165,8 +168,13 @@ impl BlockQueue {
                 } else {
                     Permissions::Read
                 };
-                let mut bufs: Vec<VolatileSlice<'_>> = Vec::with_capacity(self.req.data.len());
+                // On the stack for the usual few segments: no allocation per request.
+                let mut bufs: SmallVec<[VolatileSlice<'_>; 8]> = SmallVec::new();
                 for &(addr, len) in &self.req.data {
+                    if let Some(s) = one_slice(mem, addr, len as usize) {
+                        bufs.push(s);
+                        continue;
+                    }
                     let slices = mem
                         .get_slices(GuestAddress(addr), len as usize, access)
                         .map_err(|_| "data buffer is outside driver memory")?;
@@ -236,8 +244,9 @@ impl BlockQueue {
                 }
                 let (addr, _) = self.req.data[0];
                 let mut seg = [0u8; 16];
-                mem.read_slice(&mut seg, GuestAddress(addr))
-                    .map_err(|_| "discard segment is outside driver memory")?;
+                if !read_bytes(mem, addr, &mut seg) {
+                    return Err("discard segment is outside driver memory");
+                }
                 let seg_sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
                 let num = u32::from_le_bytes(seg[8..12].try_into().unwrap());
                 let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());

@@ -6,8 +6,8 @@
 
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress};
 
+use vudev_runtime::memory::read_bytes;
 use vudev_runtime::Memory;
 
 /// Request types this device knows.
@@ -110,8 +110,9 @@ impl Request {
             let (addr, len) = (d.addr().0, u64::from(d.len()));
             let take = (HEADER_LEN as usize - got).min(len as usize);
             if take > 0 {
-                mem.read_slice(&mut header[got..got + take], GuestAddress(addr))
-                    .map_err(|_| bad("request header is outside driver memory"))?;
+                if !read_bytes(mem, addr, &mut header[got..got + take]) {
+                    return Err(bad("request header is outside driver memory"));
+                }
                 got += take;
             }
             if (take as u64) < len {
@@ -157,6 +158,7 @@ impl Request {
 mod tests {
     use super::*;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn mem() -> Memory {
         Memory::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()

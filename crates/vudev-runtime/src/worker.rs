@@ -10,14 +10,13 @@ use std::time::{Duration, Instant};
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestRegionMmap, Permissions,
-};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestRegionMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Chain, Completions, QueueHandler};
 use crate::dirty_log::DirtyLog;
 use crate::inflight::QueueInflight;
+use crate::memory::in_memory;
 use crate::memory::{Memory, MemoryGuard, MemoryMap};
 
 /// Tells the driver that the used ring moved (VDUSE: an ioctl; vhost-user: the call eventfd).
@@ -440,15 +439,11 @@ impl WorkerState {
     /// Hands the chain in `self.descs` to the device, mapping its buffers first where the
     /// transport maps on demand.
     fn handle(&mut self, mut mem: MemoryGuard, head: u16) {
-        // Map every buffer the chain names; the device rejects what stays unmapped.
+        // Map every buffer the chain names; the device rejects what stays unmapped. Without
+        // a source (vhost-user) there is nothing to map, and the device's own checks suffice.
         let mut faulted = false;
-        for d in &self.descs {
-            let access = if d.is_write_only() {
-                Permissions::Write
-            } else {
-                Permissions::Read
-            };
-            if !GuestMemory::check_range(&*mem, d.addr(), d.len() as usize, access) {
+        for d in self.descs.iter().filter(|_| self.map.maps_on_demand()) {
+            if !in_memory(&mem, d.addr().0, d.len() as usize) {
                 faulted |= self.map.fault_in(d.addr().0, u64::from(d.len()));
             }
         }
