@@ -665,7 +665,7 @@ fn main() {
             );
         }
     }
-    let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set); vudev's null backend writes zeros into every read buffer. Figures drift a lot between runs on this shared 2-CPU machine (the tmpfs read row moved between ~70k and ~120k IOPS for vudev across runs). vudev runs with `--poll-us {poll_us}` (each queue busy-polls for that long after its last activity; 0 = off); qemu-storage-daemon's iothread polls by default (adaptively, up to 32 µs). NBD rows: both keep many requests in flight on their connection to the same qemu-nbd.");
+    let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set; its profile below still shows one large memset per request); vudev's null backend writes zeros into every read buffer. Timings on this shared 2-CPU machine drift by up to 2x between runs (the same plain io_uring row has ranged from 252k to 344k IOPS within minutes), hence the alternating rounds and medians. vudev runs with `--poll-us {poll_us}` (each queue busy-polls for that long after its last activity; 0 = off), so under load its worker is busy all the time and CPU per I/O is simply its time per I/O; qemu-storage-daemon's iothread polls by default (adaptively, up to 32 us). NBD rows: both keep many requests in flight on their connection to the same qemu-nbd.");
     let guest = vduse_log
         .as_ref()
         .and_then(|p| std::fs::read_to_string(p).ok())
