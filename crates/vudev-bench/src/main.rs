@@ -45,44 +45,68 @@ struct Workload {
     backend: Backend,
     pattern: Pattern,
     depth: usize,
+    /// Extra vudev options for this row only.
+    vudev_args: &'static str,
 }
 
-const WORKLOADS: [Workload; 6] = [
+const WORKLOADS: [Workload; 8] = [
     Workload {
         name: "null, random read, QD32",
         backend: Backend::Null,
         pattern: Pattern::RandRead,
         depth: 32,
+        vudev_args: "",
     },
     Workload {
         name: "null, random read, QD1",
         backend: Backend::Null,
         pattern: Pattern::RandRead,
         depth: 1,
+        vudev_args: "",
     },
     Workload {
         name: "file on tmpfs, random read, QD32",
         backend: Backend::TmpfsFile,
         pattern: Pattern::RandRead,
         depth: 32,
+        vudev_args: "",
     },
     Workload {
         name: "file on tmpfs, random write, QD32",
         backend: Backend::TmpfsFile,
         pattern: Pattern::RandWrite,
         depth: 32,
+        vudev_args: "",
+    },
+    // vudev's default on tmpfs copies on the queue thread (`--aio auto`); these rows show
+    // what io_uring, which this kernel can only run through its worker threads there, gives.
+    Workload {
+        name: "file on tmpfs, random read, QD32, vudev --aio io_uring",
+        backend: Backend::TmpfsFile,
+        pattern: Pattern::RandRead,
+        depth: 32,
+        vudev_args: "--aio io_uring",
+    },
+    Workload {
+        name: "file on tmpfs, random write, QD32, vudev --aio io_uring",
+        backend: Backend::TmpfsFile,
+        pattern: Pattern::RandWrite,
+        depth: 32,
+        vudev_args: "--aio io_uring",
     },
     Workload {
         name: "NBD (qemu-nbd, unix), random read, QD32",
         backend: Backend::Nbd,
         pattern: Pattern::RandRead,
         depth: 32,
+        vudev_args: "",
     },
     Workload {
         name: "NBD (qemu-nbd, unix), random read, QD1",
         backend: Backend::Nbd,
         pattern: Pattern::RandRead,
         depth: 1,
+        vudev_args: "",
     },
 ];
 
@@ -177,8 +201,15 @@ impl Drop for Server {
     }
 }
 
-fn vudev(bin: &Path, dir: &Path, backend: Backend, image: &Path, poll_us: u32) -> (Server, String) {
-    let (cmd, socket) = vudev_cmd(bin, dir, backend, image, poll_us);
+fn vudev(
+    bin: &Path,
+    dir: &Path,
+    backend: Backend,
+    image: &Path,
+    poll_us: u32,
+    extra: &str,
+) -> (Server, String) {
+    let (cmd, socket) = vudev_cmd(bin, dir, backend, image, poll_us, extra);
     let line = format!("{cmd:?}");
     (Server::start(cmd, socket), line)
 }
@@ -190,6 +221,7 @@ fn vudev_cmd(
     backend: Backend,
     image: &Path,
     poll_us: u32,
+    extra: &str,
 ) -> (Command, PathBuf) {
     let socket = dir.join("vudev.sock");
     let mut cmd = Command::new(bin);
@@ -204,6 +236,7 @@ fn vudev_cmd(
             .arg("--nbd")
             .arg(format!("nbd+unix:///?socket={}", nbd_socket(dir).display())),
     };
+    cmd.args(extra.split_whitespace());
     (cmd, socket)
 }
 
@@ -427,6 +460,7 @@ fn main() {
     let mut poll_us: u32 = 50;
     let mut keep: Option<PathBuf> = None;
     let mut rounds: usize = 3;
+    let mut extra = String::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match (a.as_str(), args.next()) {
@@ -437,6 +471,7 @@ fn main() {
             ("--only", Some(v)) => only = Some(v),
             ("--poll-us", Some(v)) => poll_us = v.parse().expect("--poll-us N"),
             ("--keep-profiles", Some(v)) => keep = Some(PathBuf::from(v)),
+            ("--vudev-args", Some(v)) => extra = v,
             ("--rounds", Some(v)) => {
                 rounds = v
                     .parse()
@@ -445,7 +480,7 @@ fn main() {
                     .expect("--rounds N (N > 0)")
             }
             _ => {
-                eprintln!("usage: vudev-bench [--seconds N] [--rounds N] [--output PATH] [--vudev PATH] [--vduse-log PATH] [--only TEXT] [--poll-us N] [--keep-profiles DIR]");
+                eprintln!("usage: vudev-bench [--seconds N] [--rounds N] [--output PATH] [--vudev PATH] [--vduse-log PATH] [--only TEXT] [--poll-us N] [--vudev-args \"ARGS\"] [--keep-profiles DIR]");
                 std::process::exit(2);
             }
         }
@@ -489,7 +524,8 @@ fn main() {
         // each, so one burst of noise on this shared machine does not decide a ratio.
         let (mut ours, mut theirs, mut plain) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
-            let (s, cmd) = vudev(&bin, &dir, w.backend, &image, poll_us);
+            let args = format!("{extra} {}", w.vudev_args);
+            let (s, cmd) = vudev(&bin, &dir, w.backend, &image, poll_us, &args);
             ours.push(drive(&s, w, secs));
             drop(s);
             let (s, cmd2) = qsd(&dir, w.backend, &image);
@@ -547,7 +583,7 @@ fn main() {
     {
         let peers = [
             // No polling here: spinning would count as cost per request.
-            ("vudev", vudev_cmd(&bin, &dir, w.backend, &image, 0)),
+            ("vudev", vudev_cmd(&bin, &dir, w.backend, &image, 0, &extra)),
             ("qemu-storage-daemon", qsd_cmd(&dir, w.backend, &image)),
         ];
         for (name, (cmd, socket)) in peers {
@@ -665,7 +701,7 @@ fn main() {
             );
         }
     }
-    let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set; its profile below still shows one large memset per request); vudev's null backend writes zeros into every read buffer. Timings on this shared 2-CPU machine drift by up to 2x between runs (the same plain io_uring row has ranged from 252k to 344k IOPS within minutes), hence the alternating rounds and medians. vudev runs with `--poll-us {poll_us}` (each queue busy-polls for that long after its last activity; 0 = off), so under load its worker is busy all the time and CPU per I/O is simply its time per I/O; qemu-storage-daemon's iothread polls by default (adaptively, up to 32 us). NBD rows: both keep many requests in flight on their connection to the same qemu-nbd.");
+    let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set; its profile below still shows one large memset per request); vudev's null backend writes zeros into every read buffer. Timings on this shared 2-CPU machine drift by up to 2x between runs (the same plain io_uring row has ranged from 252k to 344k IOPS within minutes), hence the alternating rounds and medians. vudev runs with `--poll-us {poll_us}` (each queue busy-polls for that long after its last activity; 0 = off), so under load its worker is busy all the time and CPU per I/O is simply its time per I/O; qemu-storage-daemon's iothread polls by default (adaptively, up to 32 us). NBD rows: both keep many requests in flight on their connection to the same qemu-nbd. File rows: vudev's default `--aio auto` copies on the queue's own thread for a tmpfs file, because this kernel cannot read tmpfs without blocking (preadv2 with RWF_NOWAIT gives EOPNOTSUPP), so io_uring hands every request to a kernel worker thread; the `--aio io_uring` rows show what that costs. qemu-storage-daemon runs `aio=io_uring`, which the targets name; its `aio=threads` was not measured.");
     let guest = vduse_log
         .as_ref()
         .and_then(|p| std::fs::read_to_string(p).ok())

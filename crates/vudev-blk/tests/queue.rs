@@ -425,6 +425,37 @@ fn head_index_past_queue_size_is_not_processed() {
 }
 
 #[test]
+fn auto_aio_copies_on_the_queue_thread_where_io_uring_would_punt() {
+    use std::os::fd::AsRawFd;
+    use vudev_blk::BlockBackend;
+    // /dev/shm is tmpfs on Debian. Whether io_uring can serve it inline is the kernel's
+    // answer to a non-blocking read; auto must follow it.
+    let path = format!("/dev/shm/vudev-auto-{}", std::process::id());
+    File::create(&path).unwrap().set_len(DISK).unwrap();
+    let probe = File::open(&path).unwrap();
+    let mut b = [0u8; 1];
+    let iov = libc::iovec {
+        iov_base: b.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: one iovec naming a valid 1-byte buffer.
+    let n = unsafe { libc::preadv2(probe.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+    let punts = n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP);
+    let auto =
+        vudev_blk::FileBackend::open(path.as_ref(), false, false, vudev_blk::Aio::Auto).unwrap();
+    assert_eq!(auto.queue().unwrap().completion_fd().is_none(), punts);
+    assert_eq!(
+        auto.describe().contains("synchronous I/O (memory-backed"),
+        punts
+    );
+    // Asked for by name, io_uring is used all the same.
+    let named =
+        vudev_blk::FileBackend::open(path.as_ref(), false, false, vudev_blk::Aio::IoUring).unwrap();
+    assert!(named.queue().unwrap().completion_fd().is_some());
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
 fn file_backend_with_io_uring_and_synchronous_io() {
     for aio in [vudev_blk::Aio::IoUring, vudev_blk::Aio::Sync] {
         let path = std::env::temp_dir().join(format!("vudev-file-{}-{aio:?}", std::process::id()));

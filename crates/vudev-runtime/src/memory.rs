@@ -10,10 +10,12 @@ use std::fs::File;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryLoadGuard, GuestMemoryRegion, GuestRegionMmap, VolatileSlice,
+    Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
+    GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryRegion, GuestRegionMmap, Permissions,
+    VolatileSlice,
 };
 
 /// The memory type every worker and device reads: regions placed at driver addresses.
@@ -77,6 +79,63 @@ pub fn map_shared_file(
 pub fn one_slice(mem: &Memory, addr: u64, len: usize) -> Option<VolatileSlice<'_>> {
     mem.get_slice(GuestAddress(addr), len).ok()
 }
+
+/// Driver memory as the rings see it: the same regions as [`Memory`], but every access tries
+/// [`one_slice`] before vm-memory's general walk over regions. virtio-queue reads and writes
+/// the rings and descriptors through this; each access then costs a region lookup and a copy
+/// instead of the walk (about a fifth of a request's instructions before).
+#[derive(Clone, Copy, Debug)]
+pub struct RingMemory<'a>(pub &'a Memory);
+
+impl GuestMemory for RingMemory<'_> {
+    type PhysicalMemory = Memory;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, _access: Permissions) -> bool {
+        in_memory(self.0, addr.0, count)
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        _access: Permissions,
+    ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, ()>> {
+        if count > 0 {
+            if let Some(s) = one_slice(self.0, addr.0, count) {
+                return Ok(Slices::One(Some(s)));
+            }
+        }
+        Ok(Slices::Walk(GuestMemoryBackend::get_slices(
+            self.0, addr, count,
+        )))
+    }
+
+    fn physical_memory(&self) -> Option<&Memory> {
+        Some(self.0)
+    }
+}
+
+/// The slices of a [`RingMemory`] access: one, or vm-memory's walk.
+enum Slices<'a> {
+    One(Option<VolatileSlice<'a>>),
+    Walk(GuestMemoryBackendSliceIterator<'a, Memory>),
+}
+
+impl<'a> Iterator for Slices<'a> {
+    type Item = vm_memory::GuestMemoryResult<VolatileSlice<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Slices::One(s) => s.take().map(Ok),
+            Slices::Walk(w) => w.next(),
+        }
+    }
+}
+
+impl std::iter::FusedIterator for Slices<'_> {}
+
+impl<'a> GuestMemorySliceIterator<'a, ()> for Slices<'a> {}
 
 /// Reads `buf.len()` bytes at `addr`; false if they are not all in driver memory.
 pub fn read_bytes(mem: &Memory, addr: u64, buf: &mut [u8]) -> bool {
@@ -360,6 +419,42 @@ mod tests {
         assert!(!read_bytes(&mem, 0x1ff0, &mut back));
         assert!(!write_bytes(&mem, 0x1ff0, &data));
         assert!(!write_bytes(&mem, u64::MAX, &data[..2]), "wraps");
+
+        // The rings' view reads and writes the same bytes, within a region or across two.
+        let ring = RingMemory(&mem);
+        let across: u64 = ring.read_obj(GuestAddress(0xffc)).unwrap();
+        assert_eq!(across, mem.read_obj::<u64>(GuestAddress(0xffc)).unwrap());
+        ring.write_obj(0x1122_3344_5566_7788u64, GuestAddress(0xffc))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u64>(GuestAddress(0xffc)).unwrap(),
+            0x1122_3344_5566_7788
+        );
+        ring.store(
+            7u16,
+            GuestAddress(0x10),
+            std::sync::atomic::Ordering::Release,
+        )
+        .unwrap();
+        assert_eq!(
+            ring.load::<u16>(GuestAddress(0x10), std::sync::atomic::Ordering::Acquire)
+                .unwrap(),
+            7
+        );
+        assert!(ring.read_obj::<u64>(GuestAddress(0x1ffc)).is_err(), "hole");
+        assert!(ring.write_obj(1u64, GuestAddress(0x1ffc)).is_err(), "hole");
+        assert!(GuestMemory::check_range(
+            &ring,
+            GuestAddress(0xff0),
+            0x20,
+            Permissions::Read
+        ));
+        assert!(!GuestMemory::check_range(
+            &ring,
+            GuestAddress(0x1ff0),
+            0x20,
+            Permissions::Read
+        ));
     }
 
     struct FileSource {

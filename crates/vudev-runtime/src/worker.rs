@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::{Chain, Completions, QueueHandler};
 use crate::dirty_log::DirtyLog;
 use crate::inflight::QueueInflight;
-use crate::memory::in_memory;
+use crate::memory::{in_memory, RingMemory};
 use crate::memory::{Memory, MemoryGuard, MemoryMap};
 
 /// Tells the driver that the used ring moved (VDUSE: an ioctl; vhost-user: the call eventfd).
@@ -328,7 +328,7 @@ impl WorkerState {
     fn ring_has_work(&self) -> bool {
         let mem = self.map.memory();
         self.queue
-            .avail_idx(&*mem, Ordering::Acquire)
+            .avail_idx(&RingMemory(&mem), Ordering::Acquire)
             .is_ok_and(|i| i.0 != self.queue.next_avail())
     }
 
@@ -336,7 +336,7 @@ impl WorkerState {
     /// finished. False if the queue broke.
     fn take_available(&mut self) -> bool {
         let mem = self.map.memory();
-        if let Err(e) = self.queue.disable_notification(&*mem) {
+        if let Err(e) = self.queue.disable_notification(&RingMemory(&mem)) {
             self.mark_broken(&format!("cannot write the used ring: {e:?}"));
             return false;
         }
@@ -360,7 +360,7 @@ impl WorkerState {
                 return;
             }
             let mem = self.map.memory();
-            match self.queue.enable_notification(&*mem) {
+            match self.queue.enable_notification(&RingMemory(&mem)) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -400,7 +400,8 @@ impl WorkerState {
         let mut mem = self.map.memory();
         let mut retried = false;
         let head = loop {
-            let chain = match self.queue.iter(&*mem) {
+            let ring = RingMemory(&mem);
+            let chain = match self.queue.iter(&ring) {
                 Ok(mut it) => match it.next() {
                     Some(c) => c,
                     None => return false,
@@ -550,7 +551,7 @@ impl WorkerState {
             if let Some(q) = &self.inflight {
                 q.before_used(head);
             }
-            if let Err(e) = self.queue.add_used(&*mem, head, len) {
+            if let Err(e) = self.queue.add_used(&RingMemory(&mem), head, len) {
                 tracing::error!(queue = self.index, "cannot complete request {head}: {e:?}");
                 self.broken = true;
             }
@@ -560,7 +561,7 @@ impl WorkerState {
         }
         drop(log);
         self.log_used_ring();
-        match self.queue.needs_notification(&*mem) {
+        match self.queue.needs_notification(&RingMemory(&mem)) {
             Ok(false) => {}
             _ => {
                 if let Err(e) = self.notifier.notify(self.index) {

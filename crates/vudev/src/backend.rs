@@ -19,6 +19,7 @@ pub fn open(
 ) -> Result<Arc<dyn BlockBackend>, String> {
     let (direct, read_only) = (dev.direct, dev.readonly);
     let aio = match dev.aio {
+        AioMode::Auto => Aio::Auto,
         AioMode::IoUring => Aio::IoUring,
         AioMode::Sync => Aio::Sync,
     };

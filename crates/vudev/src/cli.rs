@@ -101,9 +101,10 @@ pub struct DeviceArgs {
     /// Open --file with O_DIRECT (bypass the host page cache).
     #[arg(long, requires = "file")]
     pub direct: bool,
-    /// How --file does I/O: io_uring (asynchronous, batched) or sync (preadv/pwritev on the
-    /// queue's thread).
-    #[arg(long, default_value = "io_uring", requires = "file")]
+    /// How --file does I/O: io_uring (asynchronous, batched), sync (preadv/pwritev on the
+    /// queue's thread), or auto: io_uring, except sync for a buffered file on tmpfs or ramfs
+    /// where the kernel would hand every io_uring request to a worker thread.
+    #[arg(long, default_value = "auto", requires = "file")]
     pub aio: AioMode,
     /// Number of request queues (one worker thread each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -137,6 +138,8 @@ pub struct DeviceArgs {
 /// I/O submission of the file backend.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum AioMode {
+    /// io_uring, or sync where io_uring would punt every request (tmpfs).
+    Auto,
     /// io_uring.
     #[value(name = "io_uring")]
     IoUring,

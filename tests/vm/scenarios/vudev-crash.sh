@@ -5,7 +5,8 @@
 KILLS=${KILLS:-6}
 truncate -s 128M /tmp/crash.img
 start_vudev() {
-    vudev export vduse --name crash0 --file /tmp/crash.img 2>>/tmp/crash0.log &
+    # io_uring completes out of order, which the recovery records must survive.
+    vudev export vduse --name crash0 --file /tmp/crash.img --aio io_uring 2>>/tmp/crash0.log &
     pid=$!
 }
 start_vudev

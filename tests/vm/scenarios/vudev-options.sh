@@ -13,7 +13,8 @@ expect_fail readonly-write-refused dd if=/dev/zero of=$dev bs=4k count=1 oflag=d
 expect_fail readonly-discard-refused $BLKDISCARD -f -o 0 -l 1048576 $dev
 grep "VDUSE device created" /tmp/ro0.log
 grep "first IOVA region" /tmp/ro0.log
-check file-backend-on-io-uring sh -c "grep -q 'serving file .*, io_uring' /tmp/ro0.log && ! grep -q 'io_uring unavailable' /tmp/ro0.log"
+# The default (auto) on tmpfs, where io_uring would punt every request to a kernel thread.
+check file-auto-sync-on-tmpfs grep -q "serving file .*, synchronous I/O (memory-backed file" /tmp/ro0.log
 # IOTLB_GET_INFO answers (the bounce region itself is created on first use, so at DRIVER_OK
 # the first region is a ring's coherent mapping).
 check iova-info-answers grep -q "first IOVA region start=[0-9]* last=[0-9]*" /tmp/ro0.log
@@ -26,9 +27,9 @@ stop_export $pid ro0
 check readonly-file-untouched [ "$(sha256sum < /tmp/ro.img)" = "$ro_sum" ]
 
 truncate -s 128M /tmp/mq.img
-# Two queues, each busy-polling 100 us after activity, pinned to CPUs 1 and 0.
+# Two queues on io_uring, each busy-polling 100 us after activity, pinned to CPUs 1 and 0.
 vudev export vduse --name mq0 --file /tmp/mq.img --num-queues 2 --queue-size 1024 \
-    --poll-us 100 --queue-cpus 1,0 2>/tmp/mq0.log &
+    --poll-us 100 --queue-cpus 1,0 --aio io_uring 2>/tmp/mq0.log &
 pid=$!
 dev=$(wait_blkdev mq0 30) && echo "CHECK PASS multiqueue-attach" || echo "CHECK FAIL multiqueue-attach: $(tail -3 /tmp/mq0.log)"
 check multiqueue-two-hw-queues [ "$(ls /sys/block/${dev#/dev/}/mq | wc -l)" = 2 ]
@@ -37,6 +38,7 @@ check multiqueue-fio-verify fio --name=mq --filename=$dev --rw=randwrite --bsran
     --verify=crc32c --verify_fatal=1 --group_reporting
 stop_export $pid mq0
 check multiqueue-workers-pinned [ "$(grep -c 'queue worker pinned' /tmp/mq0.log)" -ge 2 ]
+check file-backend-on-io-uring sh -c "grep -q 'serving file .*, io_uring' /tmp/mq0.log && ! grep -q 'io_uring unavailable' /tmp/mq0.log"
 
 truncate -s 64M /tmp/4k.img
 vudev export vduse --name bs0 --file /tmp/4k.img --logical-block-size 4096 --direct 2>/tmp/bs0.log &

@@ -1,8 +1,9 @@
 //! The file backend: a regular file or a block device, buffered or O_DIRECT.
 //!
-//! Operations run synchronously on the queue's worker thread with `preadv`/`pwritev`
-//! straight into driver memory (no copy), except O_DIRECT requests whose buffers are not
-//! aligned, which go through an aligned bounce buffer.
+//! Reads and writes go to io_uring (`uring.rs`), or run synchronously on the queue's worker
+//! thread with `preadv`/`pwritev`, straight into driver memory either way (no copy), except
+//! O_DIRECT requests whose buffers are not aligned, which go through an aligned bounce buffer.
+//! [`Aio::Auto`] picks io_uring except on tmpfs-like files where io_uring would punt.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::{File, OpenOptions};
@@ -29,11 +30,46 @@ const DIRECT_ALIGN: usize = 4096;
 /// How a file backend submits I/O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Aio {
-    /// io_uring: asynchronous, batched per kick (falls back to `Sync` where unavailable).
+    /// io_uring, except for a memory-backed file (tmpfs, ramfs) opened buffered on which the
+    /// kernel cannot try a read without blocking: there io_uring hands every request to a
+    /// kernel worker thread, and a copy on the queue's own thread is several times faster.
     #[default]
+    Auto,
+    /// io_uring: asynchronous, batched per kick (falls back to `Sync` where unavailable).
     IoUring,
     /// preadv/pwritev on the queue's worker thread.
     Sync,
+}
+
+/// What [`Aio::Auto`] picks for `file`, and why when it is not io_uring.
+fn choose_aio(file: &File, direct: bool) -> (Aio, Option<&'static str>) {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: fstatfs fills the zeroed statfs it is given.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the call; `st` is valid for writes.
+    if direct || unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return (Aio::IoUring, None);
+    }
+    if !matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC) {
+        return (Aio::IoUring, None);
+    }
+    // io_uring tries a request inline only where RWF_NOWAIT is supported; elsewhere it punts.
+    let mut byte = [0u8; 1];
+    let iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: one iovec naming a valid 1-byte buffer; the fd is open for reading.
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+    if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+        (
+            Aio::Sync,
+            Some("memory-backed file that io_uring would hand to a kernel thread per request"),
+        )
+    } else {
+        (Aio::IoUring, None)
+    }
 }
 
 /// A file or block device opened for export.
@@ -45,7 +81,10 @@ pub struct FileBackend {
     read_only: bool,
     direct: bool,
     block_device: bool,
+    /// `IoUring` or `Sync`: [`Aio::Auto`] is resolved at open.
     aio: Aio,
+    /// Why `Auto` chose `Sync`.
+    why: Option<&'static str>,
 }
 
 impl FileBackend {
@@ -76,6 +115,10 @@ impl FileBackend {
                 "not a regular file or block device",
             ));
         };
+        let (aio, why) = match aio {
+            Aio::Auto => choose_aio(&file, direct),
+            chosen => (chosen, None),
+        };
         Ok(FileBackend {
             file: Arc::new(file),
             path: path.to_path_buf(),
@@ -84,6 +127,7 @@ impl FileBackend {
             direct,
             block_device,
             aio,
+            why,
         })
     }
 }
@@ -116,10 +160,10 @@ impl BlockBackend for FileBackend {
             "file {}{}{}, {} bytes",
             self.path.display(),
             if self.direct { ", O_DIRECT" } else { "" },
-            if self.aio == Aio::Sync {
-                ", synchronous I/O"
-            } else {
-                ", io_uring"
+            match (self.aio, self.why) {
+                (Aio::Sync, Some(why)) => format!(", synchronous I/O ({why})"),
+                (Aio::Sync, None) => ", synchronous I/O".into(),
+                _ => ", io_uring".into(),
             },
             self.size
         )
