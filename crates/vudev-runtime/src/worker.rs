@@ -16,8 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::{Chain, Completions, QueueHandler};
 use crate::dirty_log::DirtyLog;
 use crate::inflight::QueueInflight;
-use crate::memory::{in_memory, RingMemory};
-use crate::memory::{Memory, MemoryGuard, MemoryMap};
+use crate::memory::{in_memory, Memory, MemoryGuard, MemoryMap, RingMemory};
 
 /// Tells the driver that the used ring moved (VDUSE: an ioctl; vhost-user: the call eventfd).
 pub trait Notifier: Send + Sync {

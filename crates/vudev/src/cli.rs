@@ -75,6 +75,10 @@ pub struct VduseArgs {
     /// same command again adopts the device and finishes the requests recorded there.
     #[arg(long, value_name = "DIR", default_value = "/run/vudev")]
     pub state_dir: PathBuf,
+    /// Register vudev's own memory as the kernel's bounce buffer (VDUSE_IOTLB_REG_UMEM), where
+    /// the kernel allows it. Pins 64 MiB per device; experimental.
+    #[arg(long)]
+    pub bounce_umem: bool,
 }
 
 /// Where the data lives. Exactly one is required.

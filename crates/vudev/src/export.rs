@@ -118,6 +118,7 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
             name: args.name.clone(),
             queue_size: dev.queue_size,
             state_dir: Some(args.state_dir.clone()),
+            bounce_umem: args.bounce_umem,
         },
     )
     .map_err(|e| e.to_string())?;

@@ -3,8 +3,9 @@
 # on qemu-storage-daemon's NBD server.
 . /lib.sh
 truncate -s 128M /tmp/disk.img
-# io_uring asked for by name: on tmpfs the default (auto) would pick synchronous I/O.
-vudev export vduse --name vd0 --file /tmp/disk.img --aio io_uring --serial vudev-serial-0 2>/tmp/vd0.log &
+# io_uring asked for by name (on tmpfs the default, auto, would pick synchronous I/O), and the
+# bounce buffer registered as vudev's own memory.
+vudev export vduse --name vd0 --file /tmp/disk.img --aio io_uring --bounce-umem --serial vudev-serial-0 2>/tmp/vd0.log &
 pid=$!
 dev=$(wait_blkdev vd0 30) && echo "CHECK PASS file-attach" || { echo "CHECK FAIL file-attach: $(cat /tmp/vd0.log)"; echo SCENARIO DONE; exit; }
 check file-size [ "$($BLOCKDEV --getsize64 $dev)" = 134217728 ]

@@ -29,11 +29,12 @@ check vhost-vdpa-node [ -c "$node" ]
 check vhost-vdpa-blkio-verify blkio-verify --driver virtio-blk-vhost-vdpa --path $node
 stop_export $pid vm0
 
-# Detached and attached again while the daemon runs: the kernel may give the device a new
-# bounce domain, and the daemon registers its memory for the bounce buffer afresh.
+# Detached and attached again while the daemon runs (with --bounce-umem): the kernel may give
+# the device a new bounce domain, and the daemon registers its memory for the bounce buffer
+# afresh.
 truncate -s 64M /tmp/re.img
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null
-vudev export vduse --name re0 --file /tmp/re.img 2>/tmp/re0.log &
+vudev export vduse --name re0 --file /tmp/re.img --bounce-umem 2>/tmp/re0.log &
 pid=$!
 dev=$(wait_blkdev re0 30) && echo "CHECK PASS reattach-first-attach" || echo "CHECK FAIL reattach-first-attach: $(tail -3 /tmp/re0.log)"
 check reattach-write dd if=/tmp/pattern of=$dev bs=1M count=8 oflag=direct

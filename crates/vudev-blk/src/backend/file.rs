@@ -116,6 +116,8 @@ impl FileBackend {
             ));
         };
         let (aio, why) = match aio {
+            // A block device node sits on devtmpfs, which statfs reports as tmpfs.
+            Aio::Auto if block_device => (Aio::IoUring, None),
             Aio::Auto => choose_aio(&file, direct),
             chosen => (chosen, None),
         };
