@@ -67,16 +67,9 @@ fuzz_target!(|data: &[u8]| {
     mem.write_slice(&ring[2..], GuestAddress(0x1004)).unwrap();
     drop(mem);
     let cfg = BlockConfig {
-        size: 1 << 20,
-        logical_block_size: 512,
-        num_queues: 1,
         queue_size: QSIZE,
-        read_only: false,
         serial: "fuzz".into(),
-        discard: true,
-        write_zeroes: true,
-        poll: std::time::Duration::ZERO,
-        cpus: Vec::new(),
+        ..BlockConfig::new(1 << 20)
     };
     let dev = BlockDevice::new(cfg, Arc::new(MemoryBackend::new(1 << 20, false).unwrap()));
     let handler = dev.queue_handler(0, dev.features()).unwrap();

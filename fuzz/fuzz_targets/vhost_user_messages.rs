@@ -18,16 +18,9 @@ fuzz_target!(|data: &[u8]| {
     // SAFETY: setting a signal disposition to SIG_IGN has no memory effects.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let cfg = BlockConfig {
-        size: 1 << 20,
-        logical_block_size: 512,
         num_queues: 2,
-        queue_size: 256,
-        read_only: false,
         serial: "fuzz".into(),
-        discard: true,
-        write_zeroes: true,
-        poll: std::time::Duration::ZERO,
-        cpus: Vec::new(),
+        ..BlockConfig::new(1 << 20)
     };
     let dev = Arc::new(BlockDevice::new(
         cfg,

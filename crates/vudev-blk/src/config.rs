@@ -31,6 +31,23 @@ pub struct BlockConfig {
 }
 
 impl BlockConfig {
+    /// A disk of `size` bytes with the export defaults: 512-byte blocks, one queue of 256,
+    /// writable, no serial, DISCARD and WRITE_ZEROES offered, no polling, no pinning.
+    pub fn new(size: u64) -> Self {
+        BlockConfig {
+            size,
+            logical_block_size: 512,
+            num_queues: 1,
+            queue_size: 256,
+            read_only: false,
+            serial: String::new(),
+            discard: true,
+            write_zeroes: true,
+            poll: std::time::Duration::ZERO,
+            cpus: Vec::new(),
+        }
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.size / 512
@@ -101,16 +118,10 @@ mod tests {
 
     fn cfg() -> BlockConfig {
         BlockConfig {
-            size: 1 << 30,
             logical_block_size: 4096,
             num_queues: 2,
-            queue_size: 256,
-            read_only: false,
             serial: "vudev-serial-number-too-long".into(),
-            discard: true,
-            write_zeroes: true,
-            poll: std::time::Duration::ZERO,
-            cpus: Vec::new(),
+            ..BlockConfig::new(1 << 30)
         }
     }
 

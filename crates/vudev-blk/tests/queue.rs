@@ -99,16 +99,10 @@ impl Rig {
         next_avail: u16,
     ) {
         let cfg = BlockConfig {
-            size: DISK,
-            logical_block_size: 512,
-            num_queues: 1,
             queue_size: QSIZE,
             read_only,
             serial: "test-serial".into(),
-            discard: true,
-            write_zeroes: true,
-            poll: std::time::Duration::ZERO,
-            cpus: Vec::new(),
+            ..BlockConfig::new(DISK)
         };
         let dev = BlockDevice::new(cfg, backend);
         let handler = dev.queue_handler(0, dev.features()).unwrap();
