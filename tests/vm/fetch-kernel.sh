@@ -37,15 +37,16 @@ case $ver in
     # backports: refresh them once before giving up.
     pkg=$(download_newest -- "$re") || { apt-get update -q >&2 || true; pkg=$(download_newest -- "$re"); } || {
         echo "fetch-kernel: no linux-image-6.12 package could be downloaded from bookworm-backports" \
-             "(is 'deb http://deb.debian.org/debian bookworm-backports main' in the apt sources? run tests/vm/setup-host.sh)" >&2
+             "(is bookworm-backports in the apt sources? run tests/vm/setup-host.sh)" >&2
         exit 1; }
     ;;
 7.3)
     apt=$cache/apt-trixie
     mkdir -p "$apt/lists/partial" "$apt/archives/partial"
+    mirror=$("$root/tests/vm/debian-mirror.sh")
     cat > "$apt/sources.list" <<SRC
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie-backports main
-deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie-backports main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main
 SRC
     opts=(-o "Dir::Etc::SourceList=$apt/sources.list" -o "Dir::Etc::SourceParts=/nonexistent"
           -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt" -o "Dir::State::status=/dev/null"

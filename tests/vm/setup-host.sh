@@ -5,7 +5,9 @@
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
-have qemu-system-x86_64 || need+=(qemu-system-x86)
+# QEMU 10 or newer (bookworm's own 7.2 lacks what the tests use): an older one is upgraded.
+qemu_major=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
+[[ ${qemu_major:-0} -ge 10 ]] || need+=(qemu-system-x86)
 have fio || need+=(fio)
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' || need+=(busybox-static)
 have cpio || need+=(cpio)
@@ -28,7 +30,9 @@ fi
 SUDO=""
 [[ $(id -u) == 0 ]] || SUDO=sudo
 if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo 'deb http://deb.debian.org/debian bookworm-backports main' | $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+    # From the mirror the machine already uses.
+    mirror=$("$(dirname "$0")/debian-mirror.sh")
+    echo "deb $mirror bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
 fi
 echo "setup-host: installing ${need[*]}"
 $SUDO apt-get update -q

@@ -11,8 +11,12 @@
 //! Prints one `PASS`/`FAIL` line per step and exits non-zero on the first failure. Every wait
 //! has a timeout, so a device that never completes a request fails instead of hanging.
 //!
+//! With `--hold` it only submits `--depth` reads on every queue, prints `HOLD`, and waits
+//! without end: a test then has requests in flight on all queues when it kills the client
+//! (which resets the device under them).
+//!
 //! Usage: blkio-verify --driver virtio-blk-vhost-vdpa|virtio-blk-vhost-user --path PATH
-//!        [--num-queues N] [--depth N]
+//!        [--num-queues N] [--depth N] [--hold]
 //!
 //! The device needs at least 8 MiB per queue; each queue works on its own 8 MiB area.
 
@@ -23,7 +27,7 @@ use std::time::Duration;
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 const USAGE: &str = "usage: blkio-verify --driver virtio-blk-vhost-vdpa|virtio-blk-vhost-user \
-                     --path PATH [--num-queues N] [--depth N]";
+                     --path PATH [--num-queues N] [--depth N] [--hold]";
 
 /// How long one wait for completions may take before the device is declared hung.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +43,7 @@ struct Args {
     path: String,
     num_queues: usize,
     depth: usize,
+    hold: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -46,6 +51,7 @@ fn parse_args() -> Result<Args, String> {
     let mut path = None;
     let mut num_queues = 1;
     let mut depth = 16;
+    let mut hold = false;
     let mut it = std::env::args().skip(1);
     let number = |v: Option<String>, what: &str| -> Result<usize, String> {
         v.as_deref()
@@ -59,6 +65,7 @@ fn parse_args() -> Result<Args, String> {
             "--path" => path = it.next(),
             "--num-queues" => num_queues = number(it.next(), "--num-queues")?,
             "--depth" => depth = number(it.next(), "--depth")?,
+            "--hold" => hold = true,
             "-h" | "--help" => return Err(String::new()),
             _ => return Err(format!("unknown argument {a}")),
         }
@@ -68,6 +75,7 @@ fn parse_args() -> Result<Args, String> {
         path: path.ok_or("--path is required")?,
         num_queues,
         depth,
+        hold,
     })
 }
 
@@ -409,6 +417,30 @@ fn run(args: &Args) -> Result<(), String> {
     // SAFETY: the region is `2 * HALF` bytes of our mapping, alive until it is freed below.
     let mem = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, 2 * HALF) };
     let (wbuf, rbuf) = mem.split_at_mut(HALF);
+    if args.hold {
+        let n = 4096;
+        let depth = args.depth.min(HALF / n);
+        for (qi, q) in started.queues.iter_mut().enumerate() {
+            for i in 0..depth {
+                let off = area * qi as u64 + (i * n) as u64;
+                q.read(off, rbuf[i * n..].as_mut_ptr(), n, i, ReqFlags::empty());
+            }
+            // Hands them to the device without waiting for any.
+            let mut none: [MaybeUninit<Completion>; 0] = [];
+            let mut zero = Duration::ZERO;
+            q.do_io(&mut none, 0, Some(&mut zero), None)
+                .map_err(|e| format!("q{qi}: submitting: {}", e.message()))?;
+        }
+        println!(
+            "HOLD {depth} reads submitted on each of {} queues",
+            args.num_queues
+        );
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        loop {
+            std::thread::sleep(Duration::from_secs(60));
+        }
+    }
     let mut result = Ok(());
     for (qi, q) in started.queues.iter_mut().enumerate() {
         let mut cx = Ctx {

@@ -12,7 +12,8 @@ pub mod device;
 pub mod request;
 
 pub use backend::{
-    parse_size, Aio, BlockBackend, FileBackend, MemoryBackend, NbdBackend, NullBackend,
+    parse_size, Aio, BlockBackend, FileBackend, IoDone, IoOp, MemoryBackend, NbdBackend,
+    NullBackend, QueueBackend,
 };
 pub use config::BlockConfig;
 pub use device::BlockDevice;

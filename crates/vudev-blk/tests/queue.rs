@@ -401,7 +401,14 @@ fn a_broken_avail_ring_stops_the_queue_not_the_process() {
     // The avail index jumps by more than the queue size.
     r.write(AVAIL + 2, QSIZE + 5);
     r.kick.write(1).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !r.worker.as_ref().unwrap().is_broken() {
+        assert!(
+            Instant::now() < deadline,
+            "the queue did not notice the bad index"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let used: u16 = r.read(USED + 2);
     assert_eq!(used, 0);
     // Stopping still works (no hang, no panic).
@@ -409,12 +416,23 @@ fn a_broken_avail_ring_stops_the_queue_not_the_process() {
 }
 
 #[test]
-fn head_index_past_queue_size_is_not_processed() {
+fn an_avail_entry_with_a_head_past_the_queue_size_is_skipped() {
     let mut r = Rig::new(false);
     r.publish(QSIZE + 3);
-    std::thread::sleep(Duration::from_millis(50));
-    let used: u16 = r.read(USED + 2);
-    assert_eq!(used, 0);
+    // The valid request after it is served, and it is the only used element.
+    r.fill(DATA, 512, 0x5a);
+    assert_eq!(
+        r.request(VIRTIO_BLK_T_OUT, 0, Some((DATA, 512, false))),
+        (OK, 1)
+    );
+    assert_eq!(r.read::<u16>(USED + 2), 1);
+    assert!(!r.worker.as_ref().unwrap().is_broken());
+    assert_eq!(
+        r.request(VIRTIO_BLK_T_IN, 0, Some((DATA + 4096, 512, true)))
+            .0,
+        OK
+    );
+    assert_eq!(r.bytes(DATA + 4096, 512), vec![0x5a; 512]);
     r.stop();
 }
 
@@ -659,4 +677,87 @@ fn more_segments_than_seg_max_get_ioerr() {
         assert_eq!(r.read::<u8>(STATUS), want, "{segments} segments");
     }
     r.stop();
+}
+
+/// A backend whose requests never finish (a server that stopped answering); it counts what
+/// is dropped while still in flight.
+struct Stalled(Arc<AtomicUsize>);
+
+struct StalledQueue {
+    held: usize,
+    dropped: Arc<AtomicUsize>,
+}
+
+impl vudev_blk::BlockBackend for Stalled {
+    fn size(&self) -> u64 {
+        DISK
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn queue(&self) -> std::io::Result<Box<dyn vudev_blk::QueueBackend>> {
+        Ok(Box::new(StalledQueue {
+            held: 0,
+            dropped: self.0.clone(),
+        }))
+    }
+    fn describe(&self) -> String {
+        "stalled".into()
+    }
+}
+
+impl vudev_blk::QueueBackend for StalledQueue {
+    fn submit(&mut self, _: u64, _: vudev_blk::IoOp<'_>) {
+        self.held += 1;
+    }
+    fn reap(&mut self, _: &mut Vec<vudev_blk::IoDone>) {}
+    fn in_flight(&self) -> usize {
+        self.held
+    }
+}
+
+impl Drop for StalledQueue {
+    fn drop(&mut self) {
+        self.dropped.fetch_add(self.held, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn queues_stalled_on_their_backend_stop_together_within_the_drain_bound() {
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let mut rigs: Vec<Rig> = (0..3)
+        .map(|_| Rig::with_backend(false, Arc::new(Stalled(dropped.clone()))))
+        .collect();
+    for r in &mut rigs {
+        r.header(HDR, VIRTIO_BLK_T_IN, 0);
+        r.chain(&[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)]);
+    }
+    // Every queue has taken its request (the backend holds it).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rigs
+        .iter()
+        .any(|r| r.worker.as_ref().unwrap().position().next_avail == 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "a worker did not take its request"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let t = Instant::now();
+    let positions =
+        vudev_runtime::stop_all(rigs.iter_mut().map(|r| r.worker.take().unwrap()).collect());
+    let took = t.elapsed();
+    // One after another, three queues would take three drain bounds.
+    assert!(
+        took >= vudev_runtime::DRAIN_TIMEOUT && took < vudev_runtime::DRAIN_TIMEOUT * 3 / 2,
+        "stopping 3 stalled queues took {took:?}"
+    );
+    assert!(positions.iter().all(|p| p.next_avail == 1));
+    // The requests were detached from the queues (the backend let go of them), and none was
+    // put on a used ring.
+    assert_eq!(dropped.load(Ordering::SeqCst), 3);
+    for r in &rigs {
+        assert_eq!(r.read::<u16>(USED + 2), 0);
+    }
 }

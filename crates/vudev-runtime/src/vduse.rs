@@ -29,7 +29,7 @@ use crate::device::Device;
 use crate::inflight::InflightArea;
 use crate::memory::{Mapping, MappingSource, MemoryMap};
 use crate::state_file::{DeviceShape, StateFile};
-use crate::worker::{Notifier, QueuePosition, QueueSetup, Tracking, Worker};
+use crate::worker::{stop_all, Notifier, QueuePosition, QueueSetup, Tracking, Worker};
 
 /// Feature bits the runtime itself implements for every device.
 pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -534,7 +534,10 @@ impl Inner {
                 }
                 if !ready {
                     if let Some(w) = st.workers[i].take() {
-                        st.positions[i] = w.stop();
+                        // Not under the lock: the drain may take a while.
+                        drop(st);
+                        let pos = w.stop();
+                        self.lock().positions[i] = pos;
                     }
                 } else if st.status & VIRTIO_CONFIG_S_DRIVER_OK as u8 != 0
                     && st.workers[i].is_none()
@@ -717,18 +720,21 @@ impl Inner {
         Ok(())
     }
 
+    /// Stops every queue at once: however many queues wait on a stalled backend, this ends
+    /// within the workers' drain bound, so the message that asked for it is answered in time.
     fn stop_workers(&self) {
-        let workers: Vec<(usize, Worker)> = {
+        let (indices, workers): (Vec<usize>, Vec<Worker>) = {
             let mut st = self.lock();
             st.workers
                 .iter_mut()
                 .enumerate()
                 .filter_map(|(i, w)| w.take().map(|w| (i, w)))
-                .collect()
+                .unzip()
         };
-        for (i, w) in workers {
-            let pos = w.stop();
-            self.lock().positions[i] = pos;
+        let positions = stop_all(workers);
+        let mut st = self.lock();
+        for (i, pos) in indices.into_iter().zip(positions) {
+            st.positions[i] = pos;
         }
     }
 }

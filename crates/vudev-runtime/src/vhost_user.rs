@@ -36,7 +36,7 @@ use crate::device::Device;
 use crate::dirty_log::DirtyLog;
 use crate::inflight::InflightArea;
 use crate::memory::{Mapping, MemoryMap};
-use crate::worker::{Notifier, QueueSetup, Tracking, Worker};
+use crate::worker::{stop_all, Notifier, QueueSetup, Tracking, Worker};
 
 /// Largest config space a frontend may read (VHOST_USER_MAX_CONFIG_SIZE).
 const MAX_CONFIG_SIZE: u32 = 256;
@@ -487,10 +487,13 @@ impl Session {
     /// Stops every ring and returns rings and features to their initial state. The memory
     /// table stays: a frontend resetting the device (RESET_DEVICE) does not send it again.
     fn reset_rings(&mut self) {
+        stop_all(
+            self.vrings
+                .iter_mut()
+                .filter_map(|v| v.worker.take())
+                .collect(),
+        );
         for v in &mut self.vrings {
-            if let Some(w) = v.worker.take() {
-                w.stop();
-            }
             *v = Vring::default();
         }
         self.acked = 0;
@@ -729,14 +732,17 @@ impl VhostUserBackendReqHandlerMut for Session {
         if ctx.len() != files.len() {
             return Err(invalid("memory table and fds differ in number"));
         }
+        // All or nothing: the region list and the memory map must never disagree.
         let old = std::mem::take(&mut self.regions);
-        for (r, f) in ctx.iter().zip(files) {
-            if let Err(e) = self.add_region(r, f) {
-                self.regions = old;
-                return Err(e);
-            }
+        let added = ctx
+            .iter()
+            .zip(files)
+            .try_for_each(|(r, f)| self.add_region(r, f))
+            .and_then(|()| self.remap());
+        if let Err(e) = added {
+            self.regions = old;
+            return Err(e);
         }
-        self.remap()?;
         Ok(None)
     }
 
@@ -948,13 +954,19 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VuResult<()> {
-        let before = self.regions.len();
-        self.regions
-            .retain(|r| !(r.gpa == region.guest_phys_addr && r.size == region.memory_size));
-        if self.regions.len() == before {
+        let Some(at) = self
+            .regions
+            .iter()
+            .position(|r| r.gpa == region.guest_phys_addr && r.size == region.memory_size)
+        else {
             return Err(invalid("no such memory region"));
+        };
+        let removed = self.regions.remove(at);
+        if let Err(e) = self.remap() {
+            self.regions.insert(at, removed);
+            return Err(e);
         }
-        self.remap()
+        Ok(())
     }
 
     fn set_device_state_fd(

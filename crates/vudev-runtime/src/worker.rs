@@ -3,7 +3,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -74,10 +74,31 @@ pub struct Worker {
     thread: Option<JoinHandle<QueuePosition>>,
     stop: EventFd,
     position: Arc<AtomicU32>,
+    /// Set when the worker did not stop in time: it must not touch the rings any more.
+    abandoned: Arc<AtomicBool>,
+    /// Set when the queue stopped on a ring it cannot use (until the driver resets it).
+    broken: Arc<AtomicBool>,
 }
 
-/// How long a stopping worker waits for asynchronous requests to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a stopping worker waits for asynchronous requests to finish. A VDUSE reset waits
+/// for this (all queues at once) before it is answered, and the kernel breaks a device whose
+/// messages stay unanswered for `msg_timeout` (30 s by default): keep it far below that.
+/// Requests still in the backend then are detached from the queue: a late completion never
+/// touches driver memory.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a stop waits for a worker thread beyond [`DRAIN_TIMEOUT`] before it abandons it
+/// (a backend call that blocks): the thread then ends without touching the rings.
+const JOIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Stops every worker of `workers` at once (their drains run side by side, so stopping many
+/// queues takes no longer than stopping one) and returns their final positions, in order.
+pub fn stop_all(workers: Vec<Worker>) -> Vec<QueuePosition> {
+    for w in &workers {
+        let _ = w.stop.write(1);
+    }
+    workers.into_iter().map(Worker::stop).collect()
+}
 
 impl Worker {
     /// Validates `setup` against the memory map and starts the worker thread.
@@ -92,7 +113,11 @@ impl Worker {
         let queue = make_queue(&setup, &map)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let position = Arc::new(AtomicU32::new(pack(setup.next_avail, setup.next_used)));
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let broken = Arc::new(AtomicBool::new(false));
         let mut state = WorkerState {
+            abandoned: abandoned.clone(),
+            stopped: broken.clone(),
             index: setup.index,
             queue,
             handler,
@@ -118,7 +143,15 @@ impl Worker {
             thread: Some(thread),
             stop,
             position,
+            abandoned,
+            broken,
         })
+    }
+
+    /// True once the queue has stopped on a ring it cannot use (it takes nothing more until
+    /// the driver resets the device).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
     }
 
     /// The queue position as of the last processed batch.
@@ -133,13 +166,27 @@ impl Worker {
 
     fn join(&mut self) -> QueuePosition {
         let _ = self.stop.write(1);
-        match self.thread.take() {
-            Some(t) => t.join().unwrap_or_else(|_| {
-                tracing::error!("a queue worker panicked");
-                unpack(self.position.load(Ordering::Acquire))
-            }),
-            None => unpack(self.position.load(Ordering::Acquire)),
+        let last = || unpack(self.position.load(Ordering::Acquire));
+        let Some(t) = self.thread.take() else {
+            return last();
+        };
+        let deadline = Instant::now() + DRAIN_TIMEOUT + JOIN_GRACE;
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
         }
+        if !t.is_finished() {
+            self.abandoned.store(true, Ordering::Release);
+            tracing::error!(
+                "a queue worker did not stop within {:?} (its backend blocks); leaving it \
+                 behind: it ends without touching the rings",
+                DRAIN_TIMEOUT + JOIN_GRACE
+            );
+            return last();
+        }
+        t.join().unwrap_or_else(|_| {
+            tracing::error!("a queue worker panicked");
+            last()
+        })
     }
 }
 
@@ -196,6 +243,10 @@ pub fn make_queue(setup: &QueueSetup, map: &MemoryMap) -> io::Result<Queue> {
 }
 
 struct WorkerState {
+    /// Its stopper gave up waiting: leave the rings alone and end.
+    abandoned: Arc<AtomicBool>,
+    /// Mirrors `broken` for [`Worker::is_broken`].
+    stopped: Arc<AtomicBool>,
     index: u16,
     queue: Queue,
     handler: Box<dyn QueueHandler>,
@@ -261,7 +312,10 @@ impl WorkerState {
 
     fn drain(&mut self) {
         let deadline = Instant::now() + DRAIN_TIMEOUT;
-        while self.handler.in_flight() > 0 && Instant::now() < deadline {
+        while self.handler.in_flight() > 0
+            && Instant::now() < deadline
+            && !self.abandoned.load(Ordering::Acquire)
+        {
             let mut fds = [pollfd(self.handler.completion_fd().unwrap_or(-1))];
             // SAFETY: as in `run`.
             unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
@@ -411,6 +465,12 @@ impl WorkerState {
                 }
             };
             let head = chain.head_index();
+            if head >= self.queue.size() {
+                // No used element can name it: skip the entry, and the queue goes on with the
+                // requests after it (the driver that wrote it never gets it back).
+                self.bad_head(head);
+                return true;
+            }
             let complete = collect(chain, &mut self.descs);
             if !complete && !retried {
                 // Maybe an indirect table is not mapped yet: fault it in and walk again.
@@ -505,6 +565,20 @@ impl WorkerState {
             .then(|| (d.addr().0, u64::from(d.len())))
     }
 
+    fn bad_head(&mut self, head: u16) {
+        self.bad_chains += 1;
+        let why = "an avail entry names a head past the queue size; skipping it";
+        if self.bad_chains == 1 {
+            tracing::warn!(
+                queue = self.index,
+                head,
+                "{why} (further ones logged at debug level)"
+            );
+        } else {
+            tracing::debug!(queue = self.index, head, "{why}");
+        }
+    }
+
     fn bad_chain(&mut self, head: u16, why: &str) {
         self.bad_chains += 1;
         if self.bad_chains == 1 {
@@ -531,6 +605,7 @@ impl WorkerState {
             );
         }
         self.broken = true;
+        self.stopped.store(true, Ordering::Release);
     }
 
     /// Moves finished requests to the used ring and notifies the driver if it wants that.
@@ -538,6 +613,11 @@ impl WorkerState {
         let mem = self.map.memory();
         self.handler.poll(&mem, &mut self.done);
         if self.done.is_empty() {
+            return;
+        }
+        if self.abandoned.load(Ordering::Acquire) {
+            // The rings may belong to a new driver by now.
+            self.done.drain().for_each(drop);
             return;
         }
         let log = self.log.as_ref().and_then(|l| l.writer());
@@ -553,6 +633,7 @@ impl WorkerState {
             if let Err(e) = self.queue.add_used(&RingMemory(&mem), head, len) {
                 tracing::error!(queue = self.index, "cannot complete request {head}: {e:?}");
                 self.broken = true;
+                self.stopped.store(true, Ordering::Release);
             }
             if let Some(q) = &self.inflight {
                 q.after_used(head, self.queue.next_used());

@@ -82,7 +82,7 @@ pub struct VduseArgs {
 }
 
 /// Where the data lives. Exactly one is required.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 #[group(required = true, multiple = false)]
 pub struct BackendArgs {
     /// A regular file or block device.
@@ -100,7 +100,7 @@ pub struct BackendArgs {
 }
 
 /// virtio-blk device options.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct DeviceArgs {
     /// Open --file with O_DIRECT (bypass the host page cache).
     #[arg(long, requires = "file")]

@@ -17,6 +17,24 @@ use crate::{backend, signals};
 /// The management device every VDUSE device is added through.
 const VDUSE_MGMTDEV: &str = "vduse";
 
+/// [`build_device`] on a thread of its own, so that SIGINT/SIGTERM stop vudev while the
+/// backend is still being opened (an NBD server may take its time): `Ok(None)` then.
+fn build_device_unless_terminated(
+    backend: &BackendArgs,
+    dev: &DeviceArgs,
+) -> Result<Option<(Arc<BlockDevice>, String)>, String> {
+    let (backend, dev) = (backend.clone(), dev.clone());
+    match signals::unless_terminated(move || build_device(&backend, &dev))
+        .map_err(|e| format!("opening the backend: {e}"))?
+    {
+        Ok(built) => built.map(Some),
+        Err(sig) => {
+            tracing::info!("signal {sig} received while opening the backend: nothing was created");
+            Ok(None)
+        }
+    }
+}
+
 /// Validates the device options, opens the backend and builds the virtio-blk device.
 fn build_device(
     backend: &BackendArgs,
@@ -63,7 +81,10 @@ fn build_device(
 /// Runs one vhost-user export in the foreground: frontends one after another until a signal.
 pub fn run_vhost_user(args: VhostUserArgs) -> Result<(), String> {
     signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
-    let (device, description) = build_device(&args.backend, &args.device)?;
+    let Some((device, description)) = build_device_unless_terminated(&args.backend, &args.device)?
+    else {
+        return Ok(());
+    };
     let server = VhostUserServer::bind(
         device,
         &VhostUserOptions {
@@ -111,7 +132,9 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
     // Before any thread exists, so that every thread inherits the mask.
     signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
     let dev = &args.device;
-    let (device, description) = build_device(&args.backend, dev)?;
+    let Some((device, description)) = build_device_unless_terminated(&args.backend, dev)? else {
+        return Ok(());
+    };
     let export = VduseExport::create(
         device,
         &VduseOptions {

@@ -1,6 +1,8 @@
 //! SIGINT/SIGTERM: blocked in every thread and taken synchronously by the main thread.
 
 use std::io;
+use std::sync::mpsc;
+use std::time::Duration;
 
 fn term_set() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise the set we own.
@@ -34,4 +36,45 @@ pub fn wait_termination() -> io::Result<i32> {
         return Err(io::Error::from_raw_os_error(r));
     }
     Ok(sig)
+}
+
+/// Runs `work` on a thread of its own while waiting for SIGINT/SIGTERM (which must be
+/// blocked): its result, or `Err(signal)` if a signal came first. Startup steps that wait on
+/// a peer (connecting to an NBD server) run this way, so a signal stops vudev at any moment;
+/// the abandoned thread ends with the process.
+pub fn unless_terminated<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<Result<T, i32>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("vudev-start".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })?;
+    let set = term_set();
+    let tick = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 20_000_000,
+    };
+    loop {
+        match rx.try_recv() {
+            Ok(done) => return Ok(Ok(done)),
+            Err(mpsc::TryRecvError::Disconnected) => {
+                return Err(io::Error::other("the startup thread panicked"))
+            }
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        // SAFETY: `set` is initialised; a null siginfo pointer is allowed.
+        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &tick) };
+        if sig > 0 {
+            return Ok(Err(sig));
+        }
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
+            return Err(e);
+        }
+        if let Ok(done) = rx.recv_timeout(Duration::from_millis(1)) {
+            return Ok(Ok(done));
+        }
+    }
 }

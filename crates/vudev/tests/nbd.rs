@@ -508,3 +508,45 @@ fn many_requests_are_in_flight_on_one_connection() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     assert!(took >= Duration::from_millis(450), "took {took:?}");
 }
+
+#[test]
+fn sigterm_stops_vudev_while_an_nbd_server_stalls_the_first_handshake() {
+    let dir = scratch("nbd-slow-hello");
+    // A server that accepts and never says a word.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let socket = dir.join("vu.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["export", "vhost-user", "--socket"])
+        .arg(&socket)
+        .args([
+            "--nbd",
+            &format!("nbd://127.0.0.1:{port}/x"),
+            "--nbd-timeout",
+            "60",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("vudev.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // Once vudev has connected, it waits for the greeting.
+    let (_conn, _) = listener.accept().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!("vudev ignored SIGTERM during the NBD handshake");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(dir.join("vudev.log")).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert!(log.contains("nothing was created"), "{log}");
+    assert!(!socket.exists());
+}

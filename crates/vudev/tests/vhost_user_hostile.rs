@@ -453,6 +453,58 @@ fn vring_addresses_outside_memory() {
 }
 
 #[test]
+fn a_memory_table_that_cannot_be_mapped_leaves_the_previous_one_in_force() {
+    let (_dir, s) = server("unmappable");
+    let m = memfd(1 << 20);
+    let stream = session_with_memory(&s, &m);
+    // A pipe passes every check on the table (it is no regular file, so it has no size to
+    // check) but cannot be mapped.
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe(2) fills the two-element array; both fds are closed below.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    let body = mem_table(&[region(0, 1 << 20, 0x9000_0000, 0)]);
+    send_with_fds(&stream, &msg(SET_MEM_TABLE, NEED_REPLY, &body), &[pipe[0]]);
+    // Rings inside the first table: they start, so the first table is still the one in force.
+    let mut num = Vec::new();
+    num.extend_from_slice(&0u32.to_le_bytes());
+    num.extend_from_slice(&256u32.to_le_bytes());
+    (&stream).write_all(&msg(SET_VRING_NUM, 0, &num)).unwrap();
+    let mut addr = vec![0u8; 8];
+    for a in [0x7000_0000u64, 0x7000_2000, 0x7000_1000, 0] {
+        addr.extend_from_slice(&a.to_le_bytes());
+    }
+    (&stream).write_all(&msg(SET_VRING_ADDR, 0, &addr)).unwrap();
+    // SAFETY: plain eventfd creation; the fd is closed below.
+    let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    send_with_fds(&stream, &msg(SET_VRING_KICK, 0, &u64_body(0)), &[kick]);
+    let mut enable = Vec::new();
+    enable.extend_from_slice(&0u32.to_le_bytes());
+    enable.extend_from_slice(&1u32.to_le_bytes());
+    (&stream)
+        .write_all(&msg(SET_VRING_ENABLE, NEED_REPLY, &enable))
+        .unwrap();
+    let replies = read_all(&stream);
+    assert_eq!(
+        acks_of(SET_MEM_TABLE, &replies),
+        vec![0, 1],
+        "the pipe table was accepted"
+    );
+    assert_eq!(
+        acks_of(SET_VRING_ENABLE, &replies),
+        vec![0],
+        "rings in the old table refused"
+    );
+    // SAFETY: closing our own fds.
+    unsafe {
+        libc::close(kick);
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
+    }
+    drop(stream);
+    good_client_works(&s);
+}
+
+#[test]
 fn missing_and_extra_fds() {
     let (_dir, s) = server("fds");
     // A kick without an fd and without the NOFD flag.

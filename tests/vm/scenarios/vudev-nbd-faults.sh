@@ -2,7 +2,9 @@
 # writes with verification and started again within the timeout: fio sees no error and the
 # image holds what the device shows. Then the server stays away past the timeout: reads fail
 # with an I/O error instead of hanging, vudev stays up, and serves again once the server is
-# back.
+# back. Last, a reset while the server is stopped with requests in flight on two queues: it is
+# answered in seconds (not after the kernel's msg_timeout, which would break the device for
+# good), and the device serves again once the server continues.
 . /lib.sh
 truncate -s 64M /tmp/f.img
 start_server() {
@@ -51,5 +53,36 @@ start_server
 check nbdf-serves-again dd if="$dev" of=/dev/null bs=4k count=16 skip=200 iflag=direct
 check nbdf-writes-again sh -c "dd if=/dev/urandom of=$dev bs=64k count=4 oflag=direct conv=fsync"
 stop_export $vpid nbdf0
+
+# 3. A reset under a stalled backend. The driver is a userspace one (blkio through vhost-vdpa)
+# that is killed with reads in flight on both queues: the kernel resets the device as it
+# closes, and the process exits only once vudev has answered that reset. (A virtio_vdpa unbind
+# would first wait for the in-flight requests itself.)
+vudev export vduse --name nbdr0 --nbd "nbd+unix:///vol?socket=/tmp/f.sock" --nbd-timeout 60 \
+    --num-queues 2 --no-attach 2>/tmp/nbdr0.log &
+rpid=$!
+wait_for /dev/vduse/nbdr0 30 && echo "CHECK PASS nbdr-created" || echo "CHECK FAIL nbdr-created: $(tail -3 /tmp/nbdr0.log)"
+check nbdr-attach-vhost-vdpa vudev vdpa attach nbdr0 --driver vhost-vdpa
+node=$(ls -d /sys/bus/vdpa/devices/nbdr0/vhost-vdpa-* 2>/dev/null | head -1)
+node=/dev/$(basename "$node")
+wait_for "$node" 10
+kill -STOP $qpid
+blkio-verify --driver virtio-blk-vhost-vdpa --path "$node" --num-queues 2 --depth 8 --hold \
+    >/tmp/hold.log 2>&1 &
+bpid=$!
+i=0
+while ! grep -q HOLD /tmp/hold.log && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
+check nbdr-reads-in-flight grep -q HOLD /tmp/hold.log
+sleep 1
+t0=$(date +%s)
+kill -KILL $bpid; wait $bpid 2>/dev/null
+t1=$(date +%s)
+echo "INFO reset with 2 queues stalled on a stopped NBD server answered after $((t1 - t0)) s (msg_timeout $(cat /sys/class/vduse/nbdr0/msg_timeout 2>/dev/null || echo "?") s)"
+check nbdr-reset-in-seconds [ $((t1 - t0)) -le 12 ]
+check nbdr-reset-answered grep -q "driver reset the device" /tmp/nbdr0.log
+kill -CONT $qpid
+check nbdr-serves-after-reset blkio-verify --driver virtio-blk-vhost-vdpa --path "$node" --num-queues 2
+check nbdr-vudev-alive kill -0 $rpid
+stop_export $rpid nbdr0
 kill $qpid; wait $qpid 2>/dev/null
 echo SCENARIO DONE

@@ -1,26 +1,34 @@
 //! One connection to an NBD server with many requests in flight.
 //!
-//! Queue threads send requests themselves (under the writer lock) and go on; the
-//! connection's own thread reads the replies, matches them to their request by cookie, copies
-//! read data into the driver's buffers and hands each result to the queue that sent it (a
-//! [`Sink`]: a list and an eventfd the queue polls). That thread also keeps the connection
-//! up: when it breaks, it connects again with backoff and resends every request that has not
-//! been answered, and every tick it fails the requests older than the timeout (IOERR) — their
-//! replies, if they ever come, are read and dropped.
+//! Queue threads send requests themselves (under the writer lock) and go on: the socket is
+//! non-blocking, and what it does not take waits in the writer's backlog, which the
+//! connection's own thread flushes when the socket can take more. That thread reads the
+//! replies, matches them to their request by cookie, copies read data into the driver's
+//! buffers and hands each result to the queue that sent it (a [`Sink`]: a list and an eventfd
+//! the queue polls). It also keeps the connection up: when it breaks, it connects again with
+//! backoff and resends every request that has not been answered; and at least every tick,
+//! whatever the server sends or does not send, it fails the requests older than the timeout
+//! (IOERR) — their replies, if they ever come, are read and dropped.
 //!
-//! Locks: `writer` before `state`, never the other way; the reply thread takes only `state`,
-//! so a write blocked on a full socket never stops replies from being read.
+//! The server cannot stretch a deadline: one reply must arrive whole within the timeout, the
+//! backlog must move within the timeout, and a handshake ends within its own deadline;
+//! otherwise the connection is replaced. It cannot grow our memory without bound either: a
+//! partial reply is kept only while its request waits, and a server that owes replies to more
+//! than [`MAX_OWED`] failed requests loses its connection.
+//!
+//! Locks: `writer` before `state`, never the other way; no lock is held while waiting.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vm_memory::VolatileSlice;
 
-use super::handshake::{connect, ExportInfo, Negotiated};
+use super::handshake::{connect_ticking, ExportInfo, Negotiated};
 use super::link::{LinkReader, LinkWriter, Sock};
 use super::uri::NbdUri;
 use super::wire::*;
@@ -30,6 +38,14 @@ use crate::backend::eventfd;
 const TICK: Duration = Duration::from_millis(100);
 /// The longest a connection attempt may take (the request timeout if shorter).
 const MAX_HANDSHAKE: Duration = Duration::from_secs(5);
+/// The first pause before connecting again, doubled after each connection that did not last.
+const FIRST_PAUSE: Duration = Duration::from_millis(50);
+/// The longest pause between connection attempts.
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+/// A connection that lasted this long was healthy: the next loss starts the backoff afresh.
+const HEALTHY: Duration = Duration::from_secs(2);
+/// Most failed requests whose replies a server may owe before its connection is replaced.
+pub(super) const MAX_OWED: usize = 1024;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -116,7 +132,6 @@ struct Out {
     generation: u64,
     link: LinkWriter,
     replies: Replies,
-    scratch: Vec<u8>,
 }
 
 struct Shared {
@@ -128,6 +143,15 @@ struct Shared {
     writer: Mutex<Option<Out>>,
     /// A handle on the current socket, to wake the reply thread when stopping.
     kill: Mutex<Option<Sock>>,
+    /// Written when a queue leaves bytes in the backlog: wakes the reply thread to flush.
+    wake: File,
+    /// The writer's backlog holds bytes (read without the writer lock).
+    backlogged: AtomicBool,
+    /// Counts the requests failed for their timeout: the reply thread then drops their
+    /// partial replies.
+    expired: AtomicU64,
+    /// Bytes held in partial read replies (for the tests' look at memory).
+    assembling: AtomicUsize,
 }
 
 /// A connection (kept up by its own thread) that queues send requests on.
@@ -154,6 +178,10 @@ impl Conn {
             }),
             writer: Mutex::new(None),
             kill: Mutex::new(None),
+            wake: eventfd()?,
+            backlogged: AtomicBool::new(false),
+            expired: AtomicU64::new(0),
+            assembling: AtomicUsize::new(0),
         });
         let s = shared.clone();
         std::thread::Builder::new()
@@ -184,6 +212,12 @@ impl Conn {
         self.shared.send(cookie);
     }
 
+    /// Bytes held in partial read replies now.
+    #[cfg(test)]
+    pub(super) fn assembling(&self) -> usize {
+        self.shared.assembling.load(Ordering::Relaxed)
+    }
+
     /// Forgets `sink`'s requests: their results are never delivered and nothing is written
     /// into their buffers any more (the queue is going away with its memory).
     pub(super) fn detach(&self, sink: &Arc<Sink>) {
@@ -207,7 +241,8 @@ impl Drop for Conn {
                 p.req.dest = None;
             }
         }
-        // A polite goodbye if the connection is up and free, then wake the reply thread.
+        // A polite goodbye if the connection is up and free (best effort: the socket does
+        // not wait), then wake the reply thread.
         if let Ok(mut w) = self.shared.writer.try_lock() {
             if let Some(out) = w.as_mut() {
                 let (h, n) = request_header(out.replies, CMD_DISC, 0, 0, 0, 0);
@@ -227,11 +262,12 @@ impl Shared {
     }
 
     /// Writes request `cookie` on the current connection unless it already went out on it;
-    /// with no connection, the next one sends it.
+    /// with no connection, the next one sends it. Never waits for the server: what the socket
+    /// does not take now waits in the backlog, for the reply thread to flush.
     fn send(&self, cookie: u64) {
         let mut w = lock(&self.writer);
         let Some(out) = w.as_mut() else { return };
-        let payload = {
+        let (header, n, payload) = {
             let mut st = lock(&self.state);
             let Some(p) = st.pending.get_mut(&cookie) else {
                 return;
@@ -242,20 +278,57 @@ impl Shared {
             p.sent = out.generation;
             let r = &p.req;
             let (h, n) = request_header(out.replies, r.cmd, r.flags, cookie, r.offset, r.len);
-            out.scratch.clear();
-            out.scratch.extend_from_slice(&h[..n]);
-            r.payload.clone()
+            (h, n, r.payload.clone())
         };
-        if let Some(data) = payload {
-            out.scratch.extend_from_slice(&data);
-        }
-        if let Err(e) = out.link.send(&out.scratch) {
-            tracing::warn!("NBD connection lost while sending ({e}); reconnecting");
-            *w = None;
-            if let Some(s) = lock(&self.kill).as_ref() {
-                s.shutdown();
+        let data = payload.as_deref().map_or(&[][..], |d| &d[..]);
+        match out.link.send(&[&header[..n], data]) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.backlogged.store(true, Ordering::Release);
+                let _ = (&self.wake).write(&1u64.to_ne_bytes());
+            }
+            Err(e) => {
+                tracing::warn!("NBD connection lost while sending ({e}); reconnecting");
+                *w = None;
+                self.backlogged.store(false, Ordering::Release);
+                if let Some(s) = lock(&self.kill).as_ref() {
+                    s.shutdown();
+                }
             }
         }
+    }
+
+    /// Writes what the socket takes of the backlog; fails if the server has taken nothing
+    /// for the whole timeout while we had bytes for it.
+    fn flush(&self) -> io::Result<()> {
+        let mut w = lock(&self.writer);
+        let Some(out) = w.as_mut() else {
+            return Ok(());
+        };
+        if out.link.flush()? {
+            self.backlogged.store(false, Ordering::Release);
+            return Ok(());
+        }
+        if out.link.stalled_for() > self.timeout {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the server has not read our requests for {:?}",
+                    self.timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// How many requests failed (timed out, or their queue went away) and still wait for a
+    /// reply the server owes.
+    fn owed(&self) -> usize {
+        lock(&self.state)
+            .pending
+            .values()
+            .filter(|p| p.failed)
+            .count()
     }
 
     /// Fails the requests that have waited longer than the timeout.
@@ -264,6 +337,7 @@ impl Shared {
         let mut st = lock(&self.state);
         for p in st.pending.values_mut() {
             if !p.failed && p.deadline <= now {
+                self.expired.fetch_add(1, Ordering::Relaxed);
                 p.failed = true;
                 p.req.dest = None;
                 // Never sent again: keep no copy of its data.
@@ -279,15 +353,11 @@ impl Shared {
         }
     }
 
-    /// True if some request was answered with a timeout and its reply is still owed.
-    fn owes_timed_out(&self) -> bool {
-        lock(&self.state).pending.values().any(|p| p.failed)
-    }
-
     /// The connection thread: connect, read replies until the connection breaks, again.
     fn run(self: Arc<Self>, mut first: Option<Negotiated>) {
-        let mut pause = Duration::from_millis(50);
+        let mut pause = FIRST_PAUSE;
         let mut outage: Option<Instant> = None;
+        let tick = || self.expire();
         loop {
             if self.stopping() {
                 return;
@@ -295,7 +365,11 @@ impl Shared {
             self.expire();
             let attempt = match first.take() {
                 Some(n) => Ok(n),
-                None => connect(&self.uri, self.timeout.min(MAX_HANDSHAKE)),
+                None => connect_ticking(
+                    &self.uri,
+                    self.timeout.min(MAX_HANDSHAKE),
+                    Some((TICK, &tick)),
+                ),
             };
             match attempt.and_then(|n| self.install(n)) {
                 Ok((reader, replies, resent)) => {
@@ -305,17 +379,28 @@ impl Shared {
                             since.elapsed().as_secs_f64()
                         );
                     }
-                    pause = Duration::from_millis(50);
+                    let up = Instant::now();
                     let err = self.replies(reader, replies);
                     *lock(&self.writer) = None;
+                    self.backlogged.store(false, Ordering::Release);
                     if let Some(s) = lock(&self.kill).take() {
                         s.shutdown();
                     }
                     if self.stopping() {
                         return;
                     }
-                    tracing::warn!("NBD connection lost ({err}); reconnecting");
                     outage = Some(Instant::now());
+                    if up.elapsed() >= HEALTHY {
+                        // Only a connection that lasted starts the backoff afresh: a server
+                        // that accepts and drops at once gets fewer and fewer attempts.
+                        pause = FIRST_PAUSE;
+                        tracing::warn!("NBD connection lost ({err}); reconnecting");
+                    } else {
+                        tracing::warn!(
+                            "NBD connection lost after {:.1} s ({err}); reconnecting in {pause:?}",
+                            up.elapsed().as_secs_f64()
+                        );
+                    }
                 }
                 Err(e) => {
                     if self.stopping() {
@@ -334,7 +419,7 @@ impl Shared {
                 std::thread::sleep(TICK.min(until - Instant::now()));
                 self.expire();
             }
-            pause = (pause * 2).min(Duration::from_secs(1));
+            pause = (pause * 2).min(MAX_PAUSE);
         }
     }
 
@@ -347,7 +432,7 @@ impl Shared {
                 n.info.size, self.size
             )));
         }
-        let (link, reader, kill) = n.link.split(TICK, self.timeout)?;
+        let (link, reader, kill) = n.link.split()?;
         *lock(&self.kill) = Some(kill);
         let waiting = {
             let mut w = lock(&self.writer);
@@ -362,7 +447,6 @@ impl Shared {
                 generation: st.generation,
                 link,
                 replies: n.replies,
-                scratch: Vec::new(),
             });
             let mut c: Vec<(u64, bool)> =
                 st.pending.iter().map(|(c, p)| (*c, p.sent != 0)).collect();
@@ -376,14 +460,27 @@ impl Shared {
         Ok((reader, n.replies, resent))
     }
 
-    /// The request a reply is for: its command, offset and length.
-    fn lookup(&self, cookie: u64) -> io::Result<(u16, u64, u32)> {
+    /// The request a reply is for.
+    fn lookup(&self, cookie: u64) -> io::Result<Wanted> {
         let st = lock(&self.state);
         let p = st
             .pending
             .get(&cookie)
             .ok_or_else(|| proto(format!("reply to a request we did not send ({cookie})")))?;
-        Ok((p.req.cmd, p.req.offset, p.req.len))
+        Ok(Wanted {
+            cmd: p.req.cmd,
+            offset: p.req.offset,
+            len: p.req.len,
+            failed: p.failed,
+        })
+    }
+
+    /// True if request `cookie` still waits for its answer (not failed, not answered).
+    fn waiting(&self, cookie: u64) -> bool {
+        lock(&self.state)
+            .pending
+            .get(&cookie)
+            .is_some_and(|p| !p.failed)
     }
 
     /// Answers request `cookie`: copies `data` (a read's whole range) into its buffers on
@@ -404,27 +501,26 @@ impl Shared {
 
     /// Reads replies until the connection fails; returns why.
     fn replies(&self, reader: LinkReader, replies: Replies) -> io::Error {
-        let mut r = Patient {
-            inner: reader,
-            shared: self,
-            quiet: true,
-            stalled: None,
-        };
-        let mut partial: HashMap<u64, Assembly> = HashMap::new();
+        let mut r = Patient::new(reader, self);
+        let mut partial: HashMap<u64, Assembly<'_>> = HashMap::new();
         let mut buf = Vec::new();
+        let mut expired = self.expired.load(Ordering::Relaxed);
         loop {
-            r.quiet = true;
+            r.between_replies();
             let res = read_reply_header(&mut r, replies).and_then(|h| match h {
                 ReplyHeader::Simple { cookie, error } => {
-                    let (cmd, _, len) = self.lookup(cookie)?;
+                    if partial.contains_key(&cookie) {
+                        return Err(proto("a simple reply in the middle of a structured one"));
+                    }
+                    let want = self.lookup(cookie)?;
                     if error != 0 {
                         // No payload follows an error.
-                        self.complete(cookie, Err(server_error(error, "")), None);
-                    } else if cmd == CMD_READ {
+                        self.complete(cookie, Err(server_error(error, b"")), None);
+                    } else if want.cmd == CMD_READ {
                         if replies != Replies::Simple {
                             return Err(proto("a read answered with a simple reply"));
                         }
-                        buf.resize(len as usize, 0);
+                        buf.resize(want.len as usize, 0);
                         r.read_exact(&mut buf)?;
                         self.complete(cookie, Ok(()), Some(&buf));
                     } else {
@@ -439,18 +535,18 @@ impl Shared {
                     offset,
                     len,
                 } => {
-                    let (cmd, start, rlen) = self.lookup(cookie)?;
-                    if offset.is_some_and(|o| o != start) {
+                    let want = self.lookup(cookie)?;
+                    if offset.is_some_and(|o| o != want.offset) {
                         return Err(proto("reply offset differs from the request's"));
                     }
                     let a = partial
                         .entry(cookie)
-                        .or_insert_with(|| Assembly::new(cmd, rlen));
-                    a.chunk(&mut r, kind, start, rlen, len)?;
+                        .or_insert_with(|| Assembly::new(&want, &self.assembling));
+                    a.chunk(&mut r, kind, len)?;
                     if flags & REPLY_FLAG_DONE != 0 {
                         if let Some(a) = partial.remove(&cookie) {
-                            let data = a.read.then_some(&a.data[..]);
-                            self.complete(cookie, a.failure.map_or(Ok(()), Err), data);
+                            let (result, data) = a.finish();
+                            self.complete(cookie, result, data.as_deref());
                         }
                     }
                     Ok(())
@@ -459,51 +555,110 @@ impl Shared {
             if let Err(e) = res {
                 return e;
             }
+            // Requests that timed out keep no partial reply: what still comes for them is
+            // read and dropped.
+            let now = self.expired.load(Ordering::Relaxed);
+            if now != expired {
+                expired = now;
+                for (cookie, a) in partial.iter_mut() {
+                    if !self.waiting(*cookie) {
+                        a.discard();
+                    }
+                }
+            }
         }
     }
+}
+
+/// The request a reply is for, as far as reading the reply goes.
+struct Wanted {
+    cmd: u16,
+    offset: u64,
+    len: u32,
+    /// Already answered (timed out, or its queue went away): its data is not kept.
+    failed: bool,
 }
 
 /// A structured reply being put together from its chunks.
-struct Assembly {
+struct Assembly<'a> {
     /// The request is a read.
     read: bool,
-    /// A read's whole range, zeroed first: whatever the server leaves out reads as zeros.
+    /// The request's offset and length.
+    start: u64,
+    len: u32,
+    /// A read's whole range, filled by data and hole chunks; empty when the data is not
+    /// kept (the request failed already).
     data: Vec<u8>,
+    keep: bool,
+    /// The parts of the range chunks have covered: start → end, relative to `start`.
+    covered: BTreeMap<u64, u64>,
+    covered_bytes: u64,
     failure: Option<io::Error>,
     chunks: usize,
+    /// Bytes held in partial replies, kept up to date.
+    held: &'a AtomicUsize,
 }
 
-impl Assembly {
-    fn new(cmd: u16, len: u32) -> Assembly {
+impl<'a> Assembly<'a> {
+    fn new(want: &Wanted, held: &'a AtomicUsize) -> Assembly<'a> {
+        let read = want.cmd == CMD_READ;
+        let keep = read && !want.failed;
+        let data = if keep {
+            held.fetch_add(want.len as usize, Ordering::Relaxed);
+            vec![0; want.len as usize]
+        } else {
+            Vec::new()
+        };
         Assembly {
-            read: cmd == CMD_READ,
-            data: if cmd == CMD_READ {
-                vec![0; len as usize]
-            } else {
-                Vec::new()
-            },
+            read,
+            start: want.offset,
+            len: want.len,
+            data,
+            keep,
+            covered: BTreeMap::new(),
+            covered_bytes: 0,
             failure: None,
             chunks: 0,
+            held,
         }
     }
 
-    /// Takes one chunk (its header read) of a reply to a request over `[start, start + rlen)`.
-    fn chunk(
-        &mut self,
-        r: &mut dyn Read,
-        kind: u16,
-        start: u64,
-        rlen: u32,
-        len: u64,
-    ) -> io::Result<()> {
+    /// Stops keeping the data: the request is answered already.
+    fn discard(&mut self) {
+        if self.keep {
+            self.held.fetch_sub(self.data.len(), Ordering::Relaxed);
+            self.data = Vec::new();
+            self.keep = false;
+        }
+    }
+
+    /// Marks `[at, at + n)` (absolute) as covered; a chunk outside the range, empty, or over
+    /// a part already covered breaks the protocol.
+    fn cover(&mut self, at: u64, n: u64, what: &str) -> io::Result<usize> {
+        let end = self.start + u64::from(self.len);
+        if n == 0 || at < self.start || at.checked_add(n).is_none_or(|e| e > end) {
+            return Err(proto(format!(
+                "{what} outside the requested range or empty"
+            )));
+        }
+        let (from, to) = (at - self.start, at - self.start + n);
+        let before = self.covered.range(..=from).next_back();
+        let after = self.covered.range(from..).next();
+        if before.is_some_and(|(_, &e)| e > from) || after.is_some_and(|(&s, _)| s < to) {
+            return Err(proto(format!("{what} overlaps data already sent")));
+        }
+        self.covered.insert(from, to);
+        self.covered_bytes += n;
+        Ok(from as usize)
+    }
+
+    /// Takes one chunk (its header read) of `len` bytes.
+    fn chunk(&mut self, r: &mut dyn Read, kind: u16, len: u64) -> io::Result<()> {
         // However the server cuts its reply, it ends: a bound on the number of chunks.
         self.chunks += 1;
-        if self.chunks > 64 + rlen as usize / 512 {
+        if self.chunks > 64 + self.len as usize / 512 {
             return Err(proto("a reply cut into too many chunks"));
         }
-        let read = self.read;
-        let end = start + u64::from(rlen);
-        let in_range = |at: u64, n: u64| at >= start && at.checked_add(n).is_some_and(|e| e <= end);
         let mut be64 = || -> io::Result<u64> {
             let mut b = [0u8; 8];
             r.read_exact(&mut b)?;
@@ -511,25 +666,25 @@ impl Assembly {
         };
         match kind {
             CHUNK_NONE if len == 0 => {}
-            CHUNK_OFFSET_DATA if read && len >= 8 => {
+            CHUNK_OFFSET_DATA if self.read && len >= 8 => {
                 let at = be64()?;
                 let n = len - 8;
-                if !in_range(at, n) {
-                    return Err(proto("read data outside the requested range"));
+                let from = self.cover(at, n, "read data")?;
+                if self.keep {
+                    r.read_exact(&mut self.data[from..from + n as usize])?;
+                } else {
+                    skip(r, n)?;
                 }
-                let from = (at - start) as usize;
-                r.read_exact(&mut self.data[from..from + n as usize])?;
             }
-            CHUNK_OFFSET_HOLE if read && len == 12 => {
+            CHUNK_OFFSET_HOLE if self.read && len == 12 => {
                 let at = be64()?;
                 let mut b = [0u8; 4];
                 r.read_exact(&mut b)?;
                 let n = u64::from(u32::from_be_bytes(b));
-                if !in_range(at, n) {
-                    return Err(proto("hole outside the requested range"));
+                let from = self.cover(at, n, "a hole")?;
+                if self.keep {
+                    self.data[from..from + n as usize].fill(0);
                 }
-                let from = (at - start) as usize;
-                self.data[from..from + n as usize].fill(0);
             }
             k if k & 0x8000 != 0 && (6..=MAX_CHUNK).contains(&len) => {
                 let mut body = vec![0u8; len as usize];
@@ -541,7 +696,7 @@ impl Assembly {
                 // An unknown error chunk type still means the request failed.
                 let code = if known && code != 0 { code } else { 5 };
                 if self.failure.is_none() {
-                    self.failure = Some(server_error(code, &String::from_utf8_lossy(msg)));
+                    self.failure = Some(server_error(code, msg));
                 }
             }
             _ => {
@@ -552,6 +707,42 @@ impl Assembly {
         }
         Ok(())
     }
+
+    /// The reply is complete: the result, and a read's data. A successful read must have
+    /// covered its whole range; anything less is an error, never zeros.
+    fn finish(mut self) -> (io::Result<()>, Option<Vec<u8>>) {
+        if let Some(e) = self.failure.take() {
+            return (Err(e), None);
+        }
+        if self.read && self.covered_bytes != u64::from(self.len) {
+            let e = proto(format!(
+                "the reply to a read of {} bytes at {} covered only {} of them",
+                self.len, self.start, self.covered_bytes
+            ));
+            tracing::warn!("{e}");
+            return (Err(e), None);
+        }
+        let data = std::mem::take(&mut self.data);
+        (Ok(()), self.keep.then_some(data))
+    }
+}
+
+impl Drop for Assembly<'_> {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+/// Reads and drops `n` bytes.
+fn skip(r: &mut dyn Read, n: u64) -> io::Result<()> {
+    let copied = io::copy(&mut r.take(n), &mut io::sink())?;
+    if copied < n {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the server closed the connection",
+        ));
+    }
+    Ok(())
 }
 
 /// Copies a read's data into the driver buffers of `dest`.
@@ -578,20 +769,118 @@ fn scatter(dest: &Dest, data: &[u8]) {
     }
 }
 
-/// The reading half of a link, retrying through ticks: each tick fails old requests, and a
-/// server that stops in the middle of a reply for longer than the timeout loses the
-/// connection.
+/// The reading half of a link, for the reply thread: waits (polling the socket, and the
+/// wake-up fd to flush the backlog) without ever holding a lock, and at least every tick,
+/// however the server sends, fails old requests and checks the server keeps its deadlines.
 struct Patient<'a> {
     inner: LinkReader,
     shared: &'a Shared,
-    /// Between replies: waiting is normal.
-    quiet: bool,
-    stalled: Option<Instant>,
+    /// When the reply being read began (None between replies: waiting is normal then).
+    reply_began: Option<Instant>,
+    /// When the server last sent a byte.
+    last_byte: Instant,
+    last_tick: Instant,
+}
+
+impl<'a> Patient<'a> {
+    fn new(inner: LinkReader, shared: &'a Shared) -> Patient<'a> {
+        let now = Instant::now();
+        Patient {
+            inner,
+            shared,
+            reply_began: None,
+            last_byte: now,
+            last_tick: now,
+        }
+    }
+
+    /// The next byte read begins a new reply.
+    fn between_replies(&mut self) {
+        self.reply_began = None;
+    }
+
+    /// At most once a tick: fail old requests, and give up on a server that misses its
+    /// deadlines.
+    fn tick(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        if now.duration_since(self.last_tick) < TICK {
+            return Ok(());
+        }
+        self.last_tick = now;
+        let shared = self.shared;
+        if shared.stopping() {
+            return Err(io::Error::other("stopping"));
+        }
+        shared.expire();
+        let timeout = shared.timeout;
+        if let Some(began) = self.reply_began {
+            if now.duration_since(began) > timeout {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the server took longer than {timeout:?} to send one reply"),
+                ));
+            }
+        }
+        let owed = shared.owed();
+        // Silent for a whole timeout while it owes replies to requests that already failed:
+        // start again on a new connection rather than let them pile up.
+        if self.reply_began.is_none() && owed > 0 && now.duration_since(self.last_byte) > timeout {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the server has not answered for the whole timeout",
+            ));
+        }
+        if owed > MAX_OWED {
+            return Err(proto(format!(
+                "it owes replies to {owed} requests that timed out"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits up to a tick for the socket to have data; flushes the backlog when the socket
+    /// takes more, or when a queue left bytes in it.
+    fn wait(&mut self) -> io::Result<()> {
+        let shared = self.shared;
+        let out = shared.backlogged.load(Ordering::Acquire);
+        let mut fds = [
+            libc::pollfd {
+                fd: self.inner.raw_fd(),
+                events: libc::POLLIN | if out { libc::POLLOUT } else { 0 },
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: shared.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid pollfd array for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, TICK.as_millis() as libc::c_int) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        let woken = fds[1].revents != 0;
+        if woken {
+            let mut counter = [0u8; 8];
+            let _ = (&shared.wake).read(&mut counter);
+        }
+        if woken || fds[0].revents & libc::POLLOUT != 0 || out {
+            shared.flush()?;
+        }
+        Ok(())
+    }
 }
 
 impl Read for Patient<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
+            self.tick()?;
             match self.inner.read(buf) {
                 Ok(0) if !buf.is_empty() => {
                     return Err(io::Error::new(
@@ -600,40 +889,18 @@ impl Read for Patient<'_> {
                     ))
                 }
                 Ok(n) => {
-                    self.quiet = false;
-                    self.stalled = None;
+                    let now = Instant::now();
+                    self.last_byte = now;
+                    self.reply_began.get_or_insert(now);
                     return Ok(n);
                 }
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                     ) =>
                 {
-                    if self.shared.stopping() {
-                        return Err(io::Error::other("stopping"));
-                    }
-                    self.shared.expire();
-                    let since = *self.stalled.get_or_insert_with(Instant::now);
-                    if since.elapsed() > self.shared.timeout {
-                        if !self.quiet {
-                            return Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "the server stopped in the middle of a reply",
-                            ));
-                        }
-                        // Silent for a whole timeout while it owes replies to requests that
-                        // already failed: start again on a new connection rather than let
-                        // them pile up.
-                        if self.shared.owes_timed_out() {
-                            return Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "the server has not answered for the whole timeout",
-                            ));
-                        }
-                    }
+                    self.wait()?;
                 }
                 Err(e) => return Err(e),
             }

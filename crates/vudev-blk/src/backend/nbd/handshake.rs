@@ -5,9 +5,9 @@
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
-use super::link::{tls_session, Link, Sock};
+use super::link::{tls_session, Link, Sock, Timed};
 use super::uri::NbdUri;
-use super::wire::{proto, Replies, MAX_PAYLOAD};
+use super::wire::{printable, proto, Replies, MAX_PAYLOAD};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -24,6 +24,8 @@ const REP_INFO: u32 = 3;
 const INFO_EXPORT: u16 = 0;
 const INFO_BLOCK_SIZE: u16 = 3;
 
+/// The smallest maximum payload we accept: one sector.
+const MIN_PAYLOAD: u32 = 512;
 /// Largest option reply we read during the handshake.
 const MAX_OPTION_REPLY: u32 = 64 << 10;
 /// Most replies we take to one option before calling the server broken (a server streaming
@@ -86,9 +88,47 @@ fn ask(stream: &mut dyn Stream, option: u32, name: &str) -> io::Result<bool> {
     }
 }
 
-/// Connects to the server of `uri` and negotiates; every step waits at most `timeout`.
+/// Connects to the server of `uri` and negotiates; the whole handshake ends within `timeout`.
 pub(super) fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<Negotiated> {
-    let mut sock = Sock::connect(&uri.address, timeout)?;
+    connect_ticking(uri, timeout, None)
+}
+
+/// [`connect`], calling `on_tick` at least every `tick` while it waits for the server.
+pub(super) fn connect_ticking(
+    uri: &NbdUri,
+    timeout: Duration,
+    tick: Option<(Duration, &dyn Fn())>,
+) -> io::Result<Negotiated> {
+    // The TCP connect itself cannot be cut into ticks: it waits at most a second at a time.
+    let connect_wait = match tick {
+        Some(_) => timeout.min(Duration::from_secs(1)),
+        None => timeout,
+    };
+    let mut sock = Sock::connect(&uri.address, connect_wait)?;
+    let mut stream = Timed::new(&mut sock, timeout);
+    if let Some((every, on_tick)) = tick {
+        stream = stream.with_tick(every, on_tick);
+    }
+    let tls = greet(&mut stream, uri)?;
+    let (tls, replies, info) = match tls {
+        Some(mut conn) => {
+            let (replies, info) = negotiate(&mut rustls::Stream::new(&mut conn, &mut stream), uri)?;
+            (Some(conn), replies, info)
+        }
+        None => {
+            let (replies, info) = negotiate(&mut stream, uri)?;
+            (None, replies, info)
+        }
+    };
+    Ok(Negotiated {
+        link: Link { sock, tls },
+        info,
+        replies,
+    })
+}
+
+/// The greeting, and STARTTLS if the URI asks for TLS: the TLS session to go on in.
+fn greet(sock: &mut Timed<'_>, uri: &NbdUri) -> io::Result<Option<rustls::ClientConnection>> {
     let mut hello = [0u8; 18];
     sock.read_exact(&mut hello)?;
     let magic = u64::from_be_bytes(hello[0..8].try_into().unwrap_or_default());
@@ -102,30 +142,19 @@ pub(super) fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<Negotiated>
     }
     let cflags = u32::from(hflags & (FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
     sock.write_all(&cflags.to_be_bytes())?;
-    let mut tls = None;
-    if let Some(t) = &uri.tls {
-        // STARTTLS first: the server forgets whatever was negotiated before it.
-        send_option(&mut sock, OPT_STARTTLS, &[])?;
-        match option_reply(&mut sock, OPT_STARTTLS)? {
-            (REP_ACK, _) => {}
-            (kind, msg) => {
-                return Err(io::Error::other(format!(
-                    "NBD server refused TLS (reply {kind:#x}): {}",
-                    String::from_utf8_lossy(&msg)
-                )))
-            }
+    let Some(t) = &uri.tls else { return Ok(None) };
+    // STARTTLS first: the server forgets whatever was negotiated before it.
+    send_option(sock, OPT_STARTTLS, &[])?;
+    match option_reply(sock, OPT_STARTTLS)? {
+        (REP_ACK, _) => {}
+        (kind, msg) => {
+            return Err(io::Error::other(format!(
+                "NBD server refused TLS (reply {kind:#x}): {}",
+                printable(&msg)
+            )))
         }
-        tls = Some(tls_session(t)?);
     }
-    let (replies, info) = match tls.as_mut() {
-        Some(conn) => negotiate(&mut rustls::Stream::new(conn, &mut sock), uri)?,
-        None => negotiate(&mut sock, uri)?,
-    };
-    Ok(Negotiated {
-        link: Link { sock, tls },
-        info,
-        replies,
-    })
+    Ok(Some(tls_session(t)?))
 }
 
 /// The options after STARTTLS: the reply style, then the export.
@@ -157,7 +186,7 @@ fn negotiate(stream: &mut dyn Stream, uri: &NbdUri) -> io::Result<(Replies, Expo
         }
         let (kind, data) = option_reply(stream, OPT_GO)?;
         if kind & 0x8000_0000 != 0 {
-            let msg = String::from_utf8_lossy(&data);
+            let msg = printable(&data);
             let hint = match kind {
                 0x8000_0005 => " (the server requires TLS: use nbds:// or nbds+unix://)",
                 0x8000_0006 => " (no such export: check the export name)",
@@ -183,8 +212,17 @@ fn negotiate(stream: &mut dyn Stream, uri: &NbdUri) -> io::Result<(Replies, Expo
                         min_block =
                             u32::from_be_bytes(data[2..6].try_into().unwrap_or_default()).max(1);
                         let max = u32::from_be_bytes(data[10..14].try_into().unwrap_or_default());
-                        // Never above our own bound; never so small a sector cannot fit.
-                        max_payload = max.clamp(4096, MAX_PAYLOAD);
+                        // Never above our own bound (0xffffffff: no limit of its own).
+                        if max < MIN_PAYLOAD {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!(
+                                    "NBD server: its maximum payload ({max} bytes) is below one \
+                                     {MIN_PAYLOAD}-byte sector: it cannot serve a disk"
+                                ),
+                            ));
+                        }
+                        max_payload = max.min(MAX_PAYLOAD);
                     }
                     _ => {} // information we did not ask for or do not use
                 }

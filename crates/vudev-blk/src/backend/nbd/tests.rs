@@ -1,55 +1,139 @@
-//! The client against a scripted server that breaks the protocol (the real servers in
-//! `crates/vudev/tests/nbd.rs` never do).
+//! The client against scripted servers that break the protocol or stretch its deadlines (the
+//! real servers in `crates/vudev/tests/nbd.rs` never do). Each test is one class of
+//! misbehaviour: what must come out is an error within the timeout, never wrong data, a hang,
+//! or memory that grows.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vm_memory::VolatileSlice;
 
 use super::*;
 
-/// A server on a unix socket that negotiates simple replies, then hands each request of
-/// connection number `n` to `answer(n, stream, cookie, cmd, len)`.
-fn scripted_server(
+/// How a scripted server greets a connection.
+#[derive(Clone, Copy, PartialEq)]
+enum Greeting {
+    /// At once.
+    Normal,
+    /// Never: it accepts and says nothing.
+    Never,
+    /// One byte every so often.
+    Trickle(Duration),
+}
+
+/// What a scripted server negotiates.
+#[derive(Clone, Copy)]
+struct Script {
+    /// Structured replies (otherwise simple ones only).
+    structured: bool,
+    /// Transmission flags besides HAS_FLAGS and SEND_FLUSH.
+    flags: u16,
+    /// Block size information: minimum and maximum payload.
+    block_size: Option<(u32, u32)>,
+    /// How connections from number `greet_from` on are greeted (earlier ones: at once).
+    greeting: Greeting,
+    greet_from: usize,
+}
+
+impl Script {
+    fn simple() -> Script {
+        Script {
+            structured: false,
+            flags: 0,
+            block_size: None,
+            greeting: Greeting::Normal,
+            greet_from: 0,
+        }
+    }
+    fn structured() -> Script {
+        Script {
+            structured: true,
+            ..Script::simple()
+        }
+    }
+}
+
+/// One request as the server saw it.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    cookie: u64,
+    cmd: u16,
+    offset: u64,
+    len: u32,
+}
+
+/// A scripted server on a unix socket: each connection (numbered from 0) on its own thread;
+/// after the handshake each request goes to `answer(n, stream, request)`. Returns the
+/// socket's path and the number of connections accepted so far.
+fn server(
     name: &str,
-    answer: impl Fn(usize, &mut UnixStream, u64, u16, u32) + Send + 'static,
-) -> PathBuf {
+    script: Script,
+    answer: impl Fn(usize, &mut UnixStream, Seen) + Send + Sync + 'static,
+) -> (PathBuf, Arc<AtomicUsize>) {
     let path = std::env::temp_dir().join(format!("vudev-nbd-{name}-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path).unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let accepted = count.clone();
+    let answer = Arc::new(answer);
     std::thread::spawn(move || {
         for (n, s) in listener.incoming().enumerate() {
             let Ok(mut s) = s else { return };
-            if handshake(&mut s).is_err() {
-                continue;
-            }
-            let mut h = [0u8; 28];
-            while s.read_exact(&mut h).is_ok() {
-                let cmd = u16::from_be_bytes([h[6], h[7]]);
-                let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
-                let len = u32::from_be_bytes(h[24..28].try_into().unwrap());
-                if cmd == CMD_WRITE {
-                    let mut data = vec![0u8; len as usize];
-                    if s.read_exact(&mut data).is_err() {
-                        break;
-                    }
+            accepted.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                let greeting = if n >= script.greet_from {
+                    script.greeting
+                } else {
+                    Greeting::Normal
+                };
+                if handshake(&mut s, &script, greeting).is_err() {
+                    return;
                 }
-                answer(n, &mut s, cookie, cmd, len);
-            }
+                let mut h = [0u8; 28];
+                while s.read_exact(&mut h).is_ok() {
+                    let seen = Seen {
+                        cmd: u16::from_be_bytes([h[6], h[7]]),
+                        cookie: u64::from_be_bytes(h[8..16].try_into().unwrap()),
+                        offset: u64::from_be_bytes(h[16..24].try_into().unwrap()),
+                        len: u32::from_be_bytes(h[24..28].try_into().unwrap()),
+                    };
+                    if seen.cmd == CMD_WRITE {
+                        let mut data = vec![0u8; seen.len as usize];
+                        if s.read_exact(&mut data).is_err() {
+                            break;
+                        }
+                    }
+                    answer(n, &mut s, seen);
+                }
+            });
         }
     });
-    path
+    (path, count)
 }
 
-/// The server side of the handshake: no extended headers, no structured replies, a 1 MiB
-/// export.
-fn handshake(s: &mut UnixStream) -> std::io::Result<()> {
+/// The server side of the handshake for a 1 MiB export.
+fn handshake(s: &mut UnixStream, script: &Script, greeting: Greeting) -> std::io::Result<()> {
     let mut hello = 0x4e42_444d_4147_4943u64.to_be_bytes().to_vec();
     hello.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes());
     hello.extend_from_slice(&3u16.to_be_bytes());
-    s.write_all(&hello)?;
+    match greeting {
+        Greeting::Normal => s.write_all(&hello)?,
+        Greeting::Never => {
+            std::thread::sleep(Duration::from_secs(60));
+            return Err(std::io::Error::other("never greets"));
+        }
+        Greeting::Trickle(every) => {
+            for b in hello {
+                s.write_all(&[b])?;
+                std::thread::sleep(every);
+            }
+        }
+    }
     let mut flags = [0u8; 4];
     s.read_exact(&mut flags)?;
     loop {
@@ -66,15 +150,24 @@ fn handshake(s: &mut UnixStream) -> std::io::Result<()> {
             m.extend_from_slice(data);
             s.write_all(&m)
         };
-        if option != 7 {
-            reply(s, 0x8000_0001, &[])?; // NBD_REP_ERR_UNSUP
-            continue;
+        match option {
+            8 if script.structured => reply(s, 1, &[])?,
+            7 => {
+                let mut info = 0u16.to_be_bytes().to_vec();
+                info.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                info.extend_from_slice(&(1u16 | TF_SEND_FLUSH | script.flags).to_be_bytes());
+                reply(s, 3, &info)?;
+                if let Some((min, max)) = script.block_size {
+                    let mut b = 3u16.to_be_bytes().to_vec();
+                    b.extend_from_slice(&min.to_be_bytes());
+                    b.extend_from_slice(&min.max(4096).to_be_bytes());
+                    b.extend_from_slice(&max.to_be_bytes());
+                    reply(s, 3, &b)?;
+                }
+                return reply(s, 1, &[]);
+            }
+            _ => reply(s, 0x8000_0001, &[])?, // NBD_REP_ERR_UNSUP
         }
-        let mut info = 0u16.to_be_bytes().to_vec();
-        info.extend_from_slice(&(1u64 << 20).to_be_bytes());
-        info.extend_from_slice(&(1u16 | TF_SEND_FLUSH).to_be_bytes());
-        reply(s, 3, &info)?;
-        return reply(s, 1, &[]);
     }
 }
 
@@ -86,15 +179,49 @@ fn simple_reply(s: &mut UnixStream, cookie: u64, error: u32, data: &[u8]) {
     let _ = s.write_all(&m);
 }
 
-/// Reads 4 KiB at 0 through a queue of the backend at `path`; the result, the data, and how
-/// long it took.
-fn read_4k(path: &Path, timeout: Duration) -> (io::Result<()>, Vec<u8>, Duration) {
-    let uri = format!("nbd+unix:///?socket={}", path.display());
-    let backend = NbdBackend::connect(&uri, false, timeout).unwrap();
-    let mut q = backend.queue().unwrap();
-    let mut buf = vec![0u8; 4096];
+/// One structured reply chunk.
+fn chunk(cookie: u64, done: bool, kind: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&u16::from(done).to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// An OFFSET_DATA chunk of `len` bytes of `byte` at `offset`.
+fn data_chunk(cookie: u64, done: bool, offset: u64, len: usize, byte: u8) -> Vec<u8> {
+    let mut p = offset.to_be_bytes().to_vec();
+    p.extend(std::iter::repeat_n(byte, len));
+    chunk(cookie, done, CHUNK_OFFSET_DATA, &p)
+}
+
+/// A whole, correct structured answer to a read: its data, `byte` throughout.
+fn good_read(s: &mut UnixStream, r: Seen, byte: u8) {
+    let _ = s.write_all(&data_chunk(r.cookie, true, r.offset, r.len as usize, byte));
+}
+
+fn uri(path: &std::path::Path) -> String {
+    format!("nbd+unix:///?socket={}", path.display())
+}
+
+/// Waits (at most 30 s) for the results of `n` requests of queue `q`.
+fn results(q: &mut Box<dyn QueueBackend>, n: usize) -> Vec<(u64, io::Result<()>)> {
     let t = Instant::now();
     let mut out = Vec::new();
+    while out.len() < n && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(5));
+        q.reap(&mut out);
+    }
+    assert_eq!(out.len(), n, "no result within 30 s");
+    out
+}
+
+/// Reads `len` bytes at 0 through queue `q`; the result, the data, and how long it took.
+fn read_on(q: &mut Box<dyn QueueBackend>, len: usize) -> (io::Result<()>, Vec<u8>, Duration) {
+    let mut buf = vec![0u8; len];
+    let t = Instant::now();
     {
         let slice = VolatileSlice::from(&mut buf[..]);
         q.submit(
@@ -104,22 +231,25 @@ fn read_4k(path: &Path, timeout: Duration) -> (io::Result<()>, Vec<u8>, Duration
                 bufs: &[slice],
             },
         );
-        while out.is_empty() && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(10));
-            q.reap(&mut out);
-        }
     }
-    let (cookie, res) = out.pop().expect("no result within 30 s");
+    let (cookie, res) = results(q, 1).pop().unwrap();
     assert_eq!(cookie, 7);
     (res, buf, t.elapsed())
 }
 
+/// Reads 4 KiB at 0 through a new backend for the server at `path`.
+fn read_4k(path: &std::path::Path, timeout: Duration) -> (io::Result<()>, Vec<u8>, Duration) {
+    let backend = NbdBackend::connect(&uri(path), false, timeout).unwrap();
+    let mut q = backend.queue().unwrap();
+    read_on(&mut q, 4096)
+}
+
 #[test]
 fn a_reply_with_a_wrong_cookie_costs_the_connection_not_the_request() {
-    let path = scripted_server("cookie", |n, s, cookie, _, len| {
+    let (path, _) = server("cookie", Script::simple(), |n, s, r| {
         // The first connection answers for a request never sent; the next one is correct.
-        let c = if n == 0 { cookie + 1000 } else { cookie };
-        simple_reply(s, c, 0, &vec![0xab; len as usize]);
+        let c = if n == 0 { r.cookie + 1000 } else { r.cookie };
+        simple_reply(s, c, 0, &vec![0xab; r.len as usize]);
     });
     let (res, data, _) = read_4k(&path, Duration::from_secs(5));
     res.unwrap();
@@ -128,7 +258,7 @@ fn a_reply_with_a_wrong_cookie_costs_the_connection_not_the_request() {
 
 #[test]
 fn a_server_that_sends_garbage_costs_an_io_error_within_the_timeout() {
-    let path = scripted_server("garbage", |_, s, _, _, _| {
+    let (path, _) = server("garbage", Script::simple(), |_, s, _| {
         let _ = s.write_all(&[0xff; 64]);
     });
     let (res, data, took) = read_4k(&path, Duration::from_secs(1));
@@ -139,12 +269,326 @@ fn a_server_that_sends_garbage_costs_an_io_error_within_the_timeout() {
 
 #[test]
 fn a_server_error_is_an_io_error_and_the_connection_stays() {
-    let path = scripted_server("error", |n, s, cookie, _, _| {
-        assert_eq!(n, 0, "the client reconnected after a server error");
-        simple_reply(s, cookie, 28, &[]); // ENOSPC, no payload
+    let (path, count) = server("error", Script::simple(), |_, s, r| {
+        simple_reply(s, r.cookie, 28, &[]); // ENOSPC, no payload
     });
     let (res, _, took) = read_4k(&path, Duration::from_secs(5));
     let e = res.unwrap_err().to_string();
     assert!(e.contains("ENOSPC"), "{e}");
     assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(count.load(Ordering::SeqCst), 1, "the client reconnected");
+}
+
+#[test]
+fn a_read_reply_that_leaves_part_of_the_range_out_is_an_error_not_zeros() {
+    // Done after half the data; done with no data at all; a hole, then nothing.
+    for (name, cut) in [("half", 1usize), ("none", 2), ("hole", 3)] {
+        let (path, _) = server(
+            &format!("gap-{name}"),
+            Script::structured(),
+            move |_, s, r| {
+                let m = match cut {
+                    1 => data_chunk(r.cookie, true, r.offset, r.len as usize / 2, 0xcd),
+                    2 => chunk(r.cookie, true, CHUNK_NONE, &[]),
+                    _ => {
+                        let mut p = r.offset.to_be_bytes().to_vec();
+                        p.extend_from_slice(&(r.len / 4).to_be_bytes());
+                        chunk(r.cookie, true, CHUNK_OFFSET_HOLE, &p)
+                    }
+                };
+                let _ = s.write_all(&m);
+            },
+        );
+        let (res, _, _) = read_4k(&path, Duration::from_secs(5));
+        let e = res.expect_err("a read the server did not cover succeeded");
+        assert!(e.to_string().contains("covered only"), "{name}: {e}");
+    }
+}
+
+#[test]
+fn overlapping_read_chunks_cost_the_connection_and_the_resend_is_right() {
+    let (path, count) = server("overlap", Script::structured(), |n, s, r| {
+        if n == 0 {
+            // The same 2 KiB twice, which adds up to the length but leaves half uncovered.
+            let half = r.len as usize / 2;
+            let _ = s.write_all(&data_chunk(r.cookie, false, r.offset, half, 0x11));
+            let _ = s.write_all(&data_chunk(r.cookie, true, r.offset, half, 0x22));
+        } else {
+            good_read(s, r, 0x33);
+        }
+    });
+    let (res, data, _) = read_4k(&path, Duration::from_secs(5));
+    res.unwrap();
+    assert!(data.iter().all(|&b| b == 0x33));
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_simple_reply_inside_a_structured_one_costs_the_connection() {
+    let (path, count) = server("mixed", Script::structured(), |n, s, r| {
+        if n == 0 {
+            let _ = s.write_all(&data_chunk(r.cookie, false, r.offset, 512, 0x44));
+            simple_reply(s, r.cookie, 0, &[]);
+        } else {
+            good_read(s, r, 0x55);
+        }
+    });
+    let (res, data, _) = read_4k(&path, Duration::from_secs(5));
+    res.unwrap();
+    assert!(data.iter().all(|&b| b == 0x55));
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn data_without_its_final_chunk_is_not_kept_once_the_request_times_out() {
+    const LEN: usize = 64 << 10;
+    let (path, _) = server("nodone", Script::structured(), |_, s, r| {
+        // Everything but the DONE flag, for every read.
+        let _ = s.write_all(&data_chunk(r.cookie, false, r.offset, r.len as usize, 0x66));
+    });
+    let backend = NbdBackend::connect(&uri(&path), false, Duration::from_secs(1)).unwrap();
+    let conn = backend.shared.clone().unwrap();
+    let mut q = backend.queue().unwrap();
+    let mut bufs = vec![vec![0u8; LEN]; 6];
+    for (i, b) in bufs.iter_mut().enumerate() {
+        let slice = VolatileSlice::from(&mut b[..]);
+        q.submit(
+            i as u64,
+            IoOp::Read {
+                offset: 0,
+                bufs: &[slice],
+            },
+        );
+    }
+    for (_, res) in results(&mut q, 6) {
+        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+    assert!(
+        bufs.iter().flatten().all(|&b| b == 0),
+        "data of an unfinished reply was used"
+    );
+    // One more read: its data is held while it waits, the timed-out ones' no longer.
+    let mut one = vec![0u8; LEN];
+    {
+        let slice = VolatileSlice::from(&mut one[..]);
+        q.submit(
+            9,
+            IoOp::Read {
+                offset: 0,
+                bufs: &[slice],
+            },
+        );
+        let t = Instant::now();
+        while conn.assembling() != LEN && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            conn.assembling(),
+            LEN,
+            "partial replies of failed requests are kept"
+        );
+        results(&mut q, 1);
+    }
+}
+
+#[test]
+fn a_reply_trickled_a_byte_at_a_time_ends_by_the_timeout() {
+    let (path, count) = server("trickle", Script::simple(), |n, s, r| {
+        if n == 0 {
+            let mut m = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&0u32.to_be_bytes());
+            m.extend_from_slice(&r.cookie.to_be_bytes());
+            m.extend(std::iter::repeat_n(0x77u8, r.len as usize));
+            for b in m {
+                if s.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        } else {
+            simple_reply(s, r.cookie, 0, &vec![0x88; r.len as usize]);
+        }
+    });
+    let backend = NbdBackend::connect(&uri(&path), false, Duration::from_secs(1)).unwrap();
+    let mut q = backend.queue().unwrap();
+    let (res, _, took) = read_on(&mut q, 4096);
+    assert_eq!(res.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    assert!(took < Duration::from_millis(1800), "took {took:?}");
+    // The connection that trickles is replaced, and the next one serves.
+    let (res, data, _) = read_on(&mut q, 4096);
+    res.unwrap();
+    assert!(data.iter().all(|&b| b == 0x88));
+    assert!(count.load(Ordering::SeqCst) >= 2);
+}
+
+#[test]
+fn a_handshake_trickled_a_byte_at_a_time_ends_by_the_timeout() {
+    let script = Script {
+        greeting: Greeting::Trickle(Duration::from_millis(200)),
+        ..Script::simple()
+    };
+    let (path, _) = server("slowhello", script, |_, _, _| {});
+    let t = Instant::now();
+    let e = NbdBackend::connect(&uri(&path), false, Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(e.to_string().contains("timed out"), "{e}");
+}
+
+#[test]
+fn a_server_that_never_greets_gets_a_timed_out_error() {
+    let script = Script {
+        greeting: Greeting::Never,
+        ..Script::simple()
+    };
+    let (path, _) = server("nohello", script, |_, _, _| {});
+    let t = Instant::now();
+    let e = NbdBackend::connect(&uri(&path), false, Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert!(!e.to_string().contains("temporarily"), "{e}");
+}
+
+#[test]
+fn a_queue_connection_with_a_trickled_handshake_fails_requests_by_their_deadline() {
+    // The first connection is quick and allows one connection per queue; the queue's own
+    // connection then greets a byte every 700 ms (each wait shorter than the timeout).
+    let script = Script {
+        flags: TF_CAN_MULTI_CONN,
+        greeting: Greeting::Trickle(Duration::from_millis(700)),
+        greet_from: 1,
+        ..Script::simple()
+    };
+    let (path, _) = server("slowqueue", script, |_, s, r| {
+        simple_reply(s, r.cookie, 0, &vec![0; r.len as usize])
+    });
+    let (res, _, took) = read_4k(&path, Duration::from_secs(1));
+    assert_eq!(res.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    assert!(took < Duration::from_millis(1800), "took {took:?}");
+}
+
+#[test]
+fn a_server_that_stops_reading_never_blocks_the_queue() {
+    const LEN: usize = 1 << 20;
+    let (path, _) = server("noread", Script::simple(), |_, _, _| {
+        // Takes the first request, then reads nothing more.
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let backend = NbdBackend::connect(&uri(&path), false, Duration::from_secs(1)).unwrap();
+    let mut q = backend.queue().unwrap();
+    let data = vec![0x99u8; LEN];
+    let mut data = data.clone();
+    let t = Instant::now();
+    // 16 MiB: far more than the socket holds.
+    for i in 0..16 {
+        let before = Instant::now();
+        let slice = VolatileSlice::from(&mut data[..]);
+        q.submit(
+            i,
+            IoOp::Write {
+                offset: 0,
+                bufs: &[slice],
+            },
+        );
+        assert!(
+            before.elapsed() < Duration::from_millis(200),
+            "submit {i} waited {:?} for the server",
+            before.elapsed()
+        );
+    }
+    for (_, res) in results(&mut q, 16) {
+        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_server_that_drops_every_connection_is_backed_off() {
+    // Handshakes, then hangs up at the first request or at once.
+    let (path, count) = server("storm", Script::simple(), |_, s, _| {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    });
+    let backend = NbdBackend::connect(&uri(&path), false, Duration::from_secs(30)).unwrap();
+    let mut q = backend.queue().unwrap();
+    let mut buf = vec![0u8; 4096];
+    let slice = VolatileSlice::from(&mut buf[..]);
+    q.submit(
+        1,
+        IoOp::Read {
+            offset: 0,
+            bufs: &[slice],
+        },
+    );
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let n = count.load(Ordering::SeqCst);
+    // 50 ms doubling to 1 s: about 8 attempts in 4 s, not one every few milliseconds.
+    assert!(
+        (3..=12).contains(&n),
+        "{n} connections in {:?}",
+        t.elapsed()
+    );
+    drop(q);
+}
+
+#[test]
+fn server_messages_reach_us_escaped_and_cut() {
+    let (path, _) = server("message", Script::structured(), |_, s, r| {
+        let mut msg = b"\x1b[31mred\x1b[0m\r\n".to_vec();
+        msg.resize(4000, b'\x07');
+        let mut p = 5u32.to_be_bytes().to_vec();
+        p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+        p.extend_from_slice(&msg);
+        let _ = s.write_all(&chunk(r.cookie, true, CHUNK_ERROR, &p));
+    });
+    let (res, _, _) = read_4k(&path, Duration::from_secs(5));
+    let e = res.unwrap_err().to_string();
+    assert!(!e.chars().any(char::is_control), "{e:?}");
+    assert!(
+        e.len() < 1000 && e.contains("EIO") && e.contains("red"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn a_small_maximum_payload_is_honoured_and_a_tiny_one_refused() {
+    let largest = Arc::new(AtomicU32::new(0));
+    let seen = largest.clone();
+    let script = Script {
+        block_size: Some((512, 1024)),
+        ..Script::simple()
+    };
+    let (path, _) = server("maxpay", script, move |_, s, r| {
+        seen.fetch_max(r.len, Ordering::SeqCst);
+        simple_reply(s, r.cookie, 0, &vec![0xee; r.len as usize]);
+    });
+    let (res, data, _) = read_4k(&path, Duration::from_secs(5));
+    res.unwrap();
+    assert!(data.iter().all(|&b| b == 0xee));
+    assert_eq!(largest.load(Ordering::SeqCst), 1024);
+
+    let script = Script {
+        block_size: Some((1, 256)),
+        ..Script::simple()
+    };
+    let (path, _) = server("tinypay", script, |_, _, _| {});
+    let e = NbdBackend::connect(&uri(&path), false, Duration::from_secs(5))
+        .err()
+        .unwrap();
+    assert!(e.contains("maximum payload (256 bytes)"), "{e}");
 }

@@ -150,9 +150,32 @@ pub(super) fn proto(what: impl Into<String>) -> io::Error {
     )
 }
 
+/// Longest part of a server's message we repeat in our own errors and logs.
+const MAX_MESSAGE: usize = 200;
+
+/// A server's text made safe to log: invalid UTF-8 replaced, control characters escaped, and
+/// cut after about [`MAX_MESSAGE`] bytes of output.
+pub(super) fn printable(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    for c in text.chars() {
+        if out.len() >= MAX_MESSAGE {
+            out.push_str(&format!("… ({} bytes in all)", bytes.len()));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A server error as an I/O error the device reports (IOERR), named for the log, with the
-/// server's own message if it sent one.
-pub(super) fn server_error(code: u32, message: &str) -> io::Error {
+/// server's own message (made printable) if it sent one.
+pub(super) fn server_error(code: u32, message: &[u8]) -> io::Error {
+    let message = printable(message);
     let what = match code {
         1 => "operation not permitted (EPERM)",
         5 => "input/output error (EIO)",
@@ -212,5 +235,23 @@ mod tests {
         s.extend_from_slice(&[0; 12]);
         assert!(read_reply_header(&mut &s[..], Replies::Extended).is_err());
         assert!(read_reply_header(&mut &s[..], Replies::Simple).is_ok());
+    }
+
+    #[test]
+    fn server_text_is_escaped_and_cut() {
+        assert_eq!(printable(b"no such export"), "no such export");
+        let p = printable(b"bad\x1b[2J\r\nline\0");
+        assert!(!p.chars().any(char::is_control), "{p:?}");
+        assert!(p.contains("\\u{1b}") && p.contains("\\r\\n"), "{p:?}");
+        let long = vec![b'a'; 60_000];
+        let p = printable(&long);
+        assert!(
+            p.len() < 300 && p.ends_with("(60000 bytes in all)"),
+            "{}",
+            p.len()
+        );
+        assert!(printable(&[0xff, 0xfe]).contains('\u{fffd}'));
+        let e = server_error(5, b"disk \x07 gone").to_string();
+        assert!(e.contains("EIO") && !e.chars().any(char::is_control), "{e}");
     }
 }

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Prints the Debian mirror this machine's apt already uses (the URI of its main `debian`
+# archive), so that the harness adds backports and trixie from the same mirror and works
+# behind any mirror or proxy. Reads deb822 `.sources` files (their `URIs:` lines) and
+# one-line `sources.list` entries; the security archive is skipped.
+set -euo pipefail
+uris=()
+for f in /etc/apt/sources.list.d/*.sources; do
+    [[ -f $f ]] || continue
+    while read -r key rest; do
+        [[ $key == URIs: ]] && uris+=($rest)
+    done < "$f"
+done
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [[ -f $f ]] || continue
+    while read -r kind rest; do
+        [[ $kind == deb ]] || continue
+        rest=${rest#\[*\] }
+        uris+=("${rest%% *}")
+    done < "$f"
+done
+for u in "${uris[@]}"; do
+    case $u in
+        *security*|*snapshot*) continue ;;
+        */debian|*/debian/) echo "${u%/}"; exit 0 ;;
+    esac
+done
+echo "debian-mirror: no Debian archive in the apt sources (/etc/apt/sources.list*): add one" >&2
+exit 1
