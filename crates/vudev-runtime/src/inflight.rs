@@ -221,9 +221,10 @@ impl QueueInflight {
 
     /// Chain `head`'s used element is written and the used index is now `used_idx`.
     pub fn after_used(&self, head: u16, used_idx: u16) {
-        if head < self.size {
-            self.inflight(head).store(0, Ordering::Release);
+        if head >= self.size {
+            return;
         }
+        self.inflight(head).store(0, Ordering::Release);
         fence(Ordering::SeqCst);
         self.u16_at(14).store(used_idx, Ordering::Release);
     }
@@ -295,9 +296,23 @@ mod tests {
         q.start(3);
         q.u16_at(10).store(999, Ordering::Relaxed);
         assert_eq!(q.recover(4).heads, Vec::<u16>::new());
-        // Out-of-range heads are ignored.
+        // Out-of-range heads are ignored: the region does not change.
+        let snapshot = |q: &QueueInflight| {
+            let mut v: Vec<u64> = [8, 10, 12, 14]
+                .iter()
+                .map(|&o| u64::from(q.u16_at(o).load(Ordering::Relaxed)))
+                .collect();
+            v.extend((0..8).map(|h| u64::from(q.inflight(h).load(Ordering::Relaxed))));
+            v.extend((0..8).map(|h| q.counter_of(h).load(Ordering::Relaxed)));
+            v
+        };
+        q.fresh(4);
+        q.start(3);
+        let before = snapshot(&q);
         q.start(200);
         q.before_used(200);
         q.after_used(200, 5);
+        assert_eq!(snapshot(&q), before);
+        assert_eq!(q.recover(4).heads, vec![3]);
     }
 }

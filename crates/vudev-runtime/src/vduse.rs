@@ -308,13 +308,6 @@ impl VduseExport {
         })
     }
 
-    /// Changes `data.len()` bytes of config space at `offset` and tells the driver (resize).
-    pub fn update_config(&self, offset: u32, data: &[u8]) -> Result<(), TransportError> {
-        self.inner().dev.set_config(offset, data)?;
-        self.inner().dev.inject_config_irq()?;
-        Ok(())
-    }
-
     /// Stops every worker, closes the device node and destroys the device. The device must be
     /// off the vdpa bus (the kernel refuses with EBUSY otherwise).
     pub fn shutdown(mut self) -> Result<(), TransportError> {

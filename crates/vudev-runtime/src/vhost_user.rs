@@ -12,7 +12,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -103,11 +103,6 @@ impl VhostUserServer {
             device,
             opts: opts.clone(),
         })
-    }
-
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Serves frontends one after another until `stop` becomes readable.
