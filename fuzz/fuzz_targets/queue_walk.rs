@@ -92,6 +92,7 @@ fuzz_target!(|data: &[u8]| {
         kick,
         Arc::new(NoIrq),
         Tracking::default(),
+        &Default::default(),
     )
     .unwrap();
     worker.stop();

@@ -24,15 +24,11 @@ pub struct BlockConfig {
     pub discard: bool,
     /// Offer WRITE_ZEROES.
     pub write_zeroes: bool,
-    /// How long queue workers busy-poll after activity before sleeping (zero: never poll).
-    pub poll: std::time::Duration,
-    /// CPUs for the queue workers: queue i runs on `cpus[i % len]` (empty: not pinned).
-    pub cpus: Vec<usize>,
 }
 
 impl BlockConfig {
     /// A disk of `size` bytes with the export defaults: 512-byte blocks, one queue of 256,
-    /// writable, no serial, DISCARD and WRITE_ZEROES offered, no polling, no pinning.
+    /// writable, no serial, DISCARD and WRITE_ZEROES offered.
     pub fn new(size: u64) -> Self {
         BlockConfig {
             size,
@@ -43,8 +39,6 @@ impl BlockConfig {
             serial: String::new(),
             discard: true,
             write_zeroes: true,
-            poll: std::time::Duration::ZERO,
-            cpus: Vec::new(),
         }
     }
 

@@ -372,13 +372,4 @@ impl QueueHandler for BlockQueue {
     fn set_polling(&mut self, on: bool) {
         self.backend.set_polling(on);
     }
-
-    fn poll_budget(&self) -> std::time::Duration {
-        self.cfg.poll
-    }
-
-    fn cpu(&self) -> Option<usize> {
-        let cpus = &self.cfg.cpus;
-        (!cpus.is_empty()).then(|| cpus[usize::from(self.index) % cpus.len()])
-    }
 }

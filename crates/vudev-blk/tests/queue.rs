@@ -123,6 +123,7 @@ impl Rig {
             self.kick.try_clone().unwrap(),
             Arc::new(Count(AtomicUsize::new(0))),
             tracking,
+            &Default::default(),
         )
         .unwrap();
         self.worker = Some(worker);

@@ -1,7 +1,6 @@
 //! What a virtio device implements to be served by either transport.
 
 use std::os::fd::RawFd;
-use std::time::Duration;
 
 use virtio_queue::desc::split::Descriptor;
 
@@ -83,19 +82,7 @@ pub trait QueueHandler: Send {
         true
     }
 
-    /// The worker starts (`true`) or stops (`false`) busy-polling; after `false` it calls
-    /// `poll` once more before it sleeps on `completion_fd`.
+    /// The worker starts (`true`) or stops (`false`) busy-polling (as its options say);
+    /// after `false` it calls `poll` once more before it sleeps on `completion_fd`.
     fn set_polling(&mut self, _on: bool) {}
-
-    /// How long the queue's worker keeps busy-polling the ring and the completions after the
-    /// last activity before it sleeps (zero: it sleeps at once). While it polls, the driver
-    /// need not notify it.
-    fn poll_budget(&self) -> Duration {
-        Duration::ZERO
-    }
-
-    /// The CPU the queue's worker thread runs on (None: wherever the scheduler puts it).
-    fn cpu(&self) -> Option<usize> {
-        None
-    }
 }

@@ -22,4 +22,6 @@ pub use device::{Chain, Completions, Device, QueueHandler};
 pub use dirty_log::DirtyLog;
 pub use inflight::{InflightArea, QueueInflight, Recovery};
 pub use memory::{Mapping, MappingSource, Memory, MemoryMap};
-pub use worker::{stop_all, Notifier, QueuePosition, QueueSetup, Tracking, Worker, DRAIN_TIMEOUT};
+pub use worker::{
+    stop_all, Notifier, QueuePosition, QueueSetup, Tracking, Worker, WorkerOptions, DRAIN_TIMEOUT,
+};

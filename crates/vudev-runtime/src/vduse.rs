@@ -29,7 +29,9 @@ use crate::device::Device;
 use crate::inflight::InflightArea;
 use crate::memory::{Mapping, MappingSource, MemoryMap};
 use crate::state_file::{DeviceShape, StateFile};
-use crate::worker::{stop_all, Notifier, QueuePosition, QueueSetup, Tracking, Worker};
+use crate::worker::{
+    stop_all, Notifier, QueuePosition, QueueSetup, Tracking, Worker, WorkerOptions,
+};
 
 /// Feature bits the runtime itself implements for every device.
 pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
@@ -50,6 +52,8 @@ pub struct VduseOptions {
     /// Register our own memory as the bounce buffer (`VDUSE_IOTLB_REG_UMEM`) where the kernel
     /// allows it. Off by default: it pins 64 MiB per device and showed no speed-up here.
     pub bounce_umem: bool,
+    /// How the queue workers run (polling, pinning).
+    pub workers: WorkerOptions,
 }
 
 /// Errors of the VDUSE transport.
@@ -86,6 +90,7 @@ struct Inner {
     bounce: Arc<BounceBuffer>,
     api_version: u64,
     queue_size: u16,
+    workers: WorkerOptions,
     /// In-flight records (from the state file), if kept.
     inflight: Option<Arc<InflightArea>>,
     state: Mutex<State>,
@@ -196,6 +201,7 @@ impl VduseExport {
             bounce,
             api_version: control.api_version(),
             queue_size: opts.queue_size,
+            workers: opts.workers.clone(),
             inflight: state.as_ref().map(|s| s.area().clone()),
             state: Mutex::new(State {
                 status: 0,
@@ -704,6 +710,7 @@ impl Inner {
             kick.try_clone()?,
             notifier,
             tracking,
+            &self.workers,
         )
         .inspect_err(|_| {
             let _ = self.dev.set_kickfd(q, None);

@@ -36,7 +36,7 @@ use crate::device::Device;
 use crate::dirty_log::DirtyLog;
 use crate::inflight::InflightArea;
 use crate::memory::{Mapping, MemoryMap};
-use crate::worker::{stop_all, Notifier, QueueSetup, Tracking, Worker};
+use crate::worker::{stop_all, Notifier, QueueSetup, Tracking, Worker, WorkerOptions};
 
 /// Largest config space a frontend may read (VHOST_USER_MAX_CONFIG_SIZE).
 const MAX_CONFIG_SIZE: u32 = 256;
@@ -53,6 +53,8 @@ pub struct VhostUserOptions {
     pub socket_mode: u32,
     /// Largest queue size accepted.
     pub queue_size: u16,
+    /// How the queue workers run (polling, pinning).
+    pub workers: WorkerOptions,
 }
 
 /// A listening vhost-user export. The socket file is removed on drop.
@@ -132,6 +134,7 @@ impl VhostUserServer {
             let ended = serve_frontend(
                 self.device.clone(),
                 self.opts.queue_size,
+                &self.opts.workers,
                 stream,
                 stop,
                 Some(&self.listener),
@@ -168,11 +171,16 @@ pub struct SessionEnd {
 pub fn serve_frontend(
     device: Arc<dyn Device>,
     max_queue_size: u16,
+    workers: &WorkerOptions,
     stream: UnixStream,
     stop: &EventFd,
     listener: Option<&UnixListener>,
 ) -> SessionEnd {
-    let state = Arc::new(Mutex::new(Session::new(device, max_queue_size)));
+    let state = Arc::new(Mutex::new(Session::new(
+        device,
+        max_queue_size,
+        workers.clone(),
+    )));
     let sock = match stream.try_clone() {
         Ok(s) => s,
         Err(e) => {
@@ -438,6 +446,8 @@ struct Session {
     acked: u64,
     protocol: VhostUserProtocolFeatures,
     max_queue_size: u16,
+    /// How the queue workers run.
+    workers: WorkerOptions,
     /// Dirty-page log for live migration (LOG_SHMFD), shared with the workers.
     log: Arc<DirtyLog>,
     /// Device status byte (protocol feature STATUS).
@@ -455,7 +465,7 @@ fn invalid(what: &'static str) -> VuError {
 }
 
 impl Session {
-    fn new(device: Arc<dyn Device>, max_queue_size: u16) -> Self {
+    fn new(device: Arc<dyn Device>, max_queue_size: u16, workers: WorkerOptions) -> Self {
         let offered = device.features()
             | (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -472,6 +482,7 @@ impl Session {
             acked: 0,
             protocol: VhostUserProtocolFeatures::empty(),
             max_queue_size,
+            workers,
             log: Arc::new(DirtyLog::new()),
             status: 0,
             inflight: None,
@@ -652,11 +663,19 @@ impl Session {
             .queue_handler(index as u16, self.acked)
             .map_err(VuError::ReqHandlerError)?;
         let notifier: Arc<dyn Notifier> = self.vrings[index].call.clone();
-        let worker = Worker::start(setup, handler, self.map.clone(), kick, notifier, tracking)
-            .map_err(|e| {
-                tracing::warn!(queue = index, "cannot start ring: {e}");
-                VuError::InvalidParam
-            })?;
+        let worker = Worker::start(
+            setup,
+            handler,
+            self.map.clone(),
+            kick,
+            notifier,
+            tracking,
+            &self.workers,
+        )
+        .map_err(|e| {
+            tracing::warn!(queue = index, "cannot start ring: {e}");
+            VuError::InvalidParam
+        })?;
         self.vrings[index].worker = Some(worker);
         tracing::debug!(queue = index, "ring started");
         Ok(())

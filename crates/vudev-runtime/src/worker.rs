@@ -68,6 +68,24 @@ pub struct Tracking {
     pub resubmit: Vec<u16>,
 }
 
+/// How a queue's worker runs: the export's choice, not the device's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerOptions {
+    /// How long a worker keeps busy-polling the ring and the completions after the last
+    /// activity before it sleeps (zero: it sleeps at once). While it polls, the driver need
+    /// not notify it.
+    pub poll: Duration,
+    /// CPUs to pin the workers to: queue `i` runs on `cpus[i % len]` (empty: not pinned).
+    pub cpus: Vec<usize>,
+}
+
+impl WorkerOptions {
+    /// The CPU queue `index`'s worker runs on, if pinned.
+    pub fn cpu_of(&self, index: u16) -> Option<usize> {
+        (!self.cpus.is_empty()).then(|| self.cpus[usize::from(index) % self.cpus.len()])
+    }
+}
+
 /// A running queue worker.
 #[derive(Debug)]
 pub struct Worker {
@@ -109,6 +127,7 @@ impl Worker {
         kick: EventFd,
         notifier: Arc<dyn Notifier>,
         tracking: Tracking,
+        opts: &WorkerOptions,
     ) -> io::Result<Worker> {
         let queue = make_queue(&setup, &map)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
@@ -136,9 +155,10 @@ impl Worker {
             position: position.clone(),
         };
         let stop_fd = stop.try_clone()?;
+        let (budget, cpu) = (opts.poll, opts.cpu_of(setup.index));
         let thread = std::thread::Builder::new()
             .name(format!("vq{}", setup.index))
-            .spawn(move || state.run(&kick, &stop_fd, &tracking.resubmit))?;
+            .spawn(move || state.run(&kick, &stop_fd, &tracking.resubmit, budget, cpu))?;
         Ok(Worker {
             thread: Some(thread),
             stop,
@@ -265,14 +285,20 @@ struct WorkerState {
 }
 
 impl WorkerState {
-    fn run(&mut self, kick: &EventFd, stop: &EventFd, resubmit: &[u16]) -> QueuePosition {
+    fn run(
+        &mut self,
+        kick: &EventFd,
+        stop: &EventFd,
+        resubmit: &[u16],
+        budget: Duration,
+        cpu: Option<usize>,
+    ) -> QueuePosition {
         if !resubmit.is_empty() {
             self.resubmit(resubmit);
         }
-        if let Some(cpu) = self.handler.cpu() {
+        if let Some(cpu) = cpu {
             pin_to(cpu, self.index);
         }
-        let budget = self.handler.poll_budget();
         // A kick may have arrived before the thread started.
         self.process();
         loop {

@@ -10,6 +10,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice};
 use vudev_runtime::vduse::{VduseExport, VduseOptions};
 use vudev_runtime::vhost_user::{VhostUserOptions, VhostUserServer};
+use vudev_runtime::WorkerOptions;
 
 use crate::cli::{BackendArgs, DeviceArgs, VduseArgs, VhostUserArgs};
 use crate::{backend, signals};
@@ -71,11 +72,17 @@ fn build_device(
         serial: dev.serial.clone(),
         discard: backend.supports_discard(),
         write_zeroes: true,
-        poll: std::time::Duration::from_micros(u64::from(dev.poll_us)),
-        cpus: dev.queue_cpus.clone(),
     };
     let description = backend.describe();
     Ok((Arc::new(BlockDevice::new(cfg, backend)), description))
+}
+
+/// How the queue workers run, from the device options.
+fn worker_options(dev: &DeviceArgs) -> WorkerOptions {
+    WorkerOptions {
+        poll: Duration::from_micros(u64::from(dev.poll_us)),
+        cpus: dev.queue_cpus.clone(),
+    }
 }
 
 /// Runs one vhost-user export in the foreground: frontends one after another until a signal.
@@ -91,6 +98,7 @@ pub fn run_vhost_user(args: VhostUserArgs) -> Result<(), String> {
             socket: args.socket.clone(),
             socket_mode: args.socket_mode,
             queue_size: args.device.queue_size,
+            workers: worker_options(&args.device),
         },
     )
     .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
@@ -142,6 +150,7 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
             queue_size: dev.queue_size,
             state_dir: Some(args.state_dir.clone()),
             bounce_umem: args.bounce_umem,
+            workers: worker_options(dev),
         },
     )
     .map_err(|e| e.to_string())?;
