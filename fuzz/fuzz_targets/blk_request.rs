@@ -7,7 +7,7 @@ use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress};
 use vudev_blk::request::Request;
-use vudev_runtime::Memory;
+use vudev_core::Memory;
 
 const MEM: usize = 0x10000;
 

@@ -15,7 +15,7 @@ use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice, MemoryBackend};
-use vudev_runtime::{Device, Mapping, MemoryMap, Notifier, QueueSetup, Tracking, Worker};
+use vudev_core::{Device, Mapping, MemoryMap, Notifier, QueueSetup, Tracking, Worker};
 
 const MEM: u64 = 0x40000;
 const QSIZE: u16 = 32;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice, MemoryBackend};
-use vudev_runtime::vhost_user::serve_frontend;
+use vudev_vhost_user::serve_frontend;
 
 fuzz_target!(|data: &[u8]| {
     // A write to a socket the session has closed must fail, not kill the process.

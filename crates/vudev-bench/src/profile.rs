@@ -113,7 +113,7 @@ Ir
 --------------------------------------------------------------------------------
 Ir               file:function
 --------------------------------------------------------------------------------
-6,000 (50.00%)  crates/x/src/w.rs:vudev_runtime::worker::WorkerState::process::h0123456789abcdef [/bin/vudev]
+6,000 (50.00%)  crates/x/src/w.rs:vudev_core::worker::WorkerState::process::h0123456789abcdef [/bin/vudev]
 3,000 (25.00%)  ./string/memmove.S:__memcpy_avx_unaligned_erms [/usr/lib/libc.so.6]
 ";
         let (total, top) = parse_annotate(text);
@@ -121,10 +121,7 @@ Ir               file:function
         assert_eq!(
             top,
             vec![
-                (
-                    "vudev_runtime::worker::WorkerState::process".to_string(),
-                    6000
-                ),
+                ("vudev_core::worker::WorkerState::process".to_string(), 6000),
                 ("__memcpy_avx_unaligned_erms".to_string(), 3000),
             ]
         );

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
-use vudev_runtime::memory::{one_slice, read_bytes, write_bytes};
-use vudev_runtime::{Chain, Completions, Device, Memory, QueueHandler};
+use vudev_core::memory::{one_slice, read_bytes, write_bytes};
+use vudev_core::{Chain, Completions, Device, Memory, QueueHandler};
 
 use crate::backend::{BlockBackend, IoDone, IoOp, QueueBackend};
 use crate::config::{BlockConfig, MAX_DISCARD_SECTORS};

@@ -7,8 +7,8 @@
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 
-use vudev_runtime::memory::read_bytes;
-use vudev_runtime::Memory;
+use vudev_core::memory::read_bytes;
+use vudev_core::Memory;
 
 /// Request types this device knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

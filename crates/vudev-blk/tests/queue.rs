@@ -13,7 +13,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice, MemoryBackend};
-use vudev_runtime::{
+use vudev_core::{
     Device, DirtyLog, InflightArea, Mapping, MemoryMap, Notifier, QueueSetup, Tracking, Worker,
 };
 
@@ -747,11 +747,11 @@ fn queues_stalled_on_their_backend_stop_together_within_the_drain_bound() {
     }
     let t = Instant::now();
     let positions =
-        vudev_runtime::stop_all(rigs.iter_mut().map(|r| r.worker.take().unwrap()).collect());
+        vudev_core::stop_all(rigs.iter_mut().map(|r| r.worker.take().unwrap()).collect());
     let took = t.elapsed();
     // One after another, three queues would take three drain bounds.
     assert!(
-        took >= vudev_runtime::DRAIN_TIMEOUT && took < vudev_runtime::DRAIN_TIMEOUT * 3 / 2,
+        took >= vudev_core::DRAIN_TIMEOUT && took < vudev_core::DRAIN_TIMEOUT * 3 / 2,
         "stopping 3 stalled queues took {took:?}"
     );
     assert!(positions.iter().all(|p| p.next_avail == 1));

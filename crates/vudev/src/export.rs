@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use vduse::netlink::VdpaNetlink;
 use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice};
-use vudev_runtime::vduse::{VduseExport, VduseOptions};
-use vudev_runtime::vhost_user::{VhostUserOptions, VhostUserServer};
-use vudev_runtime::WorkerOptions;
+use vudev_core::WorkerOptions;
+use vudev_vduse::{VduseExport, VduseOptions};
+use vudev_vhost_user::{VhostUserOptions, VhostUserServer};
 
 use crate::cli::{BackendArgs, DeviceArgs, VduseArgs, VhostUserArgs};
 use crate::{backend, signals};

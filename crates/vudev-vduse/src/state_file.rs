@@ -5,7 +5,7 @@
 //! the same device, adopt it, and finish those requests.
 //!
 //! Layout: a 4 KiB header (magic `VUDEVST1`, device id, queue count and size, features, config
-//! length and bytes), then the in-flight area in the layout of [`crate::inflight`].
+//! length and bytes), then the in-flight area in the layout of [`vudev_core::inflight`].
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::inflight::{queue_region_size, InflightArea};
+use vudev_core::inflight::{queue_region_size, InflightArea};
 
 const MAGIC: &[u8; 8] = b"VUDEVST1";
 const HEADER_SIZE: u64 = 4096;

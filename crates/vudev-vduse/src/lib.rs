@@ -1,4 +1,4 @@
-//! The VDUSE transport: creates the kernel device for a [`Device`] (or adopts the one a
+//! The VDUSE transport of vudev: creates the kernel device for a [`Device`] (or adopts the one a
 //! previous daemon left), answers the kernel's control messages on a thread of its own (it
 //! never waits on I/O: the kernel marks a device broken when a message goes unanswered for
 //! `msg_timeout`), and starts and stops the queue workers as the driver sets the device status.
@@ -8,6 +8,10 @@
 //! rings and the driver's buffers when the daemon dies; the next daemon started for the same
 //! name adopts the device, resumes each ring after what was taken, and resubmits what had not
 //! completed.
+#![deny(missing_docs)]
+
+mod bounce;
+pub mod state_file;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -17,27 +21,18 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vduse::{DeviceConfig, Reply, Request, VduseControl, VduseDevice, VduseError};
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1,
-};
-use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::bounce::BounceBuffer;
-use crate::device::Device;
-use crate::inflight::InflightArea;
-use crate::memory::{Mapping, MappingSource, MemoryMap};
-use crate::state_file::{DeviceShape, StateFile};
-use crate::worker::{
-    stop_all, Notifier, QueuePosition, QueueSetup, Tracking, Worker, WorkerOptions,
+use vudev_core::{
+    stop_all, Device, InflightArea, Mapping, MappingSource, MemoryMap, Notifier, QueuePosition,
+    QueueSetup, Tracking, Worker, WorkerOptions, TRANSPORT_FEATURES,
 };
 
-/// Feature bits the runtime itself implements for every device.
-pub const TRANSPORT_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
-    | (1 << VIRTIO_F_ACCESS_PLATFORM)
-    | (1 << VIRTIO_RING_F_EVENT_IDX)
-    | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+use crate::bounce::BounceBuffer;
+use crate::state_file::{DeviceShape, StateFile};
 
 /// Options of a VDUSE export that are not the device's.
 #[derive(Clone, Debug)]

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use vduse::VduseDevice;
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 
-use crate::memory::Mapping;
+use vudev_core::Mapping;
 
 /// Memory registered as the bounce buffer.
 struct Umem {

@@ -1,0 +1,40 @@
+//! The vhost-user transport: serves the same [`Device`] on a unix socket to one frontend at a
+//! time (QEMU, cloud-hypervisor, libblkio). Protocol parsing and message validation come from
+//! rust-vmm's `vhost` crate; this module holds the session state: the memory table, the rings,
+//! and the queue workers, which are the same [`Worker`]s the VDUSE transport runs.
+//!
+//! A frontend that disconnects ends its session: workers stop, memory is unmapped, and the
+//! next frontend starts from a reset device. A second frontend connecting while one is served
+//! is refused, unless the first one goes within a second (then it is served next).
+//!
+//! Files by role: [`server`] listens and serves frontends one after another; [`session`] holds
+//! one frontend's state (memory table, rings, workers); [`handler`] answers the protocol's
+//! messages on it; [`status`] answers the STATUS messages the `vhost` crate does not dispatch.
+#![deny(missing_docs)]
+
+mod handler;
+pub mod server;
+mod session;
+mod status;
+
+pub use server::{serve_frontend, SessionEnd, VhostUserServer};
+
+use std::path::PathBuf;
+
+use vudev_core::WorkerOptions;
+
+/// Most memory regions a frontend may hand us (SET_MEM_TABLE or ADD_MEM_REG).
+pub const MAX_MEM_SLOTS: usize = 256;
+
+/// Options of a vhost-user export that are not the device's.
+#[derive(Clone, Debug)]
+pub struct VhostUserOptions {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Mode of the socket file (e.g. 0o600).
+    pub socket_mode: u32,
+    /// Largest queue size accepted.
+    pub queue_size: u16,
+    /// How the queue workers run (polling, pinning).
+    pub workers: WorkerOptions,
+}

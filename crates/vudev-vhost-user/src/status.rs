@@ -1,0 +1,98 @@
+//! SET_STATUS and GET_STATUS, which the `vhost` crate (0.18) parses but does not dispatch:
+//! the session peeks at each message header and answers these two itself.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
+use crate::server::lock;
+use crate::session::Session;
+
+/// Frontend requests the `vhost` crate (0.18) does not dispatch; this transport answers them.
+const SET_STATUS: u32 = 39;
+const GET_STATUS: u32 = 40;
+/// Header flags: protocol version 1, "this is a reply", "reply wanted" (REPLY_ACK).
+const HDR_VERSION: u32 = 0x1;
+const HDR_REPLY: u32 = 0x4;
+const HDR_NEED_REPLY: u32 = 0x8;
+/// A message header: request, flags, payload size.
+const HDR_LEN: usize = 12;
+/// A header and a u64 payload (SET_STATUS, and the reply to either status message).
+const STATUS_MSG_LEN: usize = 20;
+
+/// Answers SET_STATUS / GET_STATUS (protocol feature STATUS) when that is the next message on
+/// `sock`. Returns false, consuming nothing, when the next message is anything else or not
+/// complete, so the `vhost` crate's handler takes it (and refuses what it does not know).
+pub(crate) fn status_message(sock: &UnixStream, session: &Mutex<Session>) -> io::Result<bool> {
+    let mut msg = [0u8; STATUS_MSG_LEN];
+    let recv = |buf: &mut [u8], flags: i32| {
+        // SAFETY: `buf` is valid for writes of its length; the fd is the frontend's socket.
+        let n = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags | libc::MSG_DONTWAIT,
+            )
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    };
+    let n = match recv(&mut msg, libc::MSG_PEEK) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let word = |i: usize| u32::from_le_bytes(msg[i..i + 4].try_into().unwrap_or_default());
+    let (code, flags, size) = (word(0), word(4), word(8));
+    // GET_STATUS has no payload; SET_STATUS carries the status as a u64.
+    let len = match code {
+        GET_STATUS => HDR_LEN,
+        SET_STATUS => STATUS_MSG_LEN,
+        _ => return Ok(false),
+    };
+    let mut s = lock(session);
+    if n < len || !s.protocol.contains(VhostUserProtocolFeatures::STATUS) {
+        return Ok(false);
+    }
+    // Take the message off the socket (fds sent with it, which it must not carry, are closed
+    // by the kernel since we receive no control data).
+    if recv(&mut msg[..len], 0)? != len {
+        return Err(io::Error::other("status message cut short"));
+    }
+    if flags & 0x3 != HDR_VERSION || flags & HDR_REPLY != 0 || size as usize != len - HDR_LEN {
+        return Err(io::Error::other("malformed header"));
+    }
+    let value = u64::from_le_bytes(msg[12..20].try_into().unwrap_or_default());
+    let reply = if code == GET_STATUS {
+        Some(u64::from(s.status))
+    } else {
+        let ok = s.set_status(value);
+        let ack = flags & HDR_NEED_REPLY != 0
+            && s.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
+        ack.then_some(u64::from(!ok))
+    };
+    drop(s);
+    if let Some(v) = reply {
+        let mut out = [0u8; STATUS_MSG_LEN];
+        out[0..4].copy_from_slice(&code.to_le_bytes());
+        out[4..8].copy_from_slice(&(HDR_VERSION | HDR_REPLY).to_le_bytes());
+        out[8..12].copy_from_slice(&8u32.to_le_bytes());
+        out[12..20].copy_from_slice(&v.to_le_bytes());
+        // SAFETY: `out` is valid for reads of its length; the fd is the frontend's socket.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if usize::try_from(n).ok() != Some(out.len()) {
+            return Err(io::Error::other("cannot send the reply"));
+        }
+    }
+    Ok(true)
+}
