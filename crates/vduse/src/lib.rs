@@ -5,16 +5,13 @@
 //!   destroy devices;
 //! - [`VduseDevice`]: `/dev/vduse/NAME` — virtqueue setup and info, kick eventfds, interrupts,
 //!   config space, IOTLB lookups, control messages ([`Request`], [`Reply`]);
-//! - [`netlink`]: vdpa device management over generic netlink (what `vdpa dev add` does);
-//! - [`sysfs`]: vdpa bus driver binding (virtio_vdpa for a host block device, vhost_vdpa for a VM).
 //!
-//! No virtio device logic lives here: any VDUSE device written in Rust can use this crate.
+//! No virtio device logic lives here, and no vdpa management either (putting a device on the
+//! vdpa bus is the `vdpa` crate's): any VDUSE device written in Rust can use this crate.
 
 pub mod control;
 pub mod device;
 pub mod error;
-pub mod netlink;
-pub mod sysfs;
 pub mod uapi;
 
 pub use control::{DeviceConfig, VduseControl, CONTROL_PATH};

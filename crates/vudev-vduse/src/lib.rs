@@ -11,7 +11,10 @@
 #![deny(missing_docs)]
 
 mod bounce;
+mod lifecycle;
 pub mod state_file;
+
+pub use lifecycle::Attached;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -57,6 +60,9 @@ pub enum TransportError {
     /// The kernel interface refused something.
     #[error(transparent)]
     Vduse(#[from] VduseError),
+    /// vdpa management (putting the device on the bus, taking it off) failed.
+    #[error(transparent)]
+    Vdpa(#[from] vdpa::Error),
     /// A local resource (eventfd, thread, state file) could not be created.
     #[error("{0}: {1}")]
     Io(&'static str, #[source] io::Error),

@@ -206,8 +206,8 @@ impl Driver {
     /// The kernel's driver name.
     pub fn kernel_name(self) -> &'static str {
         match self {
-            Driver::VirtioVdpa => "virtio_vdpa",
-            Driver::VhostVdpa => "vhost_vdpa",
+            Driver::VirtioVdpa => vdpa::VIRTIO_VDPA,
+            Driver::VhostVdpa => vdpa::VHOST_VDPA,
         }
     }
 }

@@ -1,22 +1,17 @@
 //! `vudev export vduse|vhost-user`: build the device from the command line, serve it until
 //! SIGINT/SIGTERM, then take it down cleanly.
 
-use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use vduse::netlink::VdpaNetlink;
 use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice};
 use vudev_core::WorkerOptions;
-use vudev_vduse::{VduseExport, VduseOptions};
+use vudev_vduse::{Attached, VduseExport, VduseOptions};
 use vudev_vhost_user::{VhostUserOptions, VhostUserServer};
 
 use crate::cli::{BackendArgs, DeviceArgs, VduseArgs, VhostUserArgs};
 use crate::{backend, signals};
-
-/// The management device every VDUSE device is added through.
-const VDUSE_MGMTDEV: &str = "vduse";
 
 /// [`build_device`] on a thread of its own, so that SIGINT/SIGTERM stop vudev while the
 /// backend is still being opened (an NBD server may take its time): `Ok(None)` then.
@@ -169,7 +164,26 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
         );
         Ok(())
     } else {
-        attach(&args.name)
+        let was = export.is_attached();
+        match export.attach() {
+            Ok(Attached::NoNode) => {
+                tracing::warn!(
+                    "attached {}, but no device node appeared: is virtio_blk loaded?",
+                    args.name
+                );
+                Ok(())
+            }
+            Ok(on) if was => {
+                // An adopted device stays where the previous daemon put it.
+                tracing::info!("{} is already attached: {on}", args.name);
+                Ok(())
+            }
+            Ok(on) => {
+                tracing::info!("attached: {} is {on}", args.name);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
     };
     let result = served.and_then(|()| {
         let sig = signals::wait_termination().map_err(|e| format!("waiting for signals: {e}"))?;
@@ -179,53 +193,15 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
 
     // Clean path, also after an error: off the bus (while the message loop still answers the
     // kernel's reset), then stop the loop, stop the queues and destroy the device.
-    let detached = detach_if_attached(&args.name);
+    let detached = match export.detach() {
+        Ok(true) => {
+            tracing::info!("detached {}", args.name);
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) => Err(format!("cannot detach {}: {e}", args.name)),
+    };
     messages.stop();
     let destroyed = export.shutdown().map_err(|e| e.to_string());
     result.and(detached).and(destroyed)
-}
-
-fn attach(name: &str) -> Result<(), String> {
-    if Path::new("/sys/bus/vdpa/devices").join(name).exists() {
-        // An adopted device stays where the previous daemon put it.
-        let on = vduse::sysfs::block_device_of(name)
-            .map(|b| format!("/dev/{b}"))
-            .unwrap_or_else(|| "the vdpa bus".into());
-        tracing::info!("{name} is already attached: {on}");
-        return Ok(());
-    }
-    let mut nl = VdpaNetlink::open().map_err(|e| e.to_string())?;
-    nl.add_device(name, VDUSE_MGMTDEV)
-        .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(blk) = vduse::sysfs::block_device_of(name) {
-            tracing::info!("attached: {name} is /dev/{blk}");
-            return Ok(());
-        }
-        if let Ok(Some(driver)) = vduse::sysfs::bound_driver(name) {
-            if driver != "virtio_vdpa" {
-                tracing::info!("attached: {name} is bound to {driver}");
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            tracing::warn!(
-                "attached {name}, but no block device appeared within 10 s: is virtio_blk loaded?"
-            );
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn detach_if_attached(name: &str) -> Result<(), String> {
-    if !Path::new("/sys/bus/vdpa/devices").join(name).exists() {
-        return Ok(());
-    }
-    let mut nl = VdpaNetlink::open().map_err(|e| e.to_string())?;
-    nl.del_device(name)
-        .map_err(|e| format!("cannot detach {name}: {e}"))?;
-    tracing::info!("detached {name}");
-    Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use vduse::netlink::VdpaNetlink;
+use vdpa::{sysfs, VdpaNetlink, VDUSE_MGMTDEV};
 
 use crate::cli::VdpaCommand;
 
@@ -19,14 +19,14 @@ pub fn run(cmd: VdpaCommand) -> Result<(), String> {
                 println!("mgmtdev {name} classes {:#x}", m.supported_classes);
             }
             for d in nl.list_devices().map_err(|e| e.to_string())? {
-                let driver = vduse::sysfs::bound_driver(&d.name)
+                let driver = sysfs::bound_driver(&d.name)
                     .ok()
                     .flatten()
                     .unwrap_or_else(|| "-".into());
-                let node = vduse::sysfs::block_device_of(&d.name)
+                let node = sysfs::block_device_of(&d.name)
                     .map(|b| format!("/dev/{b}"))
                     .or_else(|| {
-                        vduse::sysfs::wait_for_vhost_vdpa_dev(&d.name, Duration::ZERO)
+                        sysfs::wait_for_vhost_vdpa_dev(&d.name, Duration::ZERO)
                             .map(|p| p.display().to_string())
                     })
                     .unwrap_or_else(|| "-".into());
@@ -38,25 +38,25 @@ pub fn run(cmd: VdpaCommand) -> Result<(), String> {
             Ok(())
         }
         VdpaCommand::Attach { name, driver } => {
-            nl.add_device(&name, "vduse").map_err(|e| e.to_string())?;
+            nl.add_device(&name, VDUSE_MGMTDEV)
+                .map_err(|e| e.to_string())?;
             if let Some(want) = driver {
                 // The kernel binds a driver right away; move it if it is not the wanted one.
                 let deadline = Instant::now() + Duration::from_secs(5);
-                while vduse::sysfs::bound_driver(&name).ok().flatten().is_none()
+                while sysfs::bound_driver(&name).ok().flatten().is_none()
                     && Instant::now() < deadline
                 {
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                let cur = vduse::sysfs::bound_driver(&name).ok().flatten();
+                let cur = sysfs::bound_driver(&name).ok().flatten();
                 if cur.as_deref() != Some(want.kernel_name()) {
-                    vduse::sysfs::bind_driver(&name, want.kernel_name())
-                        .map_err(|e| e.to_string())?;
+                    sysfs::bind_driver(&name, want.kernel_name()).map_err(|e| e.to_string())?;
                 }
             }
-            let node = vduse::sysfs::block_device_of(&name)
+            let node = sysfs::block_device_of(&name)
                 .map(|b| format!("/dev/{b}"))
                 .or_else(|| {
-                    vduse::sysfs::wait_for_vhost_vdpa_dev(&name, Duration::from_secs(5))
+                    sysfs::wait_for_vhost_vdpa_dev(&name, Duration::from_secs(5))
                         .map(|p| p.display().to_string())
                 });
             match node {

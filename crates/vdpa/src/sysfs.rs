@@ -2,7 +2,7 @@
 //! `virtio_vdpa` (a virtio device, e.g. `/dev/vdX`, on this host) and `vhost_vdpa`
 //! (`/dev/vhost-vdpa-N` for a VM or a userspace driver), and finding the node that results.
 //!
-//! Everything here reads or writes files under [`VDPA_BUS`]; device and driver names are
+//! Everything here reads or writes files under [`VDPA_BUS`](crate::VDPA_BUS); device and driver names are
 //! checked to be plain file names before they become part of a path.
 
 use std::ffi::OsStr;
@@ -11,84 +11,24 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// The vdpa bus in sysfs.
-pub const VDPA_BUS: &str = "/sys/bus/vdpa";
+use crate::{Error, VDPA_BUS};
 
 /// How often [`wait_for_vhost_vdpa_dev`] looks again.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
-
-/// Errors of vdpa driver binding, worded for the operator who has to fix them.
-#[derive(Debug, thiserror::Error)]
-pub enum SysfsError {
-    /// There is no vdpa bus.
-    #[error("{VDPA_BUS} not found: load the vdpa module (modprobe vdpa)")]
-    NoVdpaBus,
-    /// A device or driver name that cannot be a sysfs file name.
-    #[error("invalid vdpa {what} name '{name}': use a plain name without '/'")]
-    InvalidName {
-        /// "device" or "driver".
-        what: &'static str,
-        /// The name as given.
-        name: String,
-    },
-    /// The device is not on the vdpa bus.
-    #[error(
-        "no vdpa device named '{dev}' ({VDPA_BUS}/devices/{dev} is missing): add it first \
-         (`vudev vdpa attach {dev}`)"
-    )]
-    NoSuchDevice {
-        /// The device name.
-        dev: String,
-    },
-    /// The wanted driver is not registered on the vdpa bus.
-    #[error("driver {driver} not loaded: modprobe {driver}")]
-    DriverNotLoaded {
-        /// The driver name.
-        driver: String,
-    },
-    /// Writing a sysfs file was refused.
-    #[error("{op}: permission denied: run as root")]
-    PermissionDenied {
-        /// What was being done.
-        op: String,
-    },
-    /// Another I/O error.
-    #[error("{op}: {source}")]
-    Io {
-        /// What was being done.
-        op: String,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-    /// The bind was accepted, but the device did not end up with the driver.
-    #[error(
-        "asked {driver} to bind {dev}, but {dev} is bound to {}: see the kernel log (dmesg) \
-         for why {driver} refused it",
-        .actual.as_deref().unwrap_or("no driver")
-    )]
-    NotBound {
-        /// The device name.
-        dev: String,
-        /// The wanted driver.
-        driver: String,
-        /// The driver the device has now.
-        actual: Option<String>,
-    },
-}
 
 /// Whether `name` can be used as one path component under the bus directory.
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
-fn check_name(what: &'static str, name: &str) -> Result<(), SysfsError> {
+fn check_name(what: &'static str, name: &str) -> Result<(), Error> {
     if is_plain_name(name) {
         Ok(())
     } else {
-        Err(SysfsError::InvalidName {
+        Err(Error::InvalidName {
             what,
-            name: name.into(),
+            value: name.into(),
+            reason: "use a plain name without '/'",
         })
     }
 }
@@ -136,26 +76,26 @@ fn bound_driver_in(bus: &Path, dev: &str) -> io::Result<Option<String>> {
 /// (`drivers/WANT/bind`) and checks that it took. Nothing is done when it is bound to `driver`
 /// already. If the bind fails, the device is given back to its previous driver (best effort).
 /// Needs root.
-pub fn bind_driver(dev: &str, driver: &str) -> Result<(), SysfsError> {
+pub fn bind_driver(dev: &str, driver: &str) -> Result<(), Error> {
     bind_driver_in(Path::new(VDPA_BUS), dev, driver)
 }
 
-fn bind_driver_in(bus: &Path, dev: &str, driver: &str) -> Result<(), SysfsError> {
+fn bind_driver_in(bus: &Path, dev: &str, driver: &str) -> Result<(), Error> {
     check_name("device", dev)?;
     check_name("driver", driver)?;
     if !bus.is_dir() {
-        return Err(SysfsError::NoVdpaBus);
+        return Err(Error::NoVdpaBus);
     }
     if !bus.join("devices").join(dev).exists() {
-        return Err(SysfsError::NoSuchDevice { dev: dev.into() });
+        return Err(Error::NoSuchDevice { name: dev.into() });
     }
     let drivers = bus.join("drivers");
     if !drivers.join(driver).is_dir() {
-        return Err(SysfsError::DriverNotLoaded {
+        return Err(Error::DriverNotLoaded {
             driver: driver.into(),
         });
     }
-    let current = bound_driver_in(bus, dev).map_err(|e| SysfsError::Io {
+    let current = bound_driver_in(bus, dev).map_err(|e| Error::Io {
         op: format!("read the driver of {dev}"),
         source: e,
     })?;
@@ -187,12 +127,12 @@ fn bind_driver_in(bus: &Path, dev: &str, driver: &str) -> Result<(), SysfsError>
         }
         return Err(e);
     }
-    let actual = bound_driver_in(bus, dev).map_err(|e| SysfsError::Io {
+    let actual = bound_driver_in(bus, dev).map_err(|e| Error::Io {
         op: format!("read the driver of {dev}"),
         source: e,
     })?;
     if actual.as_deref() != Some(driver) {
-        return Err(SysfsError::NotBound {
+        return Err(Error::NotBound {
             dev: dev.into(),
             driver: driver.into(),
             actual,
@@ -202,14 +142,14 @@ fn bind_driver_in(bus: &Path, dev: &str, driver: &str) -> Result<(), SysfsError>
 }
 
 /// Writes `value` to an existing sysfs attribute file (never creates one).
-fn write_attr(path: &Path, value: &str, op: &str) -> Result<(), SysfsError> {
+fn write_attr(path: &Path, value: &str, op: &str) -> Result<(), Error> {
     let result = OpenOptions::new()
         .write(true)
         .open(path)
         .and_then(|mut f| f.write_all(value.as_bytes()));
     result.map_err(|e| match e.kind() {
-        io::ErrorKind::PermissionDenied => SysfsError::PermissionDenied { op: op.into() },
-        _ => SysfsError::Io {
+        io::ErrorKind::PermissionDenied => Error::PermissionDenied { op: op.into() },
+        _ => Error::Io {
             op: format!("{op} (write {})", path.display()),
             source: e,
         },
@@ -358,7 +298,7 @@ mod tests {
         let e = bind_driver_in(&bus.0, "vd0", "vhost_vdpa").unwrap_err();
         assert_eq!(bus.read("drivers/virtio_vdpa/unbind"), "vd0");
         assert_eq!(bus.read("drivers/vhost_vdpa/bind"), "vd0");
-        assert!(matches!(e, SysfsError::NotBound { .. }), "{e}");
+        assert!(matches!(e, Error::NotBound { .. }), "{e}");
         assert!(e.to_string().contains("dmesg"), "{e}");
 
         // Once the device has the driver, binding again does nothing.
@@ -376,7 +316,7 @@ mod tests {
         // A driver directory without a bind file: the bind write fails.
         fs::create_dir_all(bus.0.join("drivers/other")).unwrap();
         let e = bind_driver_in(&bus.0, "vd0", "other").unwrap_err();
-        assert!(matches!(e, SysfsError::Io { .. }), "{e}");
+        assert!(matches!(e, Error::Io { .. }), "{e}");
         assert!(!bus.0.join("drivers/other/bind").exists(), "never created");
         assert_eq!(bus.read("drivers/virtio_vdpa/unbind"), "vd0");
         assert_eq!(bus.read("drivers/virtio_vdpa/bind"), "vd0");
@@ -392,11 +332,11 @@ mod tests {
             "driver vhost_vdpa_x not loaded: modprobe vhost_vdpa_x"
         );
         let e = bind_driver_in(&bus.0, "vd9", "vhost_vdpa").unwrap_err();
-        assert!(matches!(e, SysfsError::NoSuchDevice { .. }), "{e}");
+        assert!(matches!(e, Error::NoSuchDevice { .. }), "{e}");
         let e = bind_driver_in(&bus.0, "../x", "vhost_vdpa").unwrap_err();
-        assert!(matches!(e, SysfsError::InvalidName { .. }), "{e}");
+        assert!(matches!(e, Error::InvalidName { .. }), "{e}");
         let e = bind_driver_in(&bus.0, "vd0", "..").unwrap_err();
-        assert!(matches!(e, SysfsError::InvalidName { .. }), "{e}");
+        assert!(matches!(e, Error::InvalidName { .. }), "{e}");
         let e = bind_driver_in(&bus.0.join("missing"), "vd0", "vhost_vdpa").unwrap_err();
         assert!(e.to_string().contains("modprobe vdpa"), "{e}");
     }
