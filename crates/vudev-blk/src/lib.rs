@@ -12,8 +12,8 @@ pub mod device;
 pub mod request;
 
 pub use backend::{
-    parse_size, Aio, BlockBackend, FileBackend, IoDone, IoOp, MemoryBackend, NbdBackend,
-    NullBackend, QueueBackend,
+    check_range, eventfd, total_len, zero_fill, Aio, BlockBackend, FileBackend, Immediate, IoDone,
+    IoOp, MemoryBackend, NbdBackend, NullBackend, QueueBackend, RunNow,
 };
 pub use config::BlockConfig;
 pub use device::BlockDevice;

@@ -1,58 +1,38 @@
-//! The runtime's queue worker driving the virtio-blk device over real split rings in shared
-//! memory (a memfd), including what a hostile driver can put on the ring.
+//! The core's queue worker driving the virtio-blk device over real split rings in shared
+//! memory (the core's test kit), including what a hostile driver can put on the ring.
 
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::FromRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice, MemoryBackend};
-use vudev_core::{
-    Device, DirtyLog, InflightArea, Mapping, MemoryMap, Notifier, QueueSetup, Tracking, Worker,
-};
+use vudev_core::testkit::{memfd, RingDriver, AVAIL, DESC, USED};
+use vudev_core::{Device, DirtyLog, InflightArea, Tracking};
 
 const MEM_SIZE: u64 = 16 << 20;
 const QSIZE: u16 = 64;
-const DESC: u64 = 0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
 const HDR: u64 = 0x10000;
 const DATA: u64 = 0x100000;
 const STATUS: u64 = 0x20000;
 const DISK: u64 = 1 << 20;
 
-struct Count(AtomicUsize);
-impl Notifier for Count {
-    fn notify(&self, _: u16) -> std::io::Result<()> {
-        self.0.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+/// The test kit's ring driver with the block device's requests on top.
+struct Rig(RingDriver);
+
+impl std::ops::Deref for Rig {
+    type Target = RingDriver;
+    fn deref(&self) -> &RingDriver {
+        &self.0
     }
 }
 
-struct Rig {
-    map: Arc<MemoryMap>,
-    kick: EventFd,
-    worker: Option<Worker>,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-fn memfd() -> File {
-    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is ours.
-    let fd = unsafe { libc::memfd_create(c"vudev-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd is a new, owned descriptor.
-    let mut f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(MEM_SIZE).unwrap();
-    f.flush().unwrap();
-    f
+impl std::ops::DerefMut for Rig {
+    fn deref_mut(&mut self) -> &mut RingDriver {
+        &mut self.0
+    }
 }
 
 impl Rig {
@@ -65,33 +45,17 @@ impl Rig {
 
     fn with_backend(read_only: bool, backend: Arc<dyn vudev_blk::BlockBackend>) -> Rig {
         let mut r = Rig::stopped();
-        r.start(read_only, backend, Tracking::default(), 0);
+        r.start_blk(read_only, backend, Tracking::default(), 0);
         r
     }
 
     /// Driver memory and rings with no worker yet.
     fn stopped() -> Rig {
-        let map = Arc::new(MemoryMap::new(None));
-        map.replace(vec![Mapping {
-            file: memfd(),
-            offset: 0,
-            start: 0,
-            last: MEM_SIZE - 1,
-            prot: libc::PROT_READ | libc::PROT_WRITE,
-        }])
-        .unwrap();
-        Rig {
-            map,
-            kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            worker: None,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
-        }
+        Rig(RingDriver::new(MEM_SIZE, QSIZE))
     }
 
-    /// Starts the worker at avail index `next_avail`.
-    fn start(
+    /// Starts the worker, with a virtio-blk device on `backend`, at avail index `next_avail`.
+    fn start_blk(
         &mut self,
         read_only: bool,
         backend: Arc<dyn vudev_blk::BlockBackend>,
@@ -106,80 +70,7 @@ impl Rig {
         };
         let dev = BlockDevice::new(cfg, backend);
         let handler = dev.queue_handler(0, dev.features()).unwrap();
-        let setup = QueueSetup {
-            index: 0,
-            size: QSIZE,
-            desc: DESC,
-            avail: AVAIL,
-            used: USED,
-            next_avail,
-            next_used: self.read(USED + 2),
-            event_idx: false,
-        };
-        let worker = Worker::start(
-            setup,
-            handler,
-            self.map.clone(),
-            self.kick.try_clone().unwrap(),
-            Arc::new(Count(AtomicUsize::new(0))),
-            tracking,
-            &Default::default(),
-        )
-        .unwrap();
-        self.worker = Some(worker);
-    }
-
-    fn write<T: vm_memory::ByteValued>(&self, addr: u64, v: T) {
-        self.map.memory().write_obj(v, GuestAddress(addr)).unwrap();
-    }
-
-    fn read<T: vm_memory::ByteValued>(&self, addr: u64) -> T {
-        self.map.memory().read_obj(GuestAddress(addr)).unwrap()
-    }
-
-    fn put_desc(&self, table: u64, i: u16, addr: u64, len: u32, flags: u32, next: u16) {
-        let at = table + u64::from(i) * 16;
-        self.write(at, addr);
-        self.write(at + 8, len);
-        self.write(at + 12, flags as u16);
-        self.write(at + 14, next);
-    }
-
-    /// Puts a chain of (addr, len, writable) buffers on the ring and returns its head.
-    fn chain(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
-        let head = self.next_desc;
-        for (k, &(addr, len, w)) in bufs.iter().enumerate() {
-            let i = (head + k as u16) % QSIZE;
-            let last = k + 1 == bufs.len();
-            let flags =
-                if w { VRING_DESC_F_WRITE } else { 0 } | if last { 0 } else { VRING_DESC_F_NEXT };
-            self.put_desc(DESC, i, addr, len, flags, (i + 1) % QSIZE);
-        }
-        self.next_desc = (head + bufs.len() as u16) % QSIZE;
-        self.publish(head);
-        head
-    }
-
-    fn publish(&mut self, head: u16) {
-        self.write(AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE), head);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.write(AVAIL + 2, self.avail_idx);
-        self.kick.write(1).unwrap();
-    }
-
-    /// Waits for the next used element; returns (id, len).
-    fn wait_used(&mut self) -> (u32, u32) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let idx: u16 = self.read(USED + 2);
-            if idx != self.used_seen {
-                let slot = USED + 4 + 8 * u64::from(self.used_seen % QSIZE);
-                self.used_seen = self.used_seen.wrapping_add(1);
-                return (self.read(slot), self.read(slot + 4));
-            }
-            assert!(Instant::now() < deadline, "no completion within 5 s");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.0.start(handler, tracking, next_avail, false);
     }
 
     fn header(&self, at: u64, t: u32, sector: u64) {
@@ -199,26 +90,6 @@ impl Rig {
         let (id, len) = self.wait_used();
         assert_eq!(id, u32::from(head));
         (self.read(STATUS), len)
-    }
-
-    fn fill(&self, addr: u64, len: usize, byte: u8) {
-        self.map
-            .memory()
-            .write_slice(&vec![byte; len], GuestAddress(addr))
-            .unwrap();
-    }
-
-    fn bytes(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0; len];
-        self.map
-            .memory()
-            .read_slice(&mut v, GuestAddress(addr))
-            .unwrap();
-        v
-    }
-
-    fn stop(&mut self) {
-        self.worker.take().unwrap().stop();
     }
 }
 
@@ -403,7 +274,7 @@ fn a_broken_avail_ring_stops_the_queue_not_the_process() {
     r.write(AVAIL + 2, QSIZE + 5);
     r.kick.write(1).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !r.worker.as_ref().unwrap().is_broken() {
+    while !r.worker().is_broken() {
         assert!(
             Instant::now() < deadline,
             "the queue did not notice the bad index"
@@ -427,7 +298,7 @@ fn an_avail_entry_with_a_head_past_the_queue_size_is_skipped() {
         (OK, 1)
     );
     assert_eq!(r.read::<u16>(USED + 2), 1);
-    assert!(!r.worker.as_ref().unwrap().is_broken());
+    assert!(!r.worker().is_broken());
     assert_eq!(
         r.request(VIRTIO_BLK_T_IN, 0, Some((DATA + 4096, 512, true)))
             .0,
@@ -563,7 +434,7 @@ fn dirty_pages(log: &File) -> Vec<u64> {
 
 #[test]
 fn dirty_log_records_what_the_device_writes() {
-    let log_file = memfd();
+    let log_file = memfd(MEM_SIZE);
     let log = Arc::new(DirtyLog::new());
     log.set_bitmap(log_file.try_clone().unwrap(), 0, MEM_SIZE / 4096 / 8)
         .unwrap();
@@ -573,7 +444,7 @@ fn dirty_log_records_what_the_device_writes() {
         log: Some(log.clone()),
         ..Tracking::default()
     };
-    r.start(false, backend, tracking, 0);
+    r.start_blk(false, backend, tracking, 0);
     let page = |a: u64| a / 4096;
     // Logging off: nothing is marked.
     r.request(VIRTIO_BLK_T_IN, 0, Some((DATA, 4096, true)));
@@ -639,8 +510,8 @@ fn requests_left_in_flight_are_resubmitted_after_a_restart() {
         resubmit: rec.heads,
         ..Tracking::default()
     };
-    r.used_seen = 1;
-    r.start(false, backend.clone(), tracking, rec.next_avail);
+    r.seen_up_to(1);
+    r.start_blk(false, backend.clone(), tracking, rec.next_avail);
     let done: Vec<u32> = (0..2).map(|_| r.wait_used().0).collect();
     assert_eq!(done, vec![u32::from(heads[0]), u32::from(heads[2])]);
     assert_eq!(r.bytes(STATUS, 3), vec![OK, OK, OK]);
@@ -735,10 +606,7 @@ fn queues_stalled_on_their_backend_stop_together_within_the_drain_bound() {
     }
     // Every queue has taken its request (the backend holds it).
     let deadline = Instant::now() + Duration::from_secs(5);
-    while rigs
-        .iter()
-        .any(|r| r.worker.as_ref().unwrap().position().next_avail == 0)
-    {
+    while rigs.iter().any(|r| r.worker().position().next_avail == 0) {
         assert!(
             Instant::now() < deadline,
             "a worker did not take its request"
@@ -746,8 +614,7 @@ fn queues_stalled_on_their_backend_stop_together_within_the_drain_bound() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let t = Instant::now();
-    let positions =
-        vudev_core::stop_all(rigs.iter_mut().map(|r| r.worker.take().unwrap()).collect());
+    let positions = vudev_core::stop_all(rigs.iter_mut().map(|r| r.take_worker()).collect());
     let took = t.elapsed();
     // One after another, three queues would take three drain bounds.
     assert!(

@@ -13,6 +13,8 @@ pub mod device;
 pub mod dirty_log;
 pub mod inflight;
 pub mod memory;
+#[cfg(feature = "test-utils")]
+pub mod testkit;
 pub mod worker;
 
 pub use device::{Chain, Completions, Device, QueueHandler};

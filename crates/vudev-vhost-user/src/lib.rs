@@ -16,6 +16,8 @@ mod handler;
 pub mod server;
 mod session;
 mod status;
+#[cfg(test)]
+mod tests;
 
 pub use server::{serve_frontend, SessionEnd, VhostUserServer};
 

@@ -5,20 +5,21 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use vudev_blk::{
-    parse_size, Aio, BlockBackend, FileBackend, MemoryBackend, NbdBackend, NullBackend,
-};
+use vudev_blk::{Aio, BlockBackend, FileBackend, MemoryBackend, NbdBackend, NullBackend};
 
-use crate::cli::{AioMode, BackendArgs, DeviceArgs};
+use crate::size::parse_size;
+
+use crate::cli::{AioMode, BackendArgs, BackendOptions, DeviceArgs};
 
 /// Opens the backend; `block_size` is the logical block size its size must be a multiple of.
 pub fn open(
     args: &BackendArgs,
+    opts: &BackendOptions,
     dev: &DeviceArgs,
     block_size: u32,
 ) -> Result<Arc<dyn BlockBackend>, String> {
-    let (direct, read_only) = (dev.direct, dev.readonly);
-    let aio = match dev.aio {
+    let (direct, read_only) = (opts.direct, dev.readonly);
+    let aio = match opts.aio {
         AioMode::Auto => Aio::Auto,
         AioMode::IoUring => Aio::IoUring,
         AioMode::Sync => Aio::Sync,
@@ -51,7 +52,7 @@ pub fn open(
     } else if let Some(size) = &args.null {
         Arc::new(NullBackend::new(checked_size(size, block_size)?, read_only))
     } else if let Some(uri) = &args.nbd {
-        let timeout = Duration::from_secs(dev.nbd_timeout);
+        let timeout = Duration::from_secs(opts.nbd_timeout);
         let b = NbdBackend::connect(uri, read_only, timeout)?;
         if !block_size.is_multiple_of(b.min_block_size()) {
             return Err(format!(

@@ -47,6 +47,8 @@ pub struct VhostUserArgs {
     #[command(flatten)]
     pub backend: BackendArgs,
     #[command(flatten)]
+    pub backend_options: BackendOptions,
+    #[command(flatten)]
     pub device: DeviceArgs,
 }
 
@@ -65,6 +67,8 @@ pub struct VduseArgs {
     pub name: String,
     #[command(flatten)]
     pub backend: BackendArgs,
+    #[command(flatten)]
+    pub backend_options: BackendOptions,
     #[command(flatten)]
     pub device: DeviceArgs,
     /// Create the device but do not add it to the vdpa bus (attach it later with
@@ -99,9 +103,9 @@ pub struct BackendArgs {
     pub nbd: Option<String>,
 }
 
-/// virtio-blk device options.
+/// Options of one backend each: refused with any other (`requires`).
 #[derive(Clone, Debug, Args)]
-pub struct DeviceArgs {
+pub struct BackendOptions {
     /// Open --file with O_DIRECT (bypass the host page cache).
     #[arg(long, requires = "file")]
     pub direct: bool,
@@ -110,6 +114,15 @@ pub struct DeviceArgs {
     /// where the kernel would hand every io_uring request to a worker thread.
     #[arg(long, default_value = "auto", requires = "file")]
     pub aio: AioMode,
+    /// Seconds an NBD request may wait for the server before it fails with an I/O error.
+    #[arg(long, default_value_t = 30, value_name = "SECS", requires = "nbd",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub nbd_timeout: u64,
+}
+
+/// virtio-blk device options.
+#[derive(Clone, Debug, Args)]
+pub struct DeviceArgs {
     /// Number of request queues (one worker thread each).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
@@ -133,10 +146,6 @@ pub struct DeviceArgs {
     /// Pin queue worker threads to these CPUs, e.g. 2,3: queue i runs on the (i mod n)-th.
     #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
     pub queue_cpus: Vec<usize>,
-    /// Seconds an NBD request may wait for the server before it fails with an I/O error.
-    #[arg(long, default_value_t = 30, value_name = "SECS", requires = "nbd",
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub nbd_timeout: u64,
 }
 
 /// I/O submission of the file backend.

@@ -10,17 +10,18 @@ use vudev_core::WorkerOptions;
 use vudev_vduse::{Attached, VduseExport, VduseOptions};
 use vudev_vhost_user::{VhostUserOptions, VhostUserServer};
 
-use crate::cli::{BackendArgs, DeviceArgs, VduseArgs, VhostUserArgs};
+use crate::cli::{BackendArgs, BackendOptions, DeviceArgs, VduseArgs, VhostUserArgs};
 use crate::{backend, signals};
 
 /// [`build_device`] on a thread of its own, so that SIGINT/SIGTERM stop vudev while the
 /// backend is still being opened (an NBD server may take its time): `Ok(None)` then.
 fn build_device_unless_terminated(
     backend: &BackendArgs,
+    opts: &BackendOptions,
     dev: &DeviceArgs,
 ) -> Result<Option<(Arc<BlockDevice>, String)>, String> {
-    let (backend, dev) = (backend.clone(), dev.clone());
-    match signals::unless_terminated(move || build_device(&backend, &dev))
+    let (backend, opts, dev) = (backend.clone(), opts.clone(), dev.clone());
+    match signals::unless_terminated(move || build_device(&backend, &opts, &dev))
         .map_err(|e| format!("opening the backend: {e}"))?
     {
         Ok(built) => built.map(Some),
@@ -34,6 +35,7 @@ fn build_device_unless_terminated(
 /// Validates the device options, opens the backend and builds the virtio-blk device.
 fn build_device(
     backend: &BackendArgs,
+    opts: &BackendOptions,
     dev: &DeviceArgs,
 ) -> Result<(Arc<BlockDevice>, String), String> {
     if !dev.queue_size.is_power_of_two() || !(2..=32768).contains(&dev.queue_size) {
@@ -57,7 +59,7 @@ fn build_device(
         ));
     }
     let block_size = dev.logical_block_size.bytes();
-    let backend = backend::open(backend, dev, block_size)?;
+    let backend = backend::open(backend, opts, dev, block_size)?;
     let cfg = BlockConfig {
         size: backend.size(),
         logical_block_size: block_size,
@@ -83,7 +85,8 @@ fn worker_options(dev: &DeviceArgs) -> WorkerOptions {
 /// Runs one vhost-user export in the foreground: frontends one after another until a signal.
 pub fn run_vhost_user(args: VhostUserArgs) -> Result<(), String> {
     signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
-    let Some((device, description)) = build_device_unless_terminated(&args.backend, &args.device)?
+    let Some((device, description)) =
+        build_device_unless_terminated(&args.backend, &args.backend_options, &args.device)?
     else {
         return Ok(());
     };
@@ -135,7 +138,9 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
     // Before any thread exists, so that every thread inherits the mask.
     signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
     let dev = &args.device;
-    let Some((device, description)) = build_device_unless_terminated(&args.backend, dev)? else {
+    let Some((device, description)) =
+        build_device_unless_terminated(&args.backend, &args.backend_options, dev)?
+    else {
         return Ok(());
     };
     let export = VduseExport::create(

@@ -6,6 +6,7 @@ mod backend;
 mod cli;
 mod export;
 mod signals;
+mod size;
 mod vdpa;
 
 use std::io::IsTerminal;

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{VolatileMemory, VolatileSlice};
 
-use super::null::zero_fill;
-use super::{check_range, total_len, BlockBackend, Immediate, IoOp, QueueBackend, RunNow};
+use super::{
+    check_range, total_len, zero_fill, BlockBackend, Immediate, IoOp, QueueBackend, RunNow,
+};
 
 /// A RAM disk of a fixed size, shared by every queue.
 #[derive(Debug)]

@@ -12,12 +12,13 @@ use std::os::fd::RawFd;
 use vm_memory::VolatileSlice;
 
 mod file;
+mod kit;
 mod memory;
 mod nbd;
 mod null;
-mod uring;
 
 pub use file::{Aio, FileBackend};
+pub use kit::{check_range, eventfd, total_len, zero_fill, Immediate, RunNow};
 pub use memory::MemoryBackend;
 pub use nbd::{NbdAddress, NbdBackend, NbdTls, NbdUri};
 pub use null::NullBackend;
@@ -100,120 +101,9 @@ pub trait QueueBackend: Send {
     fn set_polling(&mut self, _on: bool) {}
 }
 
-/// A backend queue whose operations finish inside `submit`.
-pub(crate) trait RunNow: Send {
-    /// Performs `op` to completion.
-    fn run(&mut self, op: IoOp<'_>) -> io::Result<()>;
-}
-
-/// Adapts a [`RunNow`] queue to the asynchronous [`QueueBackend`] contract: results are
-/// ready for `reap` right after `submit`.
-pub(crate) struct Immediate<T> {
-    inner: T,
-    done: Vec<IoDone>,
-}
-
-impl<T: RunNow + 'static> Immediate<T> {
-    /// Boxes `inner` as a queue backend.
-    pub(crate) fn boxed(inner: T) -> Box<dyn QueueBackend> {
-        Box::new(Immediate {
-            inner,
-            done: Vec::new(),
-        })
-    }
-}
-
-impl<T: RunNow> QueueBackend for Immediate<T> {
-    fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
-        let res = self.inner.run(op);
-        self.done.push((cookie, res));
-    }
-    fn reap(&mut self, out: &mut Vec<IoDone>) {
-        out.append(&mut self.done);
-    }
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-    fn has_results(&mut self) -> bool {
-        !self.done.is_empty()
-    }
-}
-
-/// Checks `[offset, offset + len)` against a backend of `size` bytes.
-pub(crate) fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
-    match offset.checked_add(len) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("range {offset}+{len} is past the end ({size} bytes)"),
-        )),
-    }
-}
-
-/// A new non-blocking eventfd: how an asynchronous queue backend tells its worker that
-/// results are waiting.
-pub(crate) fn eventfd() -> io::Result<std::fs::File> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: plain eventfd creation; the result is checked before use.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a new fd that nothing else owns.
-    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
-}
-
-/// Total length of `bufs`.
-pub(crate) fn total_len(bufs: &[VolatileSlice<'_>]) -> u64 {
-    bufs.iter().map(|b| b.len() as u64).sum()
-}
-
-/// Parses a size: plain bytes, or with a K/M/G/T suffix (powers of 1024; `KiB`, `MiB`… too).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits_end);
-    if num.is_empty() {
-        return Err(format!(
-            "invalid size '{s}': expected a number such as 1048576, 64M or 1G"
-        ));
-    }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size '{s}': number too large"))?;
-    let shift = match suffix.to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => {
-            return Err(format!(
-                "invalid size '{s}': unknown suffix '{suffix}' (use K, M, G or T)"
-            ))
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("invalid size '{s}': too large"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
 
     #[test]
     fn ranges_check() {

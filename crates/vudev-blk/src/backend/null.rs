@@ -2,9 +2,9 @@
 
 use std::io;
 
-use vm_memory::{Bytes, VolatileSlice};
-
-use super::{check_range, total_len, BlockBackend, Immediate, IoOp, QueueBackend, RunNow};
+use super::{
+    check_range, total_len, zero_fill, BlockBackend, Immediate, IoOp, QueueBackend, RunNow,
+};
 
 /// A device of `size` bytes that stores nothing.
 #[derive(Debug)]
@@ -37,20 +37,6 @@ impl BlockBackend for NullBackend {
 
 struct NullQueue {
     size: u64,
-}
-
-static ZEROS: [u8; 4096] = [0; 4096];
-
-/// Fills `buf` with zeros.
-pub(crate) fn zero_fill(buf: &VolatileSlice<'_>) -> io::Result<()> {
-    let mut off = 0;
-    while off < buf.len() {
-        let n = (buf.len() - off).min(ZEROS.len());
-        buf.write_slice(&ZEROS[..n], off)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        off += n;
-    }
-    Ok(())
 }
 
 impl RunNow for NullQueue {

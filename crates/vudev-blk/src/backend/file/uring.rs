@@ -11,8 +11,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use io_uring::{opcode, types, IoUring};
 use vm_memory::VolatileSlice;
 
-use super::file::{aligned, FileQueue};
-use super::{check_range, eventfd, total_len, IoDone, IoOp, QueueBackend, RunNow};
+use super::sync::{aligned, FileQueue};
+use crate::backend::{check_range, eventfd, total_len, IoDone, IoOp, QueueBackend, RunNow};
 
 /// Submission queue entries per ring.
 const RING_ENTRIES: u32 = 512;

@@ -1,0 +1,93 @@
+//! What a backend needs besides the traits, public so that a backend can be written outside
+//! this crate (see `examples/`): [`RunNow`] and [`Immediate`] turn a synchronous queue into
+//! an asynchronous one, [`check_range`] bounds a request, [`eventfd`] makes the completion fd
+//! an asynchronous queue signals, [`total_len`] and [`zero_fill`] work on driver buffers.
+
+use std::io;
+
+use vm_memory::{Bytes, VolatileSlice};
+
+use super::{IoDone, IoOp, QueueBackend};
+
+/// A page of zeros to copy from.
+static ZEROS: [u8; 4096] = [0; 4096];
+
+/// A backend queue whose operations finish inside `submit`.
+pub trait RunNow: Send {
+    /// Performs `op` to completion.
+    fn run(&mut self, op: IoOp<'_>) -> io::Result<()>;
+}
+
+/// Adapts a [`RunNow`] queue to the asynchronous [`QueueBackend`] contract: results are
+/// ready for `reap` right after `submit`.
+pub struct Immediate<T> {
+    inner: T,
+    done: Vec<IoDone>,
+}
+
+impl<T: RunNow + 'static> Immediate<T> {
+    /// Boxes `inner` as a queue backend.
+    pub fn boxed(inner: T) -> Box<dyn QueueBackend> {
+        Box::new(Immediate {
+            inner,
+            done: Vec::new(),
+        })
+    }
+}
+
+impl<T: RunNow> QueueBackend for Immediate<T> {
+    fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
+        let res = self.inner.run(op);
+        self.done.push((cookie, res));
+    }
+    fn reap(&mut self, out: &mut Vec<IoDone>) {
+        out.append(&mut self.done);
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+    fn has_results(&mut self) -> bool {
+        !self.done.is_empty()
+    }
+}
+
+/// Checks `[offset, offset + len)` against a backend of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} is past the end ({size} bytes)"),
+        )),
+    }
+}
+
+/// A new non-blocking eventfd: how an asynchronous queue backend tells its worker that
+/// results are waiting.
+pub fn eventfd() -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain eventfd creation; the result is checked before use.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new fd that nothing else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+/// Total length of `bufs`.
+pub fn total_len(bufs: &[VolatileSlice<'_>]) -> u64 {
+    bufs.iter().map(|b| b.len() as u64).sum()
+}
+
+/// Fills `buf` with zeros.
+pub fn zero_fill(buf: &VolatileSlice<'_>) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let n = (buf.len() - off).min(ZEROS.len());
+        buf.write_slice(&ZEROS[..n], off)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        off += n;
+    }
+    Ok(())
+}
