@@ -83,6 +83,10 @@ struct Pending {
 }
 
 /// The per-queue request handler.
+///
+/// Dropped, it lets go of its backend before the memory snapshots of the requests still in
+/// flight (see the `Drop` impl): the backend detaches or finishes those requests, and only then
+/// may their buffers be unmapped.
 pub struct BlockQueue {
     index: u16,
     cfg: Arc<BlockConfig>,
@@ -95,6 +99,27 @@ pub struct BlockQueue {
     in_flight: usize,
     results: Vec<IoDone>,
     errors: u64,
+}
+
+/// What a [`BlockQueue`] holds in place of its backend while it is being dropped.
+struct Gone;
+
+impl QueueBackend for Gone {
+    fn submit(&mut self, cookie: u64, _op: crate::backend::IoOp<'_>) {
+        tracing::error!(cookie, "request submitted to a queue being dropped");
+    }
+    fn reap(&mut self, _out: &mut Vec<IoDone>) {}
+    fn in_flight(&self) -> usize {
+        0
+    }
+}
+
+impl Drop for BlockQueue {
+    fn drop(&mut self) {
+        // The backend goes first, whatever the field order: requests it still holds point
+        // into the memory snapshots in `pending`, which are dropped after it.
+        drop(std::mem::replace(&mut self.backend, Box::new(Gone)));
+    }
 }
 
 impl BlockQueue {

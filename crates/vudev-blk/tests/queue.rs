@@ -629,3 +629,95 @@ fn queues_stalled_on_their_backend_stop_together_within_the_drain_bound() {
         assert_eq!(r.read::<u16>(USED + 2), 0);
     }
 }
+
+/// A backend that holds every request and, when its queue is dropped, reads the first byte
+/// of the last buffer it was given: that memory must still be mapped then.
+struct Holding(Arc<std::sync::Mutex<Option<u8>>>, Arc<AtomicUsize>);
+
+struct HoldingQueue {
+    /// Never signalled; having one makes the queue asynchronous.
+    efd: File,
+    buf: Option<(usize, usize)>,
+    seen: Arc<std::sync::Mutex<Option<u8>>>,
+    submitted: Arc<AtomicUsize>,
+}
+
+impl vudev_blk::BlockBackend for Holding {
+    fn size(&self) -> u64 {
+        DISK
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn queue(&self) -> std::io::Result<Box<dyn vudev_blk::QueueBackend>> {
+        Ok(Box::new(HoldingQueue {
+            efd: vudev_blk::eventfd()?,
+            buf: None,
+            seen: self.0.clone(),
+            submitted: self.1.clone(),
+        }))
+    }
+    fn describe(&self) -> String {
+        "holding".into()
+    }
+}
+
+impl vudev_blk::QueueBackend for HoldingQueue {
+    fn submit(&mut self, _: u64, op: vudev_blk::IoOp<'_>) {
+        if let vudev_blk::IoOp::Read { bufs, .. } = op {
+            self.buf = Some((bufs[0].ptr_guard_mut().as_ptr() as usize, bufs[0].len()));
+        }
+        self.submitted.fetch_add(1, Ordering::SeqCst);
+    }
+    fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.efd.as_raw_fd())
+    }
+    fn reap(&mut self, _: &mut Vec<vudev_blk::IoDone>) {}
+    fn in_flight(&self) -> usize {
+        usize::from(self.buf.is_some())
+    }
+}
+
+impl Drop for HoldingQueue {
+    fn drop(&mut self) {
+        if let Some((addr, len)) = self.buf {
+            // SAFETY: the device keeps the memory of a request mapped until its backend is
+            // gone, which is what this test checks (a fault here fails it).
+            let s = unsafe { vm_memory::VolatileSlice::new(addr as *mut u8, len) };
+            let mut first = [0u8];
+            s.copy_to(&mut first[..]);
+            *self.seen.lock().unwrap() = Some(first[0]);
+        }
+    }
+}
+
+#[test]
+fn a_queue_lets_go_of_its_backend_before_the_memory_of_requests_in_flight() {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let submitted = Arc::new(AtomicUsize::new(0));
+    let mut r = Rig::with_backend(false, Arc::new(Holding(seen.clone(), submitted.clone())));
+    r.fill(DATA, 4096, 0x5a);
+    r.header(HDR, VIRTIO_BLK_T_IN, 0);
+    r.chain(&[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while submitted.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the backend"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The driver's memory goes away from the map: only the request's own snapshot keeps it.
+    r.map
+        .replace(vec![vudev_core::Mapping {
+            file: memfd(MEM_SIZE),
+            offset: 0,
+            start: 0,
+            last: MEM_SIZE - 1,
+            prot: libc::PROT_READ | libc::PROT_WRITE,
+        }])
+        .unwrap();
+    r.stop();
+    assert_eq!(*seen.lock().unwrap(), Some(0x5a));
+}
