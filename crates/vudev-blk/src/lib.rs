@@ -13,7 +13,7 @@ pub mod request;
 
 pub use backend::{
     check_range, eventfd, total_len, zero_fill, Aio, BlockBackend, FileBackend, Immediate, IoDone,
-    IoOp, MemoryBackend, NbdBackend, NullBackend, QueueBackend, RunNow,
+    IoOp, MemoryBackend, NbdBackend, NbdError, NullBackend, QueueBackend, RunNow,
 };
 pub use config::BlockConfig;
 pub use device::BlockDevice;

@@ -116,7 +116,7 @@ impl MappingSource for IotlbSource {
         let m = self
             .dev
             .iotlb_get_fd(start, last)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(io::Error::other)?;
         if let Some(m) = &m {
             if let Some(ours) = self.bounce.mapping(m.start, m.last)? {
                 return Ok(Some(ours));
@@ -138,7 +138,7 @@ impl Notifier for IrqNotifier {
     fn notify(&self, index: u16) -> io::Result<()> {
         self.0
             .inject_irq(u32::from(index))
-            .map_err(|e| io::Error::other(e.to_string()))
+            .map_err(io::Error::other)
     }
 }
 
@@ -597,10 +597,7 @@ impl Inner {
     /// An adopted device: if its driver had started it, start the queues again where the
     /// previous daemon left them.
     fn resume(&self) -> io::Result<()> {
-        let features = self
-            .dev
-            .negotiated_features()
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let features = self.dev.negotiated_features().map_err(io::Error::other)?;
         let n = self.lock().workers.len() as u32;
         let running = (0..n).any(|q| self.dev.vq_info(q).is_ok_and(|i| i.ready));
         if features == 0 || !running {
@@ -617,10 +614,7 @@ impl Inner {
     /// Starts every ready queue; `recover`: resume from the in-flight records (adoption)
     /// instead of starting them afresh.
     fn start(&self, recover: bool) -> io::Result<()> {
-        let features = self
-            .dev
-            .negotiated_features()
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let features = self.dev.negotiated_features().map_err(io::Error::other)?;
         self.map.clear();
         self.map.populate(0, u64::MAX);
         match self.dev.iova_info(0, u64::MAX) {
@@ -636,10 +630,7 @@ impl Inner {
         }
         let mut st = self.lock();
         for q in 0..st.workers.len() as u32 {
-            let info = self
-                .dev
-                .vq_info(q)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+            let info = self.dev.vq_info(q).map_err(io::Error::other)?;
             if info.ready {
                 self.start_queue(&mut st, q, features, recover)?;
             }
@@ -648,10 +639,7 @@ impl Inner {
     }
 
     fn start_queue(&self, st: &mut State, q: u32, features: u64, recover: bool) -> io::Result<()> {
-        let info = self
-            .dev
-            .vq_info(q)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let info = self.dev.vq_info(q).map_err(io::Error::other)?;
         let size = u16::try_from(info.num)
             .ok()
             .filter(|s| *s > 0 && *s <= self.queue_size)
@@ -703,7 +691,7 @@ impl Inner {
         // daemon's eventfd until it is replaced; a kick lost there would hang the driver.)
         self.dev
             .set_kickfd(q, Some(kick.as_raw_fd()))
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(io::Error::other)?;
         let worker = Worker::start(
             setup,
             handler,

@@ -53,7 +53,7 @@ pub fn open(
         Arc::new(NullBackend::new(checked_size(size, block_size)?, read_only))
     } else if let Some(uri) = &args.nbd {
         let timeout = Duration::from_secs(opts.nbd_timeout);
-        let b = NbdBackend::connect(uri, read_only, timeout)?;
+        let b = NbdBackend::connect(uri, read_only, timeout).map_err(|e| e.to_string())?;
         if !block_size.is_multiple_of(b.min_block_size()) {
             return Err(format!(
                 "{uri}: the server needs I/O in units of {} bytes: use --logical-block-size 4096",

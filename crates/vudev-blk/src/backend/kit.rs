@@ -86,7 +86,7 @@ pub fn zero_fill(buf: &VolatileSlice<'_>) -> io::Result<()> {
     while off < buf.len() {
         let n = (buf.len() - off).min(ZEROS.len());
         buf.write_slice(&ZEROS[..n], off)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+            .map_err(io::Error::other)?;
         off += n;
     }
     Ok(())

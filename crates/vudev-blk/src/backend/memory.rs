@@ -58,7 +58,7 @@ impl MemoryQueue {
         check_range(offset, len, self.region.len() as u64)?;
         self.region
             .get_slice(offset as usize, len as usize)
-            .map_err(|e| io::Error::other(e.to_string()))
+            .map_err(io::Error::other)
     }
 }
 

@@ -20,7 +20,7 @@ mod null;
 pub use file::{Aio, FileBackend};
 pub use kit::{check_range, eventfd, total_len, zero_fill, Immediate, RunNow};
 pub use memory::MemoryBackend;
-pub use nbd::{NbdAddress, NbdBackend, NbdTls, NbdUri};
+pub use nbd::{NbdAddress, NbdBackend, NbdError, NbdTls, NbdUri};
 pub use null::NullBackend;
 
 /// One storage operation. Offsets and lengths are in bytes.

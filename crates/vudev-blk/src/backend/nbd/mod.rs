@@ -31,12 +31,14 @@ use vm_memory::VolatileSlice;
 use super::{check_range, total_len, BlockBackend, IoDone, IoOp, QueueBackend};
 
 mod connection;
+mod error;
 mod handshake;
 mod link;
 mod uri;
 mod wire;
 
 use connection::{Conn, Dest, Req, Sink};
+pub use error::NbdError;
 use handshake::ExportInfo;
 pub use uri::{NbdAddress, NbdTls, NbdUri};
 use wire::*;
@@ -55,22 +57,26 @@ pub struct NbdBackend {
 impl NbdBackend {
     /// Connects to the export at `uri` (checking it exists and learning its size); every
     /// request waits at most `timeout` for the server.
-    pub fn connect(uri: &str, read_only: bool, timeout: Duration) -> Result<Self, String> {
+    pub fn connect(uri: &str, read_only: bool, timeout: Duration) -> Result<Self, NbdError> {
         let parsed = NbdUri::parse(uri)?;
-        let first = handshake::connect(&parsed, timeout).map_err(|e| format!("{uri}: {e}"))?;
+        let failed = |source| NbdError::Connect {
+            uri: uri.into(),
+            source,
+        };
+        let first = handshake::connect(&parsed, timeout).map_err(failed)?;
         let mut info = first.info;
         if info.min_block > info.max_payload {
-            return Err(format!(
-                "{uri}: the server's minimum block size ({}) is above its maximum payload ({})",
-                info.min_block, info.max_payload
-            ));
+            return Err(NbdError::BlockSizes {
+                uri: uri.into(),
+                min: info.min_block,
+                max: info.max_payload,
+            });
         }
         // Pieces of a split request stay whole blocks.
         info.max_payload -= info.max_payload % info.min_block;
         let replies = first.replies;
         let shared = if info.flags & TF_CAN_MULTI_CONN == 0 {
-            let conn = Conn::start(&parsed, timeout, &info, Some(first))
-                .map_err(|e| format!("{uri}: {e}"))?;
+            let conn = Conn::start(&parsed, timeout, &info, Some(first)).map_err(failed)?;
             Some(Arc::new(conn))
         } else {
             None // each queue connects on its own

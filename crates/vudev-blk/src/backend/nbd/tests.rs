@@ -590,5 +590,5 @@ fn a_small_maximum_payload_is_honoured_and_a_tiny_one_refused() {
     let e = NbdBackend::connect(&uri(&path), false, Duration::from_secs(5))
         .err()
         .unwrap();
-    assert!(e.contains("maximum payload (256 bytes)"), "{e}");
+    assert!(e.to_string().contains("maximum payload (256 bytes)"), "{e}");
 }

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use super::error::NbdError;
+
 /// Where an NBD export is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NbdAddress {
@@ -33,16 +35,19 @@ pub struct NbdUri {
     pub tls: Option<NbdTls>,
 }
 
-fn bad_uri(uri: &str, why: &str) -> String {
-    format!(
-        "invalid NBD URI '{uri}': {why} (use nbd[s]://HOST[:PORT]/EXPORT or \
-         nbd[s]+unix:///EXPORT?socket=PATH, with ?tls-certificates=DIR for nbds)"
-    )
+fn bad_uri(uri: &str, why: &str) -> NbdError {
+    NbdError::Uri {
+        uri: uri.into(),
+        reason: why.into(),
+    }
 }
+
+/// The query keys a URI may have.
+const KEYS: [&str; 3] = ["socket", "tls-certificates", "tls-hostname"];
 
 impl NbdUri {
     /// Parses `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
-    pub fn parse(uri: &str) -> Result<NbdUri, String> {
+    pub fn parse(uri: &str) -> Result<NbdUri, NbdError> {
         let (scheme, rest) = uri
             .split_once("://")
             .ok_or_else(|| bad_uri(uri, "no scheme"))?;
@@ -50,6 +55,16 @@ impl NbdUri {
         let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
         let export = percent_decode(path.strip_prefix('/').unwrap_or(path))
             .ok_or_else(|| bad_uri(uri, "bad %-escape in the export name"))?;
+        // A key we do not know is a typo or an option we do not have: never ignored.
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            let key = kv.split_once('=').map_or(kv, |(k, _)| k);
+            if !KEYS.contains(&key) {
+                return Err(bad_uri(
+                    uri,
+                    &format!("unknown query key '{key}' (known: {})", KEYS.join(", ")),
+                ));
+            }
+        }
         let param = |name: &str| {
             query
                 .split('&')
@@ -85,9 +100,12 @@ impl NbdUri {
                     },
                 };
                 let port = match port {
-                    Some(p) => p
+                    Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p
                         .parse::<u16>()
-                        .map_err(|_| bad_uri(uri, "the port is not a number"))?,
+                        .ok()
+                        .filter(|&p| p != 0)
+                        .ok_or_else(|| bad_uri(uri, "the port is out of range (1 to 65535)"))?,
+                    Some(_) => return Err(bad_uri(uri, "the port is not a number")),
                     None => 10809,
                 };
                 if host.is_empty() {
@@ -179,7 +197,18 @@ mod tests {
         }
         assert!(NbdUri::parse("nbds://h/v")
             .unwrap_err()
+            .to_string()
             .contains("tls-certificates"));
+        let e = |u: &str| NbdUri::parse(u).unwrap_err().to_string();
+        assert!(
+            e("nbd://h:99999/x").contains("out of range"),
+            "{}",
+            e("nbd://h:99999/x")
+        );
+        assert!(e("nbd://h:0/x").contains("out of range"));
+        assert!(e("nbd://h:12ab/x").contains("not a number"));
+        assert!(e("nbd+unix:///x?socket=/s&sokcet=/t").contains("unknown query key 'sokcet'"));
+        assert!(e("nbd://h/x?timeout=5").contains("unknown query key 'timeout'"));
         let u = NbdUri::parse("nbds://h.example/v?tls-certificates=/etc/pki").unwrap();
         let tls = u.tls.unwrap();
         assert_eq!(tls.certificates, PathBuf::from("/etc/pki"));
