@@ -420,30 +420,40 @@ fn read_all(stream: &UnixStream) -> Vec<u8> {
     out
 }
 
+/// Sets ring 0 up (256 entries, the given frontend addresses, a kick) and asks to enable it,
+/// with a reply; returns the kick eventfd (the caller closes it).
+fn start_ring_0(stream: &UnixStream, desc: u64, used: u64, avail: u64) -> i32 {
+    let mut num = Vec::new();
+    num.extend_from_slice(&0u32.to_le_bytes());
+    num.extend_from_slice(&256u32.to_le_bytes());
+    (&*stream).write_all(&msg(SET_VRING_NUM, 0, &num)).unwrap();
+    // index, flags, then descriptor/used/available/log addresses.
+    let mut addr = vec![0u8; 8];
+    for a in [desc, used, avail, 0] {
+        addr.extend_from_slice(&a.to_le_bytes());
+    }
+    (&*stream)
+        .write_all(&msg(SET_VRING_ADDR, 0, &addr))
+        .unwrap();
+    // SAFETY: plain eventfd creation; the caller closes the fd.
+    let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    send_with_fds(stream, &msg(SET_VRING_KICK, 0, &u64_body(0)), &[kick]);
+    let mut enable = Vec::new();
+    enable.extend_from_slice(&0u32.to_le_bytes());
+    enable.extend_from_slice(&1u32.to_le_bytes());
+    (&*stream)
+        .write_all(&msg(SET_VRING_ENABLE, NEED_REPLY, &enable))
+        .unwrap();
+    kick
+}
+
 #[test]
 fn vring_addresses_outside_memory() {
     let (_dir, s) = server("ringaddr");
     let m = memfd(1 << 20);
     let stream = session_with_memory(&s, &m);
-    let mut num = Vec::new();
-    num.extend_from_slice(&0u32.to_le_bytes());
-    num.extend_from_slice(&256u32.to_le_bytes());
-    (&stream).write_all(&msg(SET_VRING_NUM, 0, &num)).unwrap();
-    // index, flags, then descriptor/used/available/log addresses: far outside the table.
-    let mut addr = vec![0u8; 8];
-    for a in [0x9000_0000u64, 0x9000_1000, 0x9000_2000, 0] {
-        addr.extend_from_slice(&a.to_le_bytes());
-    }
-    (&stream).write_all(&msg(SET_VRING_ADDR, 0, &addr)).unwrap();
-    // SAFETY: plain eventfd creation; the fd is closed below.
-    let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    send_with_fds(&stream, &msg(SET_VRING_KICK, 0, &u64_body(0)), &[kick]);
-    let mut enable = Vec::new();
-    enable.extend_from_slice(&0u32.to_le_bytes());
-    enable.extend_from_slice(&1u32.to_le_bytes());
-    (&stream)
-        .write_all(&msg(SET_VRING_ENABLE, NEED_REPLY, &enable))
-        .unwrap();
+    // Far outside the table.
+    let kick = start_ring_0(&stream, 0x9000_0000, 0x9000_1000, 0x9000_2000);
     let acks = acks_of(SET_VRING_ENABLE, &read_all(&stream));
     assert_eq!(acks, vec![1], "starting a ring outside memory is refused");
     // SAFETY: closing our own fd.
@@ -465,24 +475,7 @@ fn a_memory_table_that_cannot_be_mapped_leaves_the_previous_one_in_force() {
     let body = mem_table(&[region(0, 1 << 20, 0x9000_0000, 0)]);
     send_with_fds(&stream, &msg(SET_MEM_TABLE, NEED_REPLY, &body), &[pipe[0]]);
     // Rings inside the first table: they start, so the first table is still the one in force.
-    let mut num = Vec::new();
-    num.extend_from_slice(&0u32.to_le_bytes());
-    num.extend_from_slice(&256u32.to_le_bytes());
-    (&stream).write_all(&msg(SET_VRING_NUM, 0, &num)).unwrap();
-    let mut addr = vec![0u8; 8];
-    for a in [0x7000_0000u64, 0x7000_2000, 0x7000_1000, 0] {
-        addr.extend_from_slice(&a.to_le_bytes());
-    }
-    (&stream).write_all(&msg(SET_VRING_ADDR, 0, &addr)).unwrap();
-    // SAFETY: plain eventfd creation; the fd is closed below.
-    let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    send_with_fds(&stream, &msg(SET_VRING_KICK, 0, &u64_body(0)), &[kick]);
-    let mut enable = Vec::new();
-    enable.extend_from_slice(&0u32.to_le_bytes());
-    enable.extend_from_slice(&1u32.to_le_bytes());
-    (&stream)
-        .write_all(&msg(SET_VRING_ENABLE, NEED_REPLY, &enable))
-        .unwrap();
+    let kick = start_ring_0(&stream, 0x7000_0000, 0x7000_2000, 0x7000_1000);
     let replies = read_all(&stream);
     assert_eq!(
         acks_of(SET_MEM_TABLE, &replies),
