@@ -1,12 +1,7 @@
 //! The one error type of vdpa management, worded for the operator who has to fix it.
-#![allow(unused_imports)]
-use std::fmt;
 use std::io;
-use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::netlink::*;
-use crate::VDPA_BUS;
+use crate::names::VDPA_BUS;
 
 /// Errors of vdpa management, worded for the operator who has to fix them.
 #[derive(Debug, thiserror::Error)]
@@ -83,12 +78,14 @@ pub enum Error {
     },
     /// A reply did not fit the receive buffer.
     #[error(
-        "netlink reply of {len} bytes does not fit the {RECV_BUF_LEN}-byte receive buffer: \
+        "netlink reply of {len} bytes does not fit the {limit}-byte receive buffer: \
          this is a bug, please report it"
     )]
     Truncated {
         /// Size of the datagram the kernel had.
         len: usize,
+        /// Size of the receive buffer.
+        limit: usize,
     },
     /// A reply from the kernel does not parse.
     #[error("malformed netlink reply from the kernel: {0}")]
@@ -100,10 +97,12 @@ pub enum Error {
         op: String,
     },
     /// A dump returned more entries than this crate accepts.
-    #[error("{op}: more than {MAX_DUMP_ENTRIES} entries: refusing to read further")]
+    #[error("{op}: more than {limit} entries: refusing to read further")]
     TooManyEntries {
         /// The request.
         op: String,
+        /// Most entries accepted.
+        limit: usize,
     },
     /// There is no vdpa bus in sysfs.
     #[error("{VDPA_BUS} not found: load the vdpa module (modprobe vdpa)")]

@@ -15,6 +15,7 @@
 
 pub mod error;
 pub mod management;
+mod names;
 mod netlink;
 pub mod sysfs;
 #[cfg(test)]
@@ -23,17 +24,4 @@ mod tests;
 pub use error::Error;
 pub use management::{MgmtDev, VdpaDevice, VdpaNetlink};
 
-/// The management device that VDUSE devices are added through (it has no bus name).
-pub const VDUSE_MGMTDEV: &str = "vduse";
-
-/// The vdpa bus in sysfs.
-pub const VDPA_BUS: &str = "/sys/bus/vdpa";
-
-/// Where the vdpa bus lists its devices: a device `NAME` on the bus is `VDPA_DEVICES/NAME`.
-pub const VDPA_DEVICES: &str = "/sys/bus/vdpa/devices";
-
-/// The vdpa bus driver that makes a vdpa device a virtio device of this host.
-pub const VIRTIO_VDPA: &str = "virtio_vdpa";
-
-/// The vdpa bus driver that hands a vdpa device to a VM or a userspace driver.
-pub const VHOST_VDPA: &str = "vhost_vdpa";
+pub use names::{VDPA_BUS, VDPA_DEVICES, VDUSE_MGMTDEV, VHOST_VDPA, VIRTIO_VDPA};

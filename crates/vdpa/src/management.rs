@@ -5,16 +5,18 @@
 //! management devices and devices (dumps), add and delete a device (acknowledged requests).
 //! VDUSE devices are added through the management device [`crate::VDUSE_MGMTDEV`], under the
 //! name of the VDUSE device (`/dev/vduse/NAME`).
-#![allow(unused_imports)]
 use std::fmt;
 use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::error::*;
-use crate::netlink::*;
+use crate::netlink::attrs::*;
+use crate::netlink::consts::*;
+use crate::netlink::message::*;
+use crate::netlink::socket::*;
 
-use crate::VDUSE_MGMTDEV;
+use crate::names::VDUSE_MGMTDEV;
 
 // include/uapi/linux/vdpa.h
 pub(crate) const VDPA_GENL_NAME: &str = "vdpa";
@@ -240,7 +242,10 @@ impl VdpaNetlink {
             let mut out = Vec::new();
             let result = self.transact(req, op, self.family, |attrs| {
                 if out.len() >= MAX_DUMP_ENTRIES {
-                    return Err(Error::TooManyEntries { op: op.into() });
+                    return Err(Error::TooManyEntries {
+                        op: op.into(),
+                        limit: MAX_DUMP_ENTRIES,
+                    });
                 }
                 out.push(parse(attrs)?);
                 Ok(())
@@ -374,7 +379,10 @@ impl VdpaNetlink {
             }
             let n = n as usize;
             if n > self.buf.len() {
-                return Err(Error::Truncated { len: n });
+                return Err(Error::Truncated {
+                    len: n,
+                    limit: RECV_BUF_LEN,
+                });
             }
             if addr.nl_pid != 0 {
                 tracing::debug!(

@@ -11,7 +11,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::{Error, VDPA_BUS};
+use crate::error::Error;
+use crate::names::VDPA_BUS;
 
 /// How often [`wait_for_vhost_vdpa_dev`] looks again.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);

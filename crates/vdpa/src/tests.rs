@@ -7,8 +7,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use crate::error::*;
 use crate::management::*;
-use crate::netlink::*;
-use crate::VDUSE_MGMTDEV;
+use crate::names::VDUSE_MGMTDEV;
+use crate::netlink::attrs::*;
+use crate::netlink::bytes::*;
+use crate::netlink::consts::*;
+use crate::netlink::message::*;
+use crate::netlink::socket::*;
 
 use super::*;
 

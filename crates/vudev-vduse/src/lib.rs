@@ -11,10 +11,8 @@
 #![deny(missing_docs)]
 
 mod bounce;
-mod lifecycle;
+pub mod lifecycle;
 pub mod state_file;
-
-pub use lifecycle::Attached;
 
 use std::io;
 use std::os::fd::AsRawFd;

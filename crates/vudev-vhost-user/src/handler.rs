@@ -16,8 +16,7 @@ use vhost::VhostUserMemoryRegionBase;
 
 use vudev_core::InflightArea;
 
-use crate::session::{invalid, Session, MAX_CONFIG_SIZE};
-use crate::MAX_MEM_SLOTS;
+use crate::session::{invalid, Session, MAX_CONFIG_SIZE, MAX_MEM_SLOTS};
 
 impl VhostUserBackendReqHandlerMut for Session {
     fn set_owner(&mut self) -> VuResult<()> {

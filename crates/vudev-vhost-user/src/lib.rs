@@ -19,24 +19,5 @@ mod status;
 #[cfg(test)]
 mod tests;
 
-pub use server::{serve_frontend, SessionEnd, VhostUserServer};
-
-use std::path::PathBuf;
-
-use vudev_core::WorkerOptions;
-
-/// Most memory regions a frontend may hand us (SET_MEM_TABLE or ADD_MEM_REG).
-pub const MAX_MEM_SLOTS: usize = 256;
-
-/// Options of a vhost-user export that are not the device's.
-#[derive(Clone, Debug)]
-pub struct VhostUserOptions {
-    /// Socket path.
-    pub socket: PathBuf,
-    /// Mode of the socket file (e.g. 0o600).
-    pub socket_mode: u32,
-    /// Largest queue size accepted.
-    pub queue_size: u16,
-    /// How the queue workers run (polling, pinning).
-    pub workers: WorkerOptions,
-}
+pub use server::{serve_frontend, SessionEnd, VhostUserOptions, VhostUserServer};
+pub use session::MAX_MEM_SLOTS;

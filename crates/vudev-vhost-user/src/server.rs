@@ -13,9 +13,21 @@ use vmm_sys_util::eventfd::EventFd;
 
 use vudev_core::{Device, WorkerOptions};
 
-use crate::session::Session;
+use crate::session::{lock, Session};
 use crate::status::status_message;
-use crate::VhostUserOptions;
+
+/// Options of a vhost-user export that are not the device's.
+#[derive(Clone, Debug)]
+pub struct VhostUserOptions {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Mode of the socket file (e.g. 0o600).
+    pub socket_mode: u32,
+    /// Largest queue size accepted.
+    pub queue_size: u16,
+    /// How the queue workers run (polling, pinning).
+    pub workers: WorkerOptions,
+}
 
 /// A listening vhost-user export. The socket file is removed on drop.
 pub struct VhostUserServer {
@@ -263,8 +275,4 @@ fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<i32> 
         return Err(e);
     }
     Ok(n)
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

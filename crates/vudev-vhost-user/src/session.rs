@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -18,8 +18,6 @@ use vudev_core::{
     stop_all, Device, DirtyLog, InflightArea, Mapping, MemoryMap, Notifier, QueueSetup, Tracking,
     Worker, WorkerOptions,
 };
-
-use crate::MAX_MEM_SLOTS;
 
 /// Largest config space a frontend may read (VHOST_USER_MAX_CONFIG_SIZE).
 pub(crate) const MAX_CONFIG_SIZE: u32 = 256;
@@ -335,4 +333,12 @@ impl Session {
         }
         v.base
     }
+}
+
+/// Most memory regions a frontend may hand us (SET_MEM_TABLE or ADD_MEM_REG).
+pub const MAX_MEM_SLOTS: usize = 256;
+
+/// Locks `m`, even if a thread panicked holding it (the state stays usable).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -8,8 +8,7 @@ use std::sync::Mutex;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
-use crate::server::lock;
-use crate::session::Session;
+use crate::session::{lock, Session};
 
 /// Frontend requests the `vhost` crate (0.18) does not dispatch; this transport answers them.
 const SET_STATUS: u32 = 39;

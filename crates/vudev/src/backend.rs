@@ -9,7 +9,35 @@ use vudev_blk::{Aio, BlockBackend, FileBackend, MemoryBackend, NbdBackend, NullB
 
 use crate::size::parse_size;
 
-use crate::cli::{AioMode, BackendArgs, BackendOptions, DeviceArgs};
+use crate::cli::{AioMode, BackendArgs, BackendOptions, DeviceArgs, DEFAULT_NBD_TIMEOUT};
+
+/// Refuses options that mean nothing for the backend chosen (rather than ignore them).
+pub fn check_options(args: &BackendArgs, opts: &BackendOptions) -> Result<(), String> {
+    let chosen = if args.file.is_some() {
+        "--file"
+    } else if args.memory.is_some() {
+        "--memory"
+    } else if args.null.is_some() {
+        "--null"
+    } else {
+        "--nbd"
+    };
+    let misplaced = [
+        (opts.direct && args.file.is_none(), "--direct", "--file"),
+        (opts.aio.is_some() && args.file.is_none(), "--aio", "--file"),
+        (
+            opts.nbd_timeout.is_some() && args.nbd.is_none(),
+            "--nbd-timeout",
+            "--nbd",
+        ),
+    ];
+    match misplaced.iter().find(|m| m.0) {
+        Some((_, opt, only)) => Err(format!(
+            "{opt} applies to {only} only, and this export uses {chosen}: drop {opt}"
+        )),
+        None => Ok(()),
+    }
+}
 
 /// Opens the backend; `block_size` is the logical block size its size must be a multiple of.
 pub fn open(
@@ -18,8 +46,9 @@ pub fn open(
     dev: &DeviceArgs,
     block_size: u32,
 ) -> Result<Arc<dyn BlockBackend>, String> {
+    check_options(args, opts)?;
     let (direct, read_only) = (opts.direct, dev.readonly);
-    let aio = match opts.aio {
+    let aio = match opts.aio.unwrap_or(AioMode::Auto) {
         AioMode::Auto => Aio::Auto,
         AioMode::IoUring => Aio::IoUring,
         AioMode::Sync => Aio::Sync,
@@ -52,7 +81,7 @@ pub fn open(
     } else if let Some(size) = &args.null {
         Arc::new(NullBackend::new(checked_size(size, block_size)?, read_only))
     } else if let Some(uri) = &args.nbd {
-        let timeout = Duration::from_secs(opts.nbd_timeout);
+        let timeout = Duration::from_secs(opts.nbd_timeout.unwrap_or(DEFAULT_NBD_TIMEOUT));
         let b = NbdBackend::connect(uri, read_only, timeout).map_err(|e| e.to_string())?;
         if !block_size.is_multiple_of(b.min_block_size()) {
             return Err(format!(

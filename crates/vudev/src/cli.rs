@@ -103,22 +103,26 @@ pub struct BackendArgs {
     pub nbd: Option<String>,
 }
 
-/// Options of one backend each: refused with any other (`requires`).
+/// Options of one backend each: given with another backend, they are refused with the reason
+/// (`backend::check_options`).
 #[derive(Clone, Debug, Args)]
 pub struct BackendOptions {
     /// Open --file with O_DIRECT (bypass the host page cache).
-    #[arg(long, requires = "file")]
+    #[arg(long)]
     pub direct: bool,
     /// How --file does I/O: io_uring (asynchronous, batched), sync (preadv/pwritev on the
-    /// queue's thread), or auto: io_uring, except sync for a buffered file on tmpfs or ramfs
-    /// where the kernel would hand every io_uring request to a worker thread.
-    #[arg(long, default_value = "auto", requires = "file")]
-    pub aio: AioMode,
-    /// Seconds an NBD request may wait for the server before it fails with an I/O error.
-    #[arg(long, default_value_t = 30, value_name = "SECS", requires = "nbd",
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub nbd_timeout: u64,
+    /// queue's thread), or auto (the default): io_uring, except sync for a buffered file on
+    /// tmpfs or ramfs where the kernel would hand every io_uring request to a worker thread.
+    #[arg(long)]
+    pub aio: Option<AioMode>,
+    /// Seconds an NBD request may wait for the server before it fails with an I/O error
+    /// (default 30).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub nbd_timeout: Option<u64>,
 }
+
+/// How long an NBD request waits for the server unless --nbd-timeout says otherwise.
+pub const DEFAULT_NBD_TIMEOUT: u64 = 30;
 
 /// virtio-blk device options.
 #[derive(Clone, Debug, Args)]

@@ -7,7 +7,8 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice};
 use vudev_core::WorkerOptions;
-use vudev_vduse::{Attached, VduseExport, VduseOptions};
+use vudev_vduse::lifecycle::Attached;
+use vudev_vduse::{VduseExport, VduseOptions};
 use vudev_vhost_user::{VhostUserOptions, VhostUserServer};
 
 use crate::cli::{BackendArgs, BackendOptions, DeviceArgs, VduseArgs, VhostUserArgs};

@@ -1,12 +1,9 @@
 //! Netlink attributes: typed, length-checked.
-#![allow(unused_imports)]
-use std::fmt;
-use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use super::bytes::*;
+use super::consts::*;
 use crate::error::*;
-use crate::netlink::*;
 
 /// One netlink attribute (type with the NESTED and NET_BYTEORDER flags masked off).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,28 +1,10 @@
 //! Netlink message framing: outgoing requests, incoming messages and extended acks.
-#![allow(unused_imports)]
-use std::fmt;
-use std::io;
 use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use super::attrs::*;
+use super::bytes::*;
+use super::consts::*;
 use crate::error::*;
-use crate::netlink::*;
-
-pub(crate) fn read_i32(b: &[u8]) -> Option<i32> {
-    Some(i32::from_ne_bytes(b.get(..4)?.try_into().ok()?))
-}
-
-pub(crate) fn read_u32(b: &[u8]) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(..4)?.try_into().ok()?))
-}
-
-pub(crate) fn read_u16(b: &[u8]) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(..2)?.try_into().ok()?))
-}
-
-pub(crate) const fn align4(n: usize) -> usize {
-    (n + 3) & !3
-}
 
 /// The extended-ack message of an NLMSG_ERROR payload: the error code, the echoed request
 /// (its header only when NLM_F_CAPPED), then attributes when NLM_F_ACK_TLVS.

@@ -1,12 +1,12 @@
 //! The netlink socket and one request/reply exchange (acks, dumps in several parts, errors).
-#![allow(unused_imports)]
-use std::fmt;
 use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use super::bytes::*;
+use super::consts::*;
+use super::message::*;
 use crate::error::*;
-use crate::netlink::*;
 
 /// A generic netlink socket bound to an automatic port, with extended acks asked for.
 pub(crate) fn new_socket() -> Result<OwnedFd, Error> {

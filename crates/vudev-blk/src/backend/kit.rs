@@ -7,7 +7,7 @@ use std::io;
 
 use vm_memory::{Bytes, VolatileSlice};
 
-use super::{IoDone, IoOp, QueueBackend};
+use super::interface::{IoDone, IoOp, QueueBackend};
 
 /// A page of zeros to copy from.
 static ZEROS: [u8; 4096] = [0; 4096];
@@ -90,4 +90,16 @@ pub fn zero_fill(buf: &VolatileSlice<'_>) -> io::Result<()> {
         off += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_check() {
+        assert!(check_range(0, 512, 512).is_ok());
+        assert!(check_range(512, 1, 512).is_err());
+        assert!(check_range(u64::MAX, 2, u64::MAX).is_err());
+    }
 }

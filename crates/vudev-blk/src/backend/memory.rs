@@ -6,9 +6,8 @@ use std::sync::Arc;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{VolatileMemory, VolatileSlice};
 
-use super::{
-    check_range, total_len, zero_fill, BlockBackend, Immediate, IoOp, QueueBackend, RunNow,
-};
+use super::interface::{BlockBackend, IoOp, QueueBackend};
+use super::kit::{check_range, total_len, zero_fill, Immediate, RunNow};
 
 /// A RAM disk of a fixed size, shared by every queue.
 #[derive(Debug)]

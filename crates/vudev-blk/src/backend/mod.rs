@@ -6,109 +6,16 @@
 //! memory and null backends finish each operation inside `submit` (their completion is ready
 //! at once), the simplest case of that contract.
 
-use std::io;
-use std::os::fd::RawFd;
-
-use vm_memory::VolatileSlice;
-
 mod file;
+mod interface;
 mod kit;
 mod memory;
 mod nbd;
 mod null;
 
 pub use file::{Aio, FileBackend};
+pub use interface::{BlockBackend, IoDone, IoOp, QueueBackend};
 pub use kit::{check_range, eventfd, total_len, zero_fill, Immediate, RunNow};
 pub use memory::MemoryBackend;
 pub use nbd::{NbdAddress, NbdBackend, NbdError, NbdTls, NbdUri};
 pub use null::NullBackend;
-
-/// One storage operation. Offsets and lengths are in bytes.
-#[derive(Debug)]
-pub enum IoOp<'a> {
-    /// Read into `bufs`, in order, starting at `offset`.
-    Read {
-        /// Byte offset.
-        offset: u64,
-        /// Destination buffers (driver memory).
-        bufs: &'a [VolatileSlice<'a>],
-    },
-    /// Write `bufs`, in order, starting at `offset`.
-    Write {
-        /// Byte offset.
-        offset: u64,
-        /// Source buffers (driver memory).
-        bufs: &'a [VolatileSlice<'a>],
-    },
-    /// Make every completed write durable.
-    Flush,
-    /// The range's contents may be dropped.
-    Discard {
-        /// Byte offset.
-        offset: u64,
-        /// Byte length.
-        len: u64,
-    },
-    /// The range must read back as zeros afterwards.
-    WriteZeroes {
-        /// Byte offset.
-        offset: u64,
-        /// Byte length.
-        len: u64,
-        /// The backend may deallocate the range.
-        may_unmap: bool,
-    },
-}
-
-/// A finished operation: the cookie given to `submit`, and its result.
-pub type IoDone = (u64, io::Result<()>);
-
-/// A storage backend: what a device is exported from.
-pub trait BlockBackend: Send + Sync {
-    /// Size in bytes.
-    fn size(&self) -> u64;
-    /// True if writes are refused.
-    fn read_only(&self) -> bool;
-    /// True if `Discard` does something useful.
-    fn supports_discard(&self) -> bool {
-        true
-    }
-    /// A submission context for one queue.
-    fn queue(&self) -> io::Result<Box<dyn QueueBackend>>;
-    /// One line for logs: kind and path or size.
-    fn describe(&self) -> String;
-}
-
-/// One queue's submission context.
-pub trait QueueBackend: Send {
-    /// Starts `op`. The buffers must stay valid until `reap` returns `cookie`.
-    fn submit(&mut self, cookie: u64, op: IoOp<'_>);
-    /// Readable when results are waiting (None: results are ready right after `submit`).
-    fn completion_fd(&self) -> Option<RawFd> {
-        None
-    }
-    /// Moves finished operations into `out`.
-    fn reap(&mut self, out: &mut Vec<IoDone>);
-    /// Operations submitted and not yet reaped.
-    fn in_flight(&self) -> usize;
-    /// True if `reap` may find results now: a check without a system call, for a worker
-    /// that busy-polls (the default, true, only costs a `reap` that finds nothing).
-    fn has_results(&mut self) -> bool {
-        true
-    }
-    /// The worker busy-polls (`true`) or is about to sleep (`false`): while it polls, the
-    /// backend may stop signalling `completion_fd` (no system call per completion).
-    fn set_polling(&mut self, _on: bool) {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_check() {
-        assert!(check_range(0, 512, 512).is_ok());
-        assert!(check_range(512, 1, 512).is_err());
-        assert!(check_range(u64::MAX, 2, u64::MAX).is_err());
-    }
-}

@@ -2,9 +2,8 @@
 
 use std::io;
 
-use super::{
-    check_range, total_len, zero_fill, BlockBackend, Immediate, IoOp, QueueBackend, RunNow,
-};
+use super::interface::{BlockBackend, IoOp, QueueBackend};
+use super::kit::{check_range, total_len, zero_fill, Immediate, RunNow};
 
 /// A device of `size` bytes that stores nothing.
 #[derive(Debug)]

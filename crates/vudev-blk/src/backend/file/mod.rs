@@ -12,7 +12,8 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{BlockBackend, Immediate, QueueBackend};
+use super::interface::{BlockBackend, QueueBackend};
+use super::kit::Immediate;
 
 mod sync;
 mod uring;

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use vm_memory::VolatileSlice;
 
 use super::{BLKDISCARD, BLKZEROOUT, DIRECT_ALIGN};
-use crate::backend::{check_range, total_len, IoOp, RunNow};
+use crate::backend::interface::IoOp;
+use crate::backend::kit::{check_range, total_len, RunNow};
 
 /// One queue's synchronous I/O on the file.
 pub(crate) struct FileQueue {

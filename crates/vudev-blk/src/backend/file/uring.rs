@@ -12,7 +12,8 @@ use io_uring::{opcode, types, IoUring};
 use vm_memory::VolatileSlice;
 
 use super::sync::{aligned, FileQueue};
-use crate::backend::{check_range, eventfd, total_len, IoDone, IoOp, QueueBackend, RunNow};
+use crate::backend::interface::{IoDone, IoOp, QueueBackend};
+use crate::backend::kit::{check_range, eventfd, total_len, RunNow};
 
 /// Submission queue entries per ring.
 const RING_ENTRIES: u32 = 512;

@@ -14,11 +14,12 @@
 //! backlog must move within the timeout, and a handshake ends within its own deadline;
 //! otherwise the connection is replaced. It cannot grow our memory without bound either: a
 //! partial reply is kept only while its request waits, and a server that owes replies to more
-//! than [`MAX_OWED`] failed requests loses its connection.
+//! than [`MAX_OWED`](super::patient::MAX_OWED) failed requests loses its connection. Reading replies with those deadlines
+//! is [`Patient`]'s; checking a structured reply, [`Assembly`]'s.
 //!
 //! Locks: `writer` before `state`, never the other way; no lock is held while waiting.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
@@ -28,14 +29,14 @@ use std::time::{Duration, Instant};
 
 use vm_memory::VolatileSlice;
 
+use super::assembly::{Assembly, Wanted};
 use super::handshake::{connect_ticking, ExportInfo, Negotiated};
 use super::link::{LinkReader, LinkWriter, Sock};
+use super::patient::{Keeper, Patient, TICK};
 use super::uri::NbdUri;
 use super::wire::*;
-use crate::backend::eventfd;
+use crate::backend::kit::eventfd;
 
-/// How often the reply thread looks at the clock while waiting.
-const TICK: Duration = Duration::from_millis(100);
 /// The longest a connection attempt may take (the request timeout if shorter).
 const MAX_HANDSHAKE: Duration = Duration::from_secs(5);
 /// The first pause before connecting again, doubled after each connection that did not last.
@@ -44,8 +45,6 @@ const FIRST_PAUSE: Duration = Duration::from_millis(50);
 const MAX_PAUSE: Duration = Duration::from_secs(1);
 /// A connection that lasted this long was healthy: the next loss starts the backoff afresh.
 const HEALTHY: Duration = Duration::from_secs(2);
-/// Most failed requests whose replies a server may owe before its connection is replaced.
-pub(super) const MAX_OWED: usize = 1024;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -321,16 +320,6 @@ impl Shared {
         Ok(())
     }
 
-    /// How many requests failed (timed out, or their queue went away) and still wait for a
-    /// reply the server owes.
-    fn owed(&self) -> usize {
-        lock(&self.state)
-            .pending
-            .values()
-            .filter(|p| p.failed)
-            .count()
-    }
-
     /// Fails the requests that have waited longer than the timeout.
     fn expire(&self) {
         let now = Instant::now();
@@ -570,181 +559,6 @@ impl Shared {
     }
 }
 
-/// The request a reply is for, as far as reading the reply goes.
-struct Wanted {
-    cmd: u16,
-    offset: u64,
-    len: u32,
-    /// Already answered (timed out, or its queue went away): its data is not kept.
-    failed: bool,
-}
-
-/// A structured reply being put together from its chunks.
-struct Assembly<'a> {
-    /// The request is a read.
-    read: bool,
-    /// The request's offset and length.
-    start: u64,
-    len: u32,
-    /// A read's whole range, filled by data and hole chunks; empty when the data is not
-    /// kept (the request failed already).
-    data: Vec<u8>,
-    keep: bool,
-    /// The parts of the range chunks have covered: start → end, relative to `start`.
-    covered: BTreeMap<u64, u64>,
-    covered_bytes: u64,
-    failure: Option<io::Error>,
-    chunks: usize,
-    /// Bytes held in partial replies, kept up to date.
-    held: &'a AtomicUsize,
-}
-
-impl<'a> Assembly<'a> {
-    fn new(want: &Wanted, held: &'a AtomicUsize) -> Assembly<'a> {
-        let read = want.cmd == CMD_READ;
-        let keep = read && !want.failed;
-        let data = if keep {
-            held.fetch_add(want.len as usize, Ordering::Relaxed);
-            vec![0; want.len as usize]
-        } else {
-            Vec::new()
-        };
-        Assembly {
-            read,
-            start: want.offset,
-            len: want.len,
-            data,
-            keep,
-            covered: BTreeMap::new(),
-            covered_bytes: 0,
-            failure: None,
-            chunks: 0,
-            held,
-        }
-    }
-
-    /// Stops keeping the data: the request is answered already.
-    fn discard(&mut self) {
-        if self.keep {
-            self.held.fetch_sub(self.data.len(), Ordering::Relaxed);
-            self.data = Vec::new();
-            self.keep = false;
-        }
-    }
-
-    /// Marks `[at, at + n)` (absolute) as covered; a chunk outside the range, empty, or over
-    /// a part already covered breaks the protocol.
-    fn cover(&mut self, at: u64, n: u64, what: &str) -> io::Result<usize> {
-        let end = self.start + u64::from(self.len);
-        if n == 0 || at < self.start || at.checked_add(n).is_none_or(|e| e > end) {
-            return Err(proto(format!(
-                "{what} outside the requested range or empty"
-            )));
-        }
-        let (from, to) = (at - self.start, at - self.start + n);
-        let before = self.covered.range(..=from).next_back();
-        let after = self.covered.range(from..).next();
-        if before.is_some_and(|(_, &e)| e > from) || after.is_some_and(|(&s, _)| s < to) {
-            return Err(proto(format!("{what} overlaps data already sent")));
-        }
-        self.covered.insert(from, to);
-        self.covered_bytes += n;
-        Ok(from as usize)
-    }
-
-    /// Takes one chunk (its header read) of `len` bytes.
-    fn chunk(&mut self, r: &mut dyn Read, kind: u16, len: u64) -> io::Result<()> {
-        // However the server cuts its reply, it ends: a bound on the number of chunks.
-        self.chunks += 1;
-        if self.chunks > 64 + self.len as usize / 512 {
-            return Err(proto("a reply cut into too many chunks"));
-        }
-        let mut be64 = || -> io::Result<u64> {
-            let mut b = [0u8; 8];
-            r.read_exact(&mut b)?;
-            Ok(u64::from_be_bytes(b))
-        };
-        match kind {
-            CHUNK_NONE if len == 0 => {}
-            CHUNK_OFFSET_DATA if self.read && len >= 8 => {
-                let at = be64()?;
-                let n = len - 8;
-                let from = self.cover(at, n, "read data")?;
-                if self.keep {
-                    r.read_exact(&mut self.data[from..from + n as usize])?;
-                } else {
-                    skip(r, n)?;
-                }
-            }
-            CHUNK_OFFSET_HOLE if self.read && len == 12 => {
-                let at = be64()?;
-                let mut b = [0u8; 4];
-                r.read_exact(&mut b)?;
-                let n = u64::from(u32::from_be_bytes(b));
-                let from = self.cover(at, n, "a hole")?;
-                if self.keep {
-                    self.data[from..from + n as usize].fill(0);
-                }
-            }
-            k if k & 0x8000 != 0 && (6..=MAX_CHUNK).contains(&len) => {
-                let mut body = vec![0u8; len as usize];
-                r.read_exact(&mut body)?;
-                let code = u32::from_be_bytes(body[0..4].try_into().unwrap_or_default());
-                let mlen = usize::from(u16::from_be_bytes([body[4], body[5]]));
-                let msg = body.get(6..6 + mlen).unwrap_or(&[]);
-                let known = k == CHUNK_ERROR || k == CHUNK_ERROR_OFFSET;
-                // An unknown error chunk type still means the request failed.
-                let code = if known && code != 0 { code } else { 5 };
-                if self.failure.is_none() {
-                    self.failure = Some(server_error(code, msg));
-                }
-            }
-            _ => {
-                return Err(proto(format!(
-                    "unexpected reply chunk type {kind} of {len} bytes"
-                )))
-            }
-        }
-        Ok(())
-    }
-
-    /// The reply is complete: the result, and a read's data. A successful read must have
-    /// covered its whole range; anything less is an error, never zeros.
-    fn finish(mut self) -> (io::Result<()>, Option<Vec<u8>>) {
-        if let Some(e) = self.failure.take() {
-            return (Err(e), None);
-        }
-        if self.read && self.covered_bytes != u64::from(self.len) {
-            let e = proto(format!(
-                "the reply to a read of {} bytes at {} covered only {} of them",
-                self.len, self.start, self.covered_bytes
-            ));
-            tracing::warn!("{e}");
-            return (Err(e), None);
-        }
-        let data = std::mem::take(&mut self.data);
-        (Ok(()), self.keep.then_some(data))
-    }
-}
-
-impl Drop for Assembly<'_> {
-    fn drop(&mut self) {
-        self.discard();
-    }
-}
-
-/// Reads and drops `n` bytes.
-fn skip(r: &mut dyn Read, n: u64) -> io::Result<()> {
-    let copied = io::copy(&mut r.take(n), &mut io::sink())?;
-    if copied < n {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the server closed the connection",
-        ));
-    }
-    Ok(())
-}
-
 /// Copies a read's data into the driver buffers of `dest`.
 fn scatter(dest: &Dest, data: &[u8]) {
     let mut skip = dest.skip;
@@ -769,141 +583,34 @@ fn scatter(dest: &Dest, data: &[u8]) {
     }
 }
 
-/// The reading half of a link, for the reply thread: waits (polling the socket, and the
-/// wake-up fd to flush the backlog) without ever holding a lock, and at least every tick,
-/// however the server sends, fails old requests and checks the server keeps its deadlines.
-struct Patient<'a> {
-    inner: LinkReader,
-    shared: &'a Shared,
-    /// When the reply being read began (None between replies: waiting is normal then).
-    reply_began: Option<Instant>,
-    /// When the server last sent a byte.
-    last_byte: Instant,
-    last_tick: Instant,
-}
-
-impl<'a> Patient<'a> {
-    fn new(inner: LinkReader, shared: &'a Shared) -> Patient<'a> {
-        let now = Instant::now();
-        Patient {
-            inner,
-            shared,
-            reply_began: None,
-            last_byte: now,
-            last_tick: now,
-        }
+impl Keeper for Shared {
+    fn stopping(&self) -> bool {
+        Shared::stopping(self)
     }
-
-    /// The next byte read begins a new reply.
-    fn between_replies(&mut self) {
-        self.reply_began = None;
+    fn expire(&self) {
+        Shared::expire(self)
     }
-
-    /// At most once a tick: fail old requests, and give up on a server that misses its
-    /// deadlines.
-    fn tick(&mut self) -> io::Result<()> {
-        let now = Instant::now();
-        if now.duration_since(self.last_tick) < TICK {
-            return Ok(());
-        }
-        self.last_tick = now;
-        let shared = self.shared;
-        if shared.stopping() {
-            return Err(io::Error::other("stopping"));
-        }
-        shared.expire();
-        let timeout = shared.timeout;
-        if let Some(began) = self.reply_began {
-            if now.duration_since(began) > timeout {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the server took longer than {timeout:?} to send one reply"),
-                ));
-            }
-        }
-        let owed = shared.owed();
-        // Silent for a whole timeout while it owes replies to requests that already failed:
-        // start again on a new connection rather than let them pile up.
-        if self.reply_began.is_none() && owed > 0 && now.duration_since(self.last_byte) > timeout {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the server has not answered for the whole timeout",
-            ));
-        }
-        if owed > MAX_OWED {
-            return Err(proto(format!(
-                "it owes replies to {owed} requests that timed out"
-            )));
-        }
-        Ok(())
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
-
-    /// Waits up to a tick for the socket to have data; flushes the backlog when the socket
-    /// takes more, or when a queue left bytes in it.
-    fn wait(&mut self) -> io::Result<()> {
-        let shared = self.shared;
-        let out = shared.backlogged.load(Ordering::Acquire);
-        let mut fds = [
-            libc::pollfd {
-                fd: self.inner.raw_fd(),
-                events: libc::POLLIN | if out { libc::POLLOUT } else { 0 },
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: shared.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a valid pollfd array for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, TICK.as_millis() as libc::c_int) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(())
-            } else {
-                Err(e)
-            };
-        }
-        let woken = fds[1].revents != 0;
-        if woken {
-            let mut counter = [0u8; 8];
-            let _ = (&shared.wake).read(&mut counter);
-        }
-        if woken || fds[0].revents & libc::POLLOUT != 0 || out {
-            shared.flush()?;
-        }
-        Ok(())
+    fn owed(&self) -> usize {
+        lock(&self.state)
+            .pending
+            .values()
+            .filter(|p| p.failed)
+            .count()
     }
-}
-
-impl Read for Patient<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            self.tick()?;
-            match self.inner.read(buf) {
-                Ok(0) if !buf.is_empty() => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the server closed the connection",
-                    ))
-                }
-                Ok(n) => {
-                    let now = Instant::now();
-                    self.last_byte = now;
-                    self.reply_began.get_or_insert(now);
-                    return Ok(n);
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    self.wait()?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+    fn flush(&self) -> io::Result<()> {
+        Shared::flush(self)
+    }
+    fn backlogged(&self) -> bool {
+        self.backlogged.load(Ordering::Acquire)
+    }
+    fn wake_fd(&self) -> RawFd {
+        self.wake.as_raw_fd()
+    }
+    fn woken(&self) {
+        let mut counter = [0u8; 8];
+        let _ = (&self.wake).read(&mut counter);
     }
 }

@@ -8,7 +8,9 @@
 //!   structured replies, `NBD_OPT_GO` with the size, flags and block-size limits;
 //!   [`link`]: the socket and TLS session, split into a sending and a receiving half;
 //!   [`wire`]: request and reply headers; [`connection`]: many requests in flight on one
-//!   connection, matched to their replies by cookie, with reconnection and timeouts.
+//!   connection, matched to their replies by cookie, with reconnection and timeouts;
+//!   [`patient`]: the reply thread's reads, which hold the server to its deadlines;
+//!   [`assembly`]: a structured reply checked chunk by chunk; [`error`]: opening errors.
 //! - Each queue has its own connection when the server allows it (`CAN_MULTI_CONN`);
 //!   otherwise the queues share one.
 //! - Requests larger than the server's maximum payload are split, and the pieces run in
@@ -28,12 +30,15 @@ use std::time::Duration;
 
 use vm_memory::VolatileSlice;
 
-use super::{check_range, total_len, BlockBackend, IoDone, IoOp, QueueBackend};
+use super::interface::{BlockBackend, IoDone, IoOp, QueueBackend};
+use super::kit::{check_range, total_len};
 
+mod assembly;
 mod connection;
 mod error;
 mod handshake;
 mod link;
+mod patient;
 mod uri;
 mod wire;
 
