@@ -16,6 +16,8 @@ pub struct Cli {
 }
 
 /// Top-level commands.
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Export a virtio-blk device until SIGINT or SIGTERM.
