@@ -8,6 +8,7 @@
 //!
 //! No virtio device logic lives here, and no vdpa management either (putting a device on the
 //! vdpa bus is the `vdpa` crate's): any VDUSE device written in Rust can use this crate.
+#![deny(missing_docs)]
 
 pub mod control;
 pub mod device;

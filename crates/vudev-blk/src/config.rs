@@ -3,7 +3,7 @@
 use virtio_bindings::virtio_blk::*;
 
 /// Largest discard / write-zeroes request, in 512-byte sectors (2 GiB).
-pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+pub(crate) const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 
 /// What the device offers; derived from the backend and the export options.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,12 +43,12 @@ impl BlockConfig {
     }
 
     /// Capacity in 512-byte sectors.
-    pub fn capacity_sectors(&self) -> u64 {
+    pub(crate) fn capacity_sectors(&self) -> u64 {
         self.size / 512
     }
 
     /// Largest number of data segments per request.
-    pub fn seg_max(&self) -> u32 {
+    pub(crate) fn seg_max(&self) -> u32 {
         u32::from(self.queue_size).saturating_sub(2).max(1)
     }
 
@@ -73,7 +73,7 @@ impl BlockConfig {
     }
 
     /// The configuration space (`struct virtio_blk_config`, little endian, 60 bytes).
-    pub fn config_space(&self) -> Vec<u8> {
+    pub(crate) fn config_space(&self) -> Vec<u8> {
         let mut c = vec![0u8; 60];
         let put = |c: &mut Vec<u8>, off: usize, bytes: &[u8]| {
             c[off..off + bytes.len()].copy_from_slice(bytes)
@@ -97,7 +97,7 @@ impl BlockConfig {
     }
 
     /// The serial as GET_ID returns it: 20 bytes, NUL padded.
-    pub fn id_bytes(&self) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
+    pub(crate) fn id_bytes(&self) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let s = self.serial.as_bytes();
         let n = s.len().min(id.len());

@@ -87,7 +87,7 @@ struct Pending {
 /// Dropped, it lets go of its backend before the memory snapshots of the requests still in
 /// flight (see the `Drop` impl): the backend detaches or finishes those requests, and only then
 /// may their buffers be unmapped.
-pub struct BlockQueue {
+pub(crate) struct BlockQueue {
     index: u16,
     cfg: Arc<BlockConfig>,
     features: u64,

@@ -5,6 +5,7 @@
 //! - [`device`]: [`BlockDevice`] (a runtime `Device`) and its per-queue handler;
 //! - [`backend`]: the asynchronous [`BlockBackend`] trait and the file, memory, null and NBD
 //!   backends.
+#![deny(missing_docs)]
 
 pub mod backend;
 pub mod config;

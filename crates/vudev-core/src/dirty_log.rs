@@ -19,11 +19,11 @@ use vm_memory::mmap::MmapRegion;
 use crate::memory::map_shared_file;
 
 /// Guest memory covered by one bit of the log.
-pub const LOG_PAGE: u64 = 4096;
+pub(crate) const LOG_PAGE: u64 = 4096;
 
 /// Largest log accepted (one bit per 4 KiB page: 256 MiB of log covers 8 TiB of guest memory).
 /// Bounds what a frontend can make us map.
-pub const MAX_LOG_SIZE: u64 = 256 << 20;
+pub(crate) const MAX_LOG_SIZE: u64 = 256 << 20;
 
 /// The dirty-page log of one vhost-user session.
 #[derive(Debug, Default)]
@@ -65,7 +65,7 @@ impl DirtyLog {
     }
 
     /// A writer for one batch of completions, or `None` when nothing is to be logged.
-    pub fn writer(&self) -> Option<LogWriter<'_>> {
+    pub(crate) fn writer(&self) -> Option<LogWriter<'_>> {
         if !self.active.load(Ordering::Acquire) {
             return None;
         }
@@ -75,7 +75,7 @@ impl DirtyLog {
 }
 
 /// Marks pages dirty while holding the bitmap (so it cannot be replaced mid-batch).
-pub struct LogWriter<'a> {
+pub(crate) struct LogWriter<'a> {
     log: &'a DirtyLog,
     guard: RwLockReadGuard<'a, Option<MmapRegion<()>>>,
 }
@@ -83,7 +83,7 @@ pub struct LogWriter<'a> {
 impl LogWriter<'_> {
     /// Marks every page that `[addr, addr + len)` touches. Pages past the end of the bitmap
     /// are not logged (the frontend sized the log for its memory; one warning is printed).
-    pub fn mark(&self, addr: u64, len: u64) {
+    pub(crate) fn mark(&self, addr: u64, len: u64) {
         let Some(bitmap) = self.guard.as_ref() else {
             return;
         };

@@ -28,7 +28,7 @@ use vm_memory::mmap::MmapRegion;
 use crate::memory::map_shared_file;
 
 /// Version of the split-ring layout.
-pub const INFLIGHT_VERSION: u16 = 1;
+pub(crate) const INFLIGHT_VERSION: u16 = 1;
 const HEADER: usize = 16;
 const ENTRY: usize = 16;
 const ALIGN: usize = 64;

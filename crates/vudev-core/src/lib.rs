@@ -13,6 +13,7 @@ pub mod device;
 pub mod dirty_log;
 pub mod inflight;
 pub mod memory;
+pub mod polling;
 #[cfg(feature = "test-utils")]
 pub mod testkit;
 pub mod worker;
@@ -20,7 +21,8 @@ pub mod worker;
 pub use device::{Chain, Completions, Device, QueueHandler};
 pub use dirty_log::DirtyLog;
 pub use inflight::{InflightArea, QueueInflight, Recovery};
-pub use memory::{in_memory, Mapping, MappingSource, Memory, MemoryGuard, MemoryMap, RingMemory};
+pub use memory::{Mapping, MappingSource, Memory, MemoryMap};
+pub use polling::Polling;
 pub use worker::{
     stop_all, Notifier, QueuePosition, QueueSetup, Tracking, Worker, WorkerOptions, DRAIN_TIMEOUT,
 };

@@ -48,7 +48,7 @@ pub trait MappingSource: Send + Sync {
 /// Maps `size` bytes at `offset` of a peer's `file` shared and writable (a dirty log, an
 /// in-flight area), after checking the range lies inside the file: a mapping past its end
 /// would fault (SIGBUS) on first use. `what` names the area in errors.
-pub fn map_shared_file(
+pub(crate) fn map_shared_file(
     file: File,
     offset: u64,
     size: u64,
@@ -191,7 +191,7 @@ impl MemoryMap {
     }
 
     /// True if missing mappings can be looked up on demand ([`MemoryMap::fault_in`] may help).
-    pub fn maps_on_demand(&self) -> bool {
+    pub(crate) fn maps_on_demand(&self) -> bool {
         self.source.is_some()
     }
 

@@ -17,6 +17,7 @@ use crate::device::{Chain, Completions, QueueHandler};
 use crate::dirty_log::DirtyLog;
 use crate::inflight::QueueInflight;
 use crate::memory::{in_memory, Memory, MemoryGuard, MemoryMap, RingMemory};
+use crate::polling::{Budget, Polling};
 
 /// Tells the driver that the used ring moved (VDUSE: an ioctl; vhost-user: the call eventfd).
 pub trait Notifier: Send + Sync {
@@ -71,10 +72,10 @@ pub struct Tracking {
 /// How a queue's worker runs: the export's choice, not the device's.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WorkerOptions {
-    /// How long a worker keeps busy-polling the ring and the completions after the last
-    /// activity before it sleeps (zero: it sleeps at once). While it polls, the driver need
-    /// not notify it.
-    pub poll: Duration,
+    /// Whether and how long a worker busy-polls the ring and the completions after the last
+    /// activity before it sleeps (adaptive by default). While it polls, the driver need not
+    /// notify it.
+    pub poll: Polling,
     /// CPUs to pin the workers to: queue `i` runs on `cpus[i % len]` (empty: not pinned).
     pub cpus: Vec<usize>,
 }
@@ -155,10 +156,10 @@ impl Worker {
             position: position.clone(),
         };
         let stop_fd = stop.try_clone()?;
-        let (budget, cpu) = (opts.poll, opts.cpu_of(setup.index));
+        let (polling, cpu) = (opts.poll, opts.cpu_of(setup.index));
         let thread = std::thread::Builder::new()
             .name(format!("vq{}", setup.index))
-            .spawn(move || state.run(&kick, &stop_fd, &tracking.resubmit, budget, cpu))?;
+            .spawn(move || state.run(&kick, &stop_fd, &tracking.resubmit, polling, cpu))?;
         Ok(Worker {
             thread: Some(thread),
             stop,
@@ -228,7 +229,7 @@ fn unpack(v: u32) -> QueuePosition {
 }
 
 /// Builds a rust-vmm queue for `setup`, mapping its rings first.
-pub fn make_queue(setup: &QueueSetup, map: &MemoryMap) -> io::Result<Queue> {
+pub(crate) fn make_queue(setup: &QueueSetup, map: &MemoryMap) -> io::Result<Queue> {
     let size = u64::from(setup.size);
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
     if setup.size == 0 || !setup.size.is_power_of_two() {
@@ -290,7 +291,7 @@ impl WorkerState {
         kick: &EventFd,
         stop: &EventFd,
         resubmit: &[u16],
-        budget: Duration,
+        polling: Polling,
         cpu: Option<usize>,
     ) -> QueuePosition {
         if !resubmit.is_empty() {
@@ -301,9 +302,16 @@ impl WorkerState {
         }
         // A kick may have arrived before the thread started.
         self.process();
+        let mut budget = Budget::new(polling);
         loop {
-            if !budget.is_zero() && self.spin(budget, kick, stop) {
-                break;
+            // How long the queue stays idle until its next event tells the adaptive budget
+            // whether polling would have paid.
+            let mut idle = Instant::now();
+            if !budget.now().is_zero() {
+                match self.spin(budget.now(), kick, stop) {
+                    Some(last_activity) => idle = last_activity,
+                    None => break,
+                }
             }
             let mut fds = [
                 pollfd(kick.as_raw_fd()),
@@ -320,6 +328,7 @@ impl WorkerState {
                 tracing::error!(queue = self.index, "poll failed: {e}");
                 break;
             }
+            budget.waited(idle.elapsed());
             if fds[2].revents != 0 {
                 self.complete();
             }
@@ -365,9 +374,10 @@ impl WorkerState {
 
     /// Busy-polls the avail ring and the completions, with driver notifications left off,
     /// until `budget` has passed with nothing to do; then turns notifications back on (and
-    /// takes what raced with that). Returns true if asked to stop meanwhile. The ring and the
-    /// completions are checked in memory; the stop and kick fds only every 64 rounds.
-    fn spin(&mut self, budget: Duration, kick: &EventFd, stop: &EventFd) -> bool {
+    /// takes what raced with that). Returns when it last found work, or `None` if asked to
+    /// stop meanwhile. The ring and the completions are checked in memory; the stop and kick
+    /// fds only every 64 rounds.
+    fn spin(&mut self, budget: Duration, kick: &EventFd, stop: &EventFd) -> Option<Instant> {
         let mut idle_since = Instant::now();
         let mut round = 0u32;
         self.handler.set_polling(true);
@@ -379,7 +389,7 @@ impl WorkerState {
                 unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 0) };
                 if fds[1].revents != 0 {
                     self.handler.set_polling(false);
-                    return true;
+                    return None;
                 }
                 if fds[0].revents != 0 {
                     let _ = kick.read();
@@ -400,7 +410,7 @@ impl WorkerState {
         // Completions that came while the backend's signal was off are taken here.
         self.handler.set_polling(false);
         self.process();
-        false
+        Some(idle_since)
     }
 
     /// True if the driver has made chains available that we have not taken.

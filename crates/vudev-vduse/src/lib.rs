@@ -12,7 +12,7 @@
 
 mod bounce;
 pub mod lifecycle;
-pub mod state_file;
+mod state_file;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -61,9 +61,21 @@ pub enum TransportError {
     /// vdpa management (putting the device on the bus, taking it off) failed.
     #[error(transparent)]
     Vdpa(#[from] vdpa::Error),
-    /// A local resource (eventfd, thread, state file) could not be created.
-    #[error("{0}: {1}")]
-    Io(&'static str, #[source] io::Error),
+    /// The device's state file could not be created or read.
+    #[error(
+        "cannot keep the device's state file: {0} (--state-dir must name a writable \
+         directory; the default is /run/vudev)"
+    )]
+    StateFile(#[source] io::Error),
+    /// An adopted device's queues could not be started where its previous daemon left them.
+    #[error("cannot resume the adopted device's queues: {0}")]
+    Resume(#[source] io::Error),
+    /// The thread that answers the kernel's messages could not be started.
+    #[error("cannot start the thread that answers the kernel's messages: {0}")]
+    MessageThread(#[source] io::Error),
+    /// The device cannot be destroyed while this process still holds it.
+    #[error("cannot destroy the device: the message loop still runs (stop it first)")]
+    StillServed,
     /// A device of this name exists with other settings than the ones asked for.
     #[error(
         "a VDUSE device named '{0}' exists with other settings ({1}): run the command that \
@@ -209,9 +221,7 @@ impl VduseExport {
             }),
         });
         if adopted {
-            inner
-                .resume()
-                .map_err(|e| TransportError::Io("resume the adopted device", e))?;
+            inner.resume().map_err(TransportError::Resume)?;
         }
         Ok(VduseExport {
             name: opts.name.clone(),
@@ -232,10 +242,9 @@ impl VduseExport {
             dev.setup_vq(q, opts.queue_size)?;
         }
         let state = match &opts.state_dir {
-            Some(dir) => Some(
-                StateFile::create(dir, name, shape)
-                    .map_err(|e| TransportError::Io("state file (see --state-dir)", e))?,
-            ),
+            Some(dir) => {
+                Some(StateFile::create(dir, name, shape).map_err(TransportError::StateFile)?)
+            }
             None => None,
         };
         Ok((dev, state))
@@ -279,8 +288,7 @@ impl VduseExport {
             }
             Ok(None) | Err(_) => {
                 tracing::warn!("no usable state file for {name} in {}: requests in flight when the previous daemon stopped are not finished", dir.display());
-                StateFile::create(dir, name, shape)
-                    .map_err(|e| TransportError::Io("state file (see --state-dir)", e))?
+                StateFile::create(dir, name, shape).map_err(TransportError::StateFile)?
             }
         };
         Ok((dev, Some(state)))
@@ -298,15 +306,13 @@ impl VduseExport {
     /// Starts the control-message thread. It runs until the returned handle is stopped.
     pub fn spawn_message_loop(&self) -> Result<MessageLoop, TransportError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-            .map_err(|e| TransportError::Io("eventfd", e))?;
-        let stop2 = stop
-            .try_clone()
-            .map_err(|e| TransportError::Io("eventfd", e))?;
+            .map_err(TransportError::MessageThread)?;
+        let stop2 = stop.try_clone().map_err(TransportError::MessageThread)?;
         let inner = self.inner().clone();
         let thread = std::thread::Builder::new()
             .name(format!("vduse-{}", self.name))
             .spawn(move || inner.message_loop(&stop2))
-            .map_err(|e| TransportError::Io("spawn message thread", e))?;
+            .map_err(TransportError::MessageThread)?;
         Ok(MessageLoop {
             thread: Some(thread),
             stop,
@@ -342,10 +348,7 @@ impl VduseExport {
             }
         }
         if inner.is_some() {
-            return Err(TransportError::Io(
-                "destroy",
-                io::Error::other("the message loop still runs: stop it first"),
-            ));
+            return Err(TransportError::StillServed);
         }
         let mut last_err = None;
         for attempt in 0..50 {
@@ -365,9 +368,10 @@ impl VduseExport {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(last_err
-            .map(TransportError::from)
-            .unwrap_or_else(|| TransportError::Io("destroy", io::Error::other("device busy"))))
+        // Fifty tries, each refused with EBUSY.
+        Err(TransportError::from(last_err.unwrap_or_else(|| {
+            VduseError::NameTaken(self.name.clone())
+        })))
     }
 }
 

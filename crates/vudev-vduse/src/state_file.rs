@@ -22,7 +22,7 @@ const CONFIG_AT: usize = 32;
 
 /// What a VDUSE device was created with; a restarted daemon adopts only an equal one.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceShape {
+pub(crate) struct DeviceShape {
     /// virtio device id.
     pub device_id: u32,
     /// Offered features.
@@ -84,7 +84,7 @@ impl DeviceShape {
 
 /// An open state file with its in-flight area mapped.
 #[derive(Debug)]
-pub struct StateFile {
+pub(crate) struct StateFile {
     path: PathBuf,
     area: Arc<InflightArea>,
 }

@@ -40,21 +40,40 @@ pub struct VhostUserServer {
 impl VhostUserServer {
     /// Creates the socket (replacing a stale one nobody listens on) with the requested mode.
     pub fn bind(device: Arc<dyn Device>, opts: &VhostUserOptions) -> io::Result<Self> {
+        // Errors name what to do; the caller says which socket they are about.
         let path = opts.socket.clone();
         if let Ok(meta) = std::fs::symlink_metadata(&path) {
             if !meta.file_type().is_socket() {
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
-                    format!("{}: exists and is not a socket", path.display()),
+                    "it exists and is not a socket: remove it or pick another path",
                 ));
             }
             if UnixStream::connect(&path).is_ok() {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
-                    format!("{}: another process is serving this socket", path.display()),
+                    "another process is serving this socket",
                 ));
             }
             std::fs::remove_file(&path)?;
+        }
+        // A directory that does not exist yet (/run/vudev on a fresh host) is made, as the
+        // daemon's tmpfiles entry would.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot create its directory {}: {e}: create it (mkdir -p {}) or \
+                             pick another path",
+                            dir.display(),
+                            dir.display()
+                        ),
+                    )
+                })?;
+                tracing::info!("created {} for the socket", dir.display());
+            }
         }
         // Bind under a temporary name, set the mode, then rename into place: the socket
         // appears listening and with its final permissions, never before.
@@ -62,14 +81,13 @@ impl VhostUserServer {
         tmp.push(format!(".{}.tmp", std::process::id()));
         let tmp = PathBuf::from(tmp);
         let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let listener = UnixListener::bind(&tmp)?;
         let placed =
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(opts.socket_mode))
                 .and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(e) = placed {
             let _ = std::fs::remove_file(&tmp);
-            return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+            return Err(e);
         }
         Ok(VhostUserServer {
             listener,

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Userspace virtio devices, exported through VDUSE.
 #[derive(Debug, Parser)]
-#[command(name = "vudev", version, about)]
+#[command(name = "vudev", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("VUDEV_BUILD"), ")"), about)]
 pub struct Cli {
     /// More log output (-v debug, -vv trace); VUDEV_LOG=filter overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -145,10 +145,10 @@ pub struct DeviceArgs {
     #[arg(long, default_value = "512")]
     pub logical_block_size: BlockSize,
     /// Busy-poll each queue for this many microseconds after its last activity before
-    /// sleeping (0: never). Lower latency and fewer notifications, for a CPU that spins.
-    #[arg(long, default_value_t = 0, value_name = "US",
-          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
-    pub poll_us: u32,
+    /// sleeping, always (0: never poll). Without it a queue polls adaptively: as long as
+    /// that pays, up to 32 µs, and not at all when idle.
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub poll_us: Option<u32>,
     /// Pin queue worker threads to these CPUs, e.g. 2,3: queue i runs on the (i mod n)-th.
     #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
     pub queue_cpus: Vec<usize>,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 use vudev_blk::{BlockConfig, BlockDevice};
-use vudev_core::WorkerOptions;
+use vudev_core::{Polling, WorkerOptions};
 use vudev_vduse::lifecycle::Attached;
 use vudev_vduse::{VduseExport, VduseOptions};
 use vudev_vhost_user::{VhostUserOptions, VhostUserServer};
@@ -78,7 +78,11 @@ fn build_device(
 /// How the queue workers run, from the device options.
 fn worker_options(dev: &DeviceArgs) -> WorkerOptions {
     WorkerOptions {
-        poll: Duration::from_micros(u64::from(dev.poll_us)),
+        poll: match dev.poll_us {
+            None => Polling::Adaptive,
+            Some(0) => Polling::Off,
+            Some(us) => Polling::Fixed(Duration::from_micros(u64::from(us))),
+        },
         cpus: dev.queue_cpus.clone(),
     }
 }

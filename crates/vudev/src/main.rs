@@ -9,7 +9,7 @@ mod signals;
 mod size;
 mod vdpa;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -26,6 +26,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr closed, a log shipper gone) is dropped:
+        // reporting it would write to stderr again, and panic there.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .init();
@@ -37,7 +40,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vudev: error: {e:#}");
+            // Not eprintln!, which panics when stderr is gone.
+            let _ = writeln!(std::io::stderr(), "vudev: error: {e:#}");
             ExitCode::FAILURE
         }
     }

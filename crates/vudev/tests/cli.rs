@@ -49,3 +49,123 @@ fn nbd_uris_that_cannot_be_right_are_refused() {
     let e = refused(&["--nbd", "nbd+unix:///x?socket=/tmp/s&tiemout=5"]);
     assert!(e.contains("unknown query key 'tiemout'"), "{e}");
 }
+
+#[test]
+fn vudev_serves_and_stops_cleanly_when_its_stderr_is_gone() {
+    use std::os::unix::net::UnixStream;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("vudev-cli-nolog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("vu.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["export", "vhost-user", "--socket"])
+        .arg(&socket)
+        .args(["--null", "1M", "-v"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads vudev's log any more: every write to it fails (EPIPE).
+    drop(child.stderr.take());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "vudev died with its log gone"
+        );
+        assert!(Instant::now() < deadline, "vudev never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A frontend comes and goes (more log lines), then vudev is asked to stop.
+    for _ in 0..3 {
+        let s = UnixStream::connect(&socket).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        drop(s);
+    }
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            panic!("vudev did not stop on SIGTERM with its log gone");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists());
+}
+
+#[test]
+fn a_socket_in_a_directory_that_does_not_exist_yet_is_served() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("vudev-cli-newdir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let socket = dir.join("run").join("vudev").join("disk0.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["export", "vhost-user", "--socket"])
+        .arg(&socket)
+        .args(["--null", "1M"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            panic!("no socket in the new directory");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_file_in_the_sockets_place_is_refused_naming_it_once() {
+    let dir = std::env::temp_dir().join(format!("vudev-cli-notsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("not-a-socket");
+    std::fs::write(&path, b"data").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["export", "vhost-user", "--socket"])
+        .arg(&path)
+        .args(["--null", "1M"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    let p = path.display().to_string();
+    assert_eq!(e.matches(&p).count(), 1, "{e}");
+    assert!(
+        e.contains("is not a socket: remove it or pick another path"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        b"data",
+        "the file was touched"
+    );
+}
+
+#[test]
+fn version_names_the_build() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let v = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    // "vudev 0.1.0 (git 0123456789ab)", or "(built 2026-12-01)" outside a git checkout.
+    let ok = v.starts_with(&format!("vudev {} (", env!("CARGO_PKG_VERSION")))
+        && (v.contains("(git ") || v.contains("(built 20"));
+    assert!(ok, "{v}");
+}

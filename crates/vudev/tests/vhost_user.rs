@@ -169,3 +169,35 @@ fn runs_as_an_unprivileged_user() {
     }
     writable_suite(&s.socket, 1);
 }
+
+/// CPU time (user + system, in clock ticks) process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses: utime is the 14th
+    // field of the line, stime the 15th.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_export_polls_no_more_once_its_requests_stop() {
+    // Default settings: adaptive polling, which spins while requests come and not after.
+    let dir = scratch("idle");
+    let s = Server::vudev(&dir, &["--null", "64M", "--num-queues", "2"]);
+    let mut c = Client::connect(&s.socket, 2).unwrap();
+    for i in 0..2000u64 {
+        assert_eq!(c.read((i % 2) as usize, (i % 1024) * 4096, 4096), 0);
+    }
+    // The client stays connected, silent. A worker still spinning would burn a whole CPU
+    // (100 ticks a second); an idle one uses none.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let before = cpu_ticks(s.pid());
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let used = cpu_ticks(s.pid()) - before;
+    assert!(
+        used <= 2,
+        "an idle export used {used} ticks of CPU in a second"
+    );
+    drop(c);
+}

@@ -75,6 +75,11 @@ impl Server {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn vudev(dir: &Path, args: &[&str]) -> Server {
         Server::vudev_with(dir, args, Command::new(env!("CARGO_BIN_EXE_vudev")))
     }
