@@ -5,8 +5,9 @@
 //! Usage: vudev-bench [--seconds N] [--output PATH] [--vudev PATH] [--vduse-log PATH]
 //!                    [--only TEXT] [--poll-us N]
 //!
-//! `--only` runs the workloads whose name contains TEXT; `--poll-us` is vudev's busy-poll
-//! budget (default 50 µs: qemu-storage-daemon polls too, adaptively up to 32 µs).
+//! `--only` runs the workloads whose name contains TEXT; `--poll-us N` gives vudev a fixed
+//! busy-poll budget (by default it runs with its own defaults: adaptive polling, as
+//! qemu-storage-daemon's iothread polls adaptively up to 32 µs).
 //!
 //! `--vduse-log` is the console log of `tests/vm/scenarios/bench-vduse.sh` (fio on the VDUSE
 //! block devices of both daemons inside a guest; `scripts/bench` runs it): its figures become
@@ -206,7 +207,7 @@ fn vudev(
     dir: &Path,
     backend: Backend,
     image: &Path,
-    poll_us: u32,
+    poll_us: Option<u32>,
     extra: &str,
 ) -> (Server, String) {
     let (cmd, socket) = vudev_cmd(bin, dir, backend, image, poll_us, extra);
@@ -220,14 +221,14 @@ fn vudev_cmd(
     dir: &Path,
     backend: Backend,
     image: &Path,
-    poll_us: u32,
+    poll_us: Option<u32>,
     extra: &str,
 ) -> (Command, PathBuf) {
     let socket = dir.join("vudev.sock");
     let mut cmd = Command::new(bin);
     cmd.args(["export", "vhost-user", "--socket"]).arg(&socket);
-    if poll_us > 0 {
-        cmd.arg("--poll-us").arg(poll_us.to_string());
+    if let Some(us) = poll_us {
+        cmd.arg("--poll-us").arg(us.to_string());
     }
     match backend {
         Backend::Null => cmd.args(["--null", "1G"]),
@@ -457,7 +458,7 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("vudev"));
     let mut vduse_log = None;
     let mut only: Option<String> = None;
-    let mut poll_us: u32 = 50;
+    let mut poll_us: Option<u32> = None;
     let mut keep: Option<PathBuf> = None;
     let mut rounds: usize = 3;
     let mut extra = String::new();
@@ -469,7 +470,7 @@ fn main() {
             ("--vudev", Some(v)) => bin = PathBuf::from(v),
             ("--vduse-log", Some(v)) => vduse_log = Some(PathBuf::from(v)),
             ("--only", Some(v)) => only = Some(v),
-            ("--poll-us", Some(v)) => poll_us = v.parse().expect("--poll-us N"),
+            ("--poll-us", Some(v)) => poll_us = Some(v.parse().expect("--poll-us N")),
             ("--keep-profiles", Some(v)) => keep = Some(PathBuf::from(v)),
             ("--vudev-args", Some(v)) => extra = v,
             ("--rounds", Some(v)) => {
@@ -583,7 +584,10 @@ fn main() {
     {
         let peers = [
             // No polling here: spinning would count as cost per request.
-            ("vudev", vudev_cmd(&bin, &dir, w.backend, &image, 0, &extra)),
+            (
+                "vudev",
+                vudev_cmd(&bin, &dir, w.backend, &image, Some(0), &extra),
+            ),
             ("qemu-storage-daemon", qsd_cmd(&dir, w.backend, &image)),
         ];
         for (name, (cmd, socket)) in peers {
@@ -701,7 +705,11 @@ fn main() {
             );
         }
     }
-    let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set; its profile below still shows one large memset per request); vudev's null backend writes zeros into every read buffer. Timings on this shared 2-CPU machine drift by up to 2x between runs (the same plain io_uring row has ranged from 252k to 344k IOPS within minutes), hence the alternating rounds and medians. vudev runs with `--poll-us {poll_us}` (each queue busy-polls for that long after its last activity; 0 = off), so under load its worker is busy all the time and CPU per I/O is simply its time per I/O; qemu-storage-daemon's iothread polls by default (adaptively, up to 32 us). NBD rows: both keep many requests in flight on their connection to the same qemu-nbd. File rows: vudev's default `--aio auto` copies on the queue's own thread for a tmpfs file, because this kernel cannot read tmpfs without blocking (preadv2 with RWF_NOWAIT gives EOPNOTSUPP), so io_uring hands every request to a kernel worker thread; the `--aio io_uring` rows show what that costs. qemu-storage-daemon runs `aio=io_uring`, which the targets name; its `aio=threads` was not measured.");
+    let polling = match poll_us {
+        None => "vudev runs with its defaults: each queue polls adaptively after activity (up to 32 us while requests keep coming, not at all when idle), so under load its worker is busy all the time and CPU per I/O is simply its time per I/O".to_string(),
+        Some(us) => format!("vudev runs with `--poll-us {us}` (each queue busy-polls for that long after its last activity; 0 = off)"),
+    };
+    let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set; its profile below still shows one large memset per request); vudev's null backend writes zeros into every read buffer. Timings on this shared 2-CPU machine drift by up to 2x between runs (the same plain io_uring row has ranged from 252k to 344k IOPS within minutes), hence the alternating rounds and medians. {polling}; qemu-storage-daemon's iothread polls by default (adaptively, up to 32 us). NBD rows: both keep many requests in flight on their connection to the same qemu-nbd. File rows: vudev's default `--aio auto` copies on the queue's own thread for a tmpfs file, because this kernel cannot read tmpfs without blocking (preadv2 with RWF_NOWAIT gives EOPNOTSUPP), so io_uring hands every request to a kernel worker thread; the `--aio io_uring` rows show what that costs. qemu-storage-daemon runs `aio=io_uring`, which the targets name; its `aio=threads` was not measured.");
     let guest = vduse_log
         .as_ref()
         .and_then(|p| std::fs::read_to_string(p).ok())
