@@ -33,6 +33,15 @@ enum Backend {
     TmpfsFile,
     /// The tmpfs file served by qemu-nbd on a unix socket; the exporters are NBD clients.
     Nbd,
+    /// The same over TCP on the loopback address.
+    NbdTcp,
+}
+
+/// The loopback port of the qemu-nbd that serves the TCP rows (picked by `main`).
+static NBD_TCP_PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+
+fn nbd_tcp_port() -> u16 {
+    *NBD_TCP_PORT.get().unwrap_or(&10809)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -50,7 +59,7 @@ struct Workload {
     vudev_args: &'static str,
 }
 
-const WORKLOADS: [Workload; 8] = [
+const WORKLOADS: [Workload; 12] = [
     Workload {
         name: "null, random read, QD32",
         backend: Backend::Null,
@@ -103,8 +112,36 @@ const WORKLOADS: [Workload; 8] = [
         vudev_args: "",
     },
     Workload {
+        name: "NBD (qemu-nbd, unix), random write, QD32",
+        backend: Backend::Nbd,
+        pattern: Pattern::RandWrite,
+        depth: 32,
+        vudev_args: "",
+    },
+    Workload {
         name: "NBD (qemu-nbd, unix), random read, QD1",
         backend: Backend::Nbd,
+        pattern: Pattern::RandRead,
+        depth: 1,
+        vudev_args: "",
+    },
+    Workload {
+        name: "NBD (qemu-nbd, TCP), random read, QD32",
+        backend: Backend::NbdTcp,
+        pattern: Pattern::RandRead,
+        depth: 32,
+        vudev_args: "",
+    },
+    Workload {
+        name: "NBD (qemu-nbd, TCP), random write, QD32",
+        backend: Backend::NbdTcp,
+        pattern: Pattern::RandWrite,
+        depth: 32,
+        vudev_args: "",
+    },
+    Workload {
+        name: "NBD (qemu-nbd, TCP), random read, QD1",
+        backend: Backend::NbdTcp,
         pattern: Pattern::RandRead,
         depth: 1,
         vudev_args: "",
@@ -236,6 +273,9 @@ fn vudev_cmd(
         Backend::Nbd => cmd
             .arg("--nbd")
             .arg(format!("nbd+unix:///?socket={}", nbd_socket(dir).display())),
+        Backend::NbdTcp => cmd
+            .arg("--nbd")
+            .arg(format!("nbd://127.0.0.1:{}/", nbd_tcp_port())),
     };
     cmd.args(extra.split_whitespace());
     (cmd, socket)
@@ -261,6 +301,10 @@ fn qsd_cmd(dir: &Path, backend: Backend, image: &Path) -> (Command, PathBuf) {
         Backend::Nbd => format!(
             "driver=nbd,server.type=unix,server.path={},node-name=d0",
             nbd_socket(dir).display()
+        ),
+        Backend::NbdTcp => format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},node-name=d0",
+            nbd_tcp_port()
         ),
     };
     cmd.arg("--blockdev").arg(blockdev).arg("--export").arg(format!(
@@ -517,8 +561,27 @@ fn main() {
     if !nbd_started {
         eprintln!("qemu-nbd did not start: the NBD rows will fail");
     }
+    // A second qemu-nbd, on a free loopback port, for the TCP rows.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(10809, |a| a.port());
+    let _ = NBD_TCP_PORT.set(port);
+    let nbd_tcp_pid = dir.join("qemu-nbd-tcp.pid");
+    let nbd_tcp_cmd = format!(
+        "qemu-nbd -f raw -t --fork -b 127.0.0.1 -p {port} --pid-file {} {}",
+        nbd_tcp_pid.display(),
+        image.display()
+    );
+    if !Command::new("sh")
+        .arg("-c")
+        .arg(&nbd_tcp_cmd)
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("qemu-nbd on TCP did not start: the NBD TCP rows will fail");
+    }
     let mut rows = Vec::new();
-    let mut commands = vec![nbd_cmd.clone()];
+    let mut commands = vec![nbd_cmd.clone(), nbd_tcp_cmd.clone()];
     let chosen = |w: &&Workload| only.as_ref().is_none_or(|o| w.name.contains(o.as_str()));
     for w in WORKLOADS.iter().filter(chosen) {
         // The peers take turns, `rounds` times each; the run with the median IOPS stands for
@@ -608,12 +671,14 @@ fn main() {
             profiles.push((w, name, p));
         }
     }
-    if let Some(pid) = std::fs::read_to_string(&nbd_pid)
-        .ok()
-        .and_then(|p| p.trim().parse::<i32>().ok())
-    {
-        // SAFETY: signalling the qemu-nbd this run started.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+    for pid_file in [&nbd_pid, &nbd_tcp_pid] {
+        if let Some(pid) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: signalling a qemu-nbd this run started.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
     }
     let _ = std::fs::remove_file(&image);
     let _ = std::fs::remove_dir_all(&dir);
