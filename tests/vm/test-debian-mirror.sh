@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks that the harness takes its Debian mirror from the machine's apt configuration, in
-# both formats, skipping the security archive; and fails, saying why, where there is none.
+# both formats (local file: archives here, so no mirror's host is written down), skipping
+# the security archive; and fails, saying why, where there is none.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(mktemp -d)
@@ -12,17 +13,17 @@ expect() { # NAME WANT GOT
 mkdir -p "$root/a/etc/apt/sources.list.d"
 cat > "$root/a/etc/apt/sources.list.d/debian.sources" <<'SRC'
 Types: deb
-URIs: http://security.mirror.invalid/debian-security
+URIs: file:///srv/local/debian-security
 Suites: bookworm-security
 
 Types: deb
-URIs: http://mirror.invalid/debian
+URIs: file:///srv/local/debian
 Suites: bookworm bookworm-updates
 SRC
-expect deb822 http://mirror.invalid/debian "$(APT_ROOT=$root/a "$here/debian-mirror.sh")"
+expect deb822 file:///srv/local/debian "$(APT_ROOT=$root/a "$here/debian-mirror.sh")"
 mkdir -p "$root/b/etc/apt/sources.list.d"
-echo 'deb [signed-by=/k.gpg] http://other.invalid/debian/ bookworm main' > "$root/b/etc/apt/sources.list"
-expect one-line http://other.invalid/debian "$(APT_ROOT=$root/b "$here/debian-mirror.sh")"
+echo 'deb [signed-by=/k.gpg] file:///srv/other/debian/ bookworm main' > "$root/b/etc/apt/sources.list"
+expect one-line file:///srv/other/debian "$(APT_ROOT=$root/b "$here/debian-mirror.sh")"
 mkdir -p "$root/c/etc/apt"
 if APT_ROOT=$root/c "$here/debian-mirror.sh" 2>"$root/err"; then
     expect none "failure" "success"

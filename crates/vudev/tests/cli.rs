@@ -1,6 +1,8 @@
 //! The command line refuses what it cannot honour, with the reason, before it creates
 //! anything.
 
+mod common;
+
 use std::process::Command;
 
 fn refused(args: &[&str]) -> String {
@@ -83,19 +85,11 @@ fn vudev_serves_and_stops_cleanly_when_its_stderr_is_gone() {
         std::thread::sleep(Duration::from_millis(50));
         drop(s);
     }
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("vudev did not stop on SIGTERM with its log gone");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::terminate(
+        &mut child,
+        Duration::from_secs(10),
+        "vudev did not stop on SIGTERM with its log gone",
+    );
     assert!(status.success(), "{status}");
     assert!(!socket.exists());
 }

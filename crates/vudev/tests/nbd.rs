@@ -532,19 +532,11 @@ fn sigterm_stops_vudev_while_an_nbd_server_stalls_the_first_handshake() {
     // Once vudev has connected, it waits for the greeting.
     let (_conn, _) = listener.accept().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(5) {
-            let _ = child.kill();
-            panic!("vudev ignored SIGTERM during the NBD handshake");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::terminate(
+        &mut child,
+        Duration::from_secs(5),
+        "vudev ignored SIGTERM during the NBD handshake",
+    );
     let log = std::fs::read_to_string(dir.join("vudev.log")).unwrap();
     assert!(status.success(), "{status}: {log}");
     assert!(log.contains("nothing was created"), "{log}");

@@ -298,3 +298,21 @@ pub fn writable_suite(socket: &Path, queues: i32) {
     assert_eq!(c.read(0, 1 << 20, 65536), 0);
     assert!(c.buf()[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0));
 }
+
+/// Sends SIGTERM to `child` and waits (at most `within`) for it to exit; kills it and panics
+/// with `what` if it does not.
+pub fn terminate(child: &mut Child, within: Duration, what: &str) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if t.elapsed() > within {
+            let _ = child.kill();
+            panic!("{what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
