@@ -16,7 +16,7 @@ for ver in 6.12 7.3; do
     "$here/build-initramfs.sh" "$ver" >/dev/null
 done
 for ver in 6.12 7.3; do
-    for s in qsd-reference vudev-basic vudev-options vudev-lifecycle vudev-crash vudev-nbd-faults; do
+    for s in qsd-reference vudev-basic vudev-options vudev-lifecycle vudev-crash vudev-nbd-faults vudev-serve; do
         set +e
         "$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/$s.sh" "${bins[@]}" --timeout 400 \
             > "$root/target/vm/$s-$ver.out" 2>&1

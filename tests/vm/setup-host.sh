@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a Debian 12 host (idempotent; quick when all is present):
 # QEMU from bookworm-backports, fio, busybox-static, cpio, e2fsprogs, util-linux, iproute2,
-# qemu-utils (qemu-storage-daemon, qemu-nbd), nbdkit (NBD backend tests), xz and zstd.
+# qemu-utils (qemu-storage-daemon, qemu-nbd), nbdkit (NBD backend tests), socat, xz and zstd.
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -21,6 +21,10 @@ have xz || need+=(xz-utils)
 have zstd || need+=(zstd)
 have gzip || need+=(gzip)
 have flock || need+=(util-linux)
+# docs/API.md drives the control API with socat, and a test runs those examples.
+have socat || need+=(socat)
+# scripts/test checks dist/vudev.service with systemd-analyze.
+have systemd-analyze || need+=(systemd)
 # fetch-kernel.sh verifies trixie-backports against the keyring: it needs trixie's keys.
 [[ -f /usr/share/keyrings/debian-archive-trixie-stable.gpg ]] || need+=(debian-archive-keyring)
 if [[ ${#need[@]} -eq 0 ]]; then

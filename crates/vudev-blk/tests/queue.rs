@@ -529,6 +529,37 @@ fn requests_left_in_flight_are_resubmitted_after_a_restart() {
 }
 
 #[test]
+fn a_resumed_ring_notifies_the_driver_of_what_was_published_before() {
+    // The previous daemon published a completion (used idx 1) and died before it notified
+    // the driver: the next one must notify at once, with no kick and nothing to resubmit.
+    let mut r = Rig::stopped();
+    let backend = Arc::new(MemoryBackend::new(DISK, false).unwrap());
+    r.header(HDR, VIRTIO_BLK_T_GET_ID, 0);
+    let head = r.chain(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+    r.write(USED + 4, u32::from(head));
+    r.write(USED + 8, 21u32);
+    r.write(USED + 2, 1u16);
+    r.start_blk(false, backend.clone(), Tracking::default(), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.notifications() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(r.notifications(), 1);
+    r.stop();
+    // A fresh ring (nothing published) gets no interrupt it did not ask for.
+    let mut fresh = Rig::stopped();
+    fresh.start_blk(false, backend, Tracking::default(), 0);
+    let st = fresh.request(VIRTIO_BLK_T_GET_ID, 0, Some((DATA, 20, true)));
+    assert_eq!(st.0, OK);
+    assert_eq!(
+        fresh.notifications(),
+        1,
+        "one for the request, none before it"
+    );
+    fresh.stop();
+}
+
+#[test]
 fn more_segments_than_seg_max_get_ioerr() {
     let mut r = Rig::new(false);
     let table = 0x30000;

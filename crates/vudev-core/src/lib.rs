@@ -14,6 +14,8 @@ pub mod dirty_log;
 pub mod inflight;
 pub mod memory;
 pub mod polling;
+pub mod readiness;
+pub mod socket;
 #[cfg(feature = "test-utils")]
 pub mod testkit;
 pub mod worker;

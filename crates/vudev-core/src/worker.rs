@@ -2,7 +2,7 @@
 //! the device's [`QueueHandler`], puts completions on the used ring and notifies the driver.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,6 +18,7 @@ use crate::dirty_log::DirtyLog;
 use crate::inflight::QueueInflight;
 use crate::memory::{in_memory, Memory, MemoryGuard, MemoryMap, RingMemory};
 use crate::polling::{Budget, Polling};
+use crate::readiness::pollfd;
 
 /// Tells the driver that the used ring moved (VDUSE: an ioctl; vhost-user: the call eventfd).
 pub trait Notifier: Send + Sync {
@@ -300,8 +301,17 @@ impl WorkerState {
         if let Some(cpu) = cpu {
             pin_to(cpu, self.index);
         }
+        let resumed = self.queue.next_used() != 0;
         // A kick may have arrived before the thread started.
         self.process();
+        if resumed {
+            // A resumed ring (an adopted device, a reconnected frontend): the previous daemon
+            // may have published completions and died before it notified the driver, which
+            // would then wait for them forever. One interrupt more is harmless.
+            if let Err(e) = self.notifier.notify(self.index) {
+                tracing::warn!(queue = self.index, "notify failed: {e}");
+            }
+        }
         let mut budget = Budget::new(polling);
         loop {
             // How long the queue stays idle until its next event tells the adaptive budget
@@ -736,14 +746,6 @@ fn scratch_ring(mem: &Memory, real: &Queue, heads: &[u16]) -> Option<(Memory, Qu
     q.try_set_used_ring_address(GuestAddress(used)).ok()?;
     q.set_ready(true);
     Some((scratch, q))
-}
-
-fn pollfd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
 }
 
 /// Pins the calling thread (queue `index`'s worker) to `cpu`; a failure is logged, not fatal.

@@ -27,6 +27,7 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use vudev_core::readiness::{poll, pollfd};
 use vudev_core::{
     stop_all, Device, InflightArea, Mapping, MappingSource, MemoryMap, Notifier, QueuePosition,
     QueueSetup, Tracking, Worker, WorkerOptions, TRANSPORT_FEATURES,
@@ -439,28 +440,9 @@ impl Drop for MessageLoop {
 impl Inner {
     fn message_loop(&self, stop: &EventFd) {
         loop {
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.dev.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: stop.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
-            // SAFETY: `fds` is a valid pollfd array for the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-            if n < 0 {
-                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                tracing::error!(
-                    "poll on the VDUSE device failed: {}",
-                    io::Error::last_os_error()
-                );
+            let mut fds = [pollfd(self.dev.as_raw_fd()), pollfd(stop.as_raw_fd())];
+            if let Err(e) = poll(&mut fds, None) {
+                tracing::error!("poll on the VDUSE device failed: {e}");
                 return;
             }
             if fds[1].revents != 0 {

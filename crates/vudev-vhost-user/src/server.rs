@@ -2,15 +2,17 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use vmm_sys_util::eventfd::EventFd;
 
+use vudev_core::readiness::{poll, pollfd};
+use vudev_core::socket::bind_listener;
 use vudev_core::{Device, WorkerOptions};
 
 use crate::session::{lock, Session};
@@ -35,66 +37,27 @@ pub struct VhostUserServer {
     path: PathBuf,
     device: Arc<dyn Device>,
     opts: VhostUserOptions,
+    connected: AtomicBool,
 }
 
 impl VhostUserServer {
-    /// Creates the socket (replacing a stale one nobody listens on) with the requested mode.
+    /// Listens on the socket (see [`bind_listener`]: a stale one is replaced) with the
+    /// requested mode.
     pub fn bind(device: Arc<dyn Device>, opts: &VhostUserOptions) -> io::Result<Self> {
-        // Errors name what to do; the caller says which socket they are about.
         let path = opts.socket.clone();
-        if let Ok(meta) = std::fs::symlink_metadata(&path) {
-            if !meta.file_type().is_socket() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "it exists and is not a socket: remove it or pick another path",
-                ));
-            }
-            if UnixStream::connect(&path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "another process is serving this socket",
-                ));
-            }
-            std::fs::remove_file(&path)?;
-        }
-        // A directory that does not exist yet (/run/vudev on a fresh host) is made, as the
-        // daemon's tmpfiles entry would.
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "cannot create its directory {}: {e}: create it (mkdir -p {}) or \
-                             pick another path",
-                            dir.display(),
-                            dir.display()
-                        ),
-                    )
-                })?;
-                tracing::info!("created {} for the socket", dir.display());
-            }
-        }
-        // Bind under a temporary name, set the mode, then rename into place: the socket
-        // appears listening and with its final permissions, never before.
-        let mut tmp = path.clone().into_os_string();
-        tmp.push(format!(".{}.tmp", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        let _ = std::fs::remove_file(&tmp);
-        let listener = UnixListener::bind(&tmp)?;
-        let placed =
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(opts.socket_mode))
-                .and_then(|()| std::fs::rename(&tmp, &path));
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
+        let listener = bind_listener(&path, opts.socket_mode)?;
         Ok(VhostUserServer {
             listener,
             path,
             device,
             opts: opts.clone(),
+            connected: AtomicBool::new(false),
         })
+    }
+
+    /// True while a frontend is being served.
+    pub fn frontend_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
     }
 
     /// Serves frontends one after another until `stop` becomes readable.
@@ -121,6 +84,7 @@ impl VhostUserServer {
                 }
             };
             tracing::info!("frontend connected");
+            self.connected.store(true, Ordering::Relaxed);
             let ended = serve_frontend(
                 self.device.clone(),
                 self.opts.queue_size,
@@ -129,6 +93,7 @@ impl VhostUserServer {
                 stop,
                 Some(&self.listener),
             );
+            self.connected.store(false, Ordering::Relaxed);
             tracing::info!("frontend disconnected; device reset, waiting for the next one");
             if ended.stopped {
                 return Ok(());
@@ -267,30 +232,4 @@ fn is_fatal(e: &VuError) -> bool {
             | VuError::InvalidSocketFd(_)
             | VuError::FeatureMismatch
     )
-}
-
-fn pollfd(fd: i32) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
-/// Waits for one of `fds` (forever when `timeout` is `None`); 0 when interrupted or timed out.
-fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<i32> {
-    // Rounded up, so that a deadline is never polled for 0 ms before it has passed.
-    let ms = timeout.map_or(-1, |t| {
-        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
-    });
-    // SAFETY: `fds` is a valid, exclusively borrowed pollfd array.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(0);
-        }
-        return Err(e);
-    }
-    Ok(n)
 }

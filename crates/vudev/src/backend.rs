@@ -46,7 +46,6 @@ pub fn open(
     dev: &DeviceArgs,
     block_size: u32,
 ) -> Result<Arc<dyn BlockBackend>, String> {
-    check_options(args, opts)?;
     let (direct, read_only) = (opts.direct, dev.readonly);
     let aio = match opts.aio.unwrap_or(AioMode::Auto) {
         AioMode::Auto => Aio::Auto,
@@ -104,7 +103,8 @@ pub fn open(
     Ok(backend)
 }
 
-fn checked_size(s: &str, block_size: u32) -> Result<u64, String> {
+/// Parses a SIZE option (`64M`, `1G`, `1048576`) that must be a multiple of the block size.
+pub fn checked_size(s: &str, block_size: u32) -> Result<u64, String> {
     let size = parse_size(s)?;
     if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
         return Err(format!(

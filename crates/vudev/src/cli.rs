@@ -23,9 +23,78 @@ pub enum Command {
     /// Export a virtio-blk device until SIGINT or SIGTERM.
     #[command(subcommand)]
     Export(Export),
+    /// Run the daemon: the exports of a config file, and more added and removed at run time
+    /// through the control socket (`vudev ctl`).
+    Serve(ServeArgs),
+    /// Drive a running `vudev serve` through its control socket.
+    Ctl(CtlArgs),
     /// Manage vdpa devices (what iproute2's `vdpa dev` does).
     #[command(subcommand)]
     Vdpa(VdpaCommand),
+}
+
+/// Where a daemon's control socket is unless --control says otherwise.
+pub const DEFAULT_CONTROL: &str = "/run/vudev/control.sock";
+
+/// `vudev serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The exports to serve at start, one `[[export]]` table each (TOML).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Only check the config: print the exports it would create, touch nothing.
+    #[arg(long, requires = "config")]
+    pub check: bool,
+    /// The control socket (JSON-RPC 2.0, one request per line).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
+    pub control: PathBuf,
+    /// Let this group use the control socket too (mode 0660 instead of 0600).
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
+    /// Where the daemon records the exports added at run time (serve-exports.json), so that
+    /// a restarted daemon serves them again.
+    #[arg(long, value_name = "DIR", default_value = "/run/vudev")]
+    pub state_dir: PathBuf,
+}
+
+/// `vudev ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL, global = true)]
+    pub control: PathBuf,
+    /// Print the daemon's JSON reply instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `vudev ctl …` commands.
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Add an export: the options of `vudev export`.
+    #[command(subcommand)]
+    Add(Export),
+    /// Remove an export: its frontend or driver is disconnected, its device taken away.
+    Remove {
+        /// Export name.
+        name: String,
+        /// Remove it even if its block device is in use (mounted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the exports.
+    List,
+    /// One export, with its options.
+    Show {
+        /// Export name.
+        name: String,
+    },
+    /// The daemon's version.
+    Version,
 }
 
 /// Export transports.
@@ -38,8 +107,11 @@ pub enum Export {
 }
 
 /// `vudev export vhost-user`.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct VhostUserArgs {
+    /// Export name (default: the socket's file name without its extension).
+    #[arg(long)]
+    pub name: Option<String>,
     /// Unix socket to listen on (created; removed on exit).
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
@@ -54,6 +126,18 @@ pub struct VhostUserArgs {
     pub device: DeviceArgs,
 }
 
+impl VhostUserArgs {
+    /// The export's name: --name, or the socket's file name without its extension.
+    pub fn export_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.socket
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| self.socket.display().to_string())
+        })
+    }
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
@@ -62,7 +146,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 /// `vudev export vduse`.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct VduseArgs {
     /// Device name (/dev/vduse/NAME and the vdpa device name).
     #[arg(long)]

@@ -4,7 +4,12 @@
 
 mod backend;
 mod cli;
+mod ctl;
+mod device;
 mod export;
+mod rpc;
+mod serve;
+mod serving;
 mod signals;
 mod size;
 mod vdpa;
@@ -12,10 +17,11 @@ mod vdpa;
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let matches = cli::Cli::command().get_matches();
+    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let default = match cli.verbose {
         0 => "info",
         1 => "debug",
@@ -35,6 +41,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Export(cli::Export::Vduse(opts)) => export::run_vduse(opts),
         cli::Command::Export(cli::Export::VhostUser(opts)) => export::run_vhost_user(opts),
+        cli::Command::Serve(args) => serve::run(args),
+        cli::Command::Ctl(args) => {
+            // `ctl add TRANSPORT …`: the options as given, which are what the daemon is sent.
+            let add = matches
+                .subcommand_matches("ctl")
+                .and_then(|m| m.subcommand_matches("add"))
+                .and_then(|m| m.subcommand())
+                .map(|(_, m)| m);
+            ctl::run(args, add)
+        }
         cli::Command::Vdpa(cmd) => vdpa::run(cmd),
     };
     match result {

@@ -38,6 +38,26 @@ pub fn wait_termination() -> io::Result<i32> {
     Ok(sig)
 }
 
+/// Waits up to `timeout` for SIGINT or SIGTERM (which must be blocked): its number, or
+/// `None` if none came.
+pub fn wait_termination_for(timeout: Duration) -> io::Result<Option<i32>> {
+    let set = term_set();
+    let tick = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos().into(),
+    };
+    // SAFETY: `set` and `tick` are initialised; a null siginfo pointer is allowed.
+    let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &tick) };
+    if sig > 0 {
+        return Ok(Some(sig));
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+        _ => Err(e),
+    }
+}
+
 /// Runs `work` on a thread of its own while waiting for SIGINT/SIGTERM (which must be
 /// blocked): its result, or `Err(signal)` if a signal came first. Startup steps that wait on
 /// a peer (connecting to an NBD server) run this way, so a signal stops vudev at any moment;
@@ -51,11 +71,6 @@ pub fn unless_terminated<T: Send + 'static>(
         .spawn(move || {
             let _ = tx.send(work());
         })?;
-    let set = term_set();
-    let tick = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 20_000_000,
-    };
     loop {
         match rx.try_recv() {
             Ok(done) => return Ok(Ok(done)),
@@ -64,14 +79,8 @@ pub fn unless_terminated<T: Send + 'static>(
             }
             Err(mpsc::TryRecvError::Empty) => {}
         }
-        // SAFETY: `set` is initialised; a null siginfo pointer is allowed.
-        let sig = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &tick) };
-        if sig > 0 {
+        if let Some(sig) = wait_termination_for(Duration::from_millis(20))? {
             return Ok(Err(sig));
-        }
-        let e = io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EINTR)) {
-            return Err(e);
         }
         if let Ok(done) = rx.recv_timeout(Duration::from_millis(1)) {
             return Ok(Ok(done));

@@ -1,0 +1,323 @@
+//! The control socket: JSON-RPC 2.0 requests, one per line, from clients that are not
+//! trusted to be well-formed. Each client has a thread; a request line is read with a bound
+//! ([`MAX_REQUEST`]) and a deadline, and whatever it holds gets an error reply, never a
+//! change to the daemon.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use vmm_sys_util::eventfd::EventFd;
+use vudev_core::readiness::{poll, pollfd};
+
+use super::registry::Registry;
+use crate::rpc::{failure, success, ApiError, Code, MAX_REQUEST};
+
+/// Clients served at once; one more is answered with [`Code::TooManyClients`].
+const MAX_CLIENTS: usize = 16;
+/// A client that sends nothing for this long is disconnected.
+const IDLE: Duration = Duration::from_secs(60);
+/// A reply that cannot be written within this is dropped with its client.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The methods, for the error that names them.
+const METHODS: &str = "add, list, remove, show, version";
+
+/// The listening control socket; its file is removed on drop.
+pub struct Control {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Control {
+    /// Listens on `path`, mode 0600, or 0660 and owned by `group` if one is given.
+    pub fn bind(path: &Path, group: Option<&str>) -> Result<Control, String> {
+        let gid = group.map(group_id).transpose()?;
+        let mode = if gid.is_some() { 0o660 } else { 0o600 };
+        let listener = vudev_core::socket::bind_listener(path, mode).map_err(|e| {
+            if e.kind() == io::ErrorKind::AddrInUse {
+                format!(
+                    "{}: another vudev serve is running there: stop it, or pass another --control",
+                    path.display()
+                )
+            } else {
+                format!("cannot listen on {}: {e}", path.display())
+            }
+        })?;
+        let control = Control {
+            listener,
+            path: path.to_path_buf(),
+        };
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .map_err(|e| format!("cannot give {} to group {gid}: {e}", path.display()))?;
+        }
+        Ok(control)
+    }
+
+    /// Serves clients until `stop` becomes readable.
+    pub fn serve(&self, registry: &Arc<Registry>, stop: &EventFd) {
+        let clients = Arc::new(AtomicUsize::new(0));
+        loop {
+            let mut fds = [pollfd(self.listener.as_raw_fd()), pollfd(stop.as_raw_fd())];
+            if poll(&mut fds, None).is_err() || fds[0].revents == 0 {
+                if fds[1].revents != 0 {
+                    return;
+                }
+                continue;
+            }
+            let Ok((stream, _)) = self.listener.accept() else {
+                continue;
+            };
+            if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+                clients.fetch_sub(1, Ordering::SeqCst);
+                let e = ApiError::new(
+                    Code::TooManyClients,
+                    format!("{MAX_CLIENTS} clients are connected: try again when one has gone"),
+                );
+                let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+                let _ = writeln!(&stream, "{}", failure(Value::Null, &e));
+                continue;
+            }
+            let (registry, clients2) = (registry.clone(), clients.clone());
+            let spawned = std::thread::Builder::new()
+                .name("vudev-control".into())
+                .spawn(move || {
+                    client(stream, &registry);
+                    clients2.fetch_sub(1, Ordering::SeqCst);
+                });
+            if let Err(e) = spawned {
+                clients.fetch_sub(1, Ordering::SeqCst);
+                tracing::error!("cannot start a control client thread: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves one client: request lines until it closes, goes idle, or sends too much.
+fn client(stream: UnixStream, registry: &Registry) {
+    let _ = stream.set_read_timeout(Some(IDLE));
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let Ok(reader) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(reader);
+    let mut writer = stream;
+    loop {
+        let mut line = Vec::new();
+        let read = reader
+            .by_ref()
+            .take(MAX_REQUEST as u64 + 1)
+            .read_until(b'\n', &mut line);
+        if read.is_err() || line.is_empty() {
+            return;
+        }
+        let complete = line.ends_with(b"\n");
+        if !complete && line.len() > MAX_REQUEST {
+            let e = ApiError::new(
+                Code::InvalidRequest,
+                format!(
+                    "the request is larger than {MAX_REQUEST} bytes: send one request per line"
+                ),
+            );
+            let _ = writeln!(writer, "{}", failure(Value::Null, &e));
+            return;
+        }
+        if let Some(reply) = handle(registry, &line) {
+            if writeln!(writer, "{reply}").is_err() {
+                return;
+            }
+        }
+        if !complete {
+            return;
+        }
+    }
+}
+
+/// The reply to one request line, or `None` when it holds notifications only.
+pub fn handle(registry: &Registry, line: &[u8]) -> Option<Value> {
+    let request: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => {
+            let e = ApiError::new(Code::Parse, format!("the request is not JSON: {e}"));
+            return Some(failure(Value::Null, &e));
+        }
+    };
+    match request {
+        Value::Array(batch) if batch.is_empty() => Some(failure(
+            Value::Null,
+            &ApiError::new(Code::InvalidRequest, "an empty batch"),
+        )),
+        Value::Array(batch) => {
+            let replies: Vec<Value> = batch
+                .into_iter()
+                .filter_map(|r| call(registry, r))
+                .collect();
+            (!replies.is_empty()).then_some(Value::Array(replies))
+        }
+        one => call(registry, one),
+    }
+}
+
+/// One request: its reply, or `None` for a notification (a request without an id).
+fn call(registry: &Registry, request: Value) -> Option<Value> {
+    let Value::Object(mut request) = request else {
+        let e = ApiError::new(Code::InvalidRequest, "a request is a JSON object");
+        return Some(failure(Value::Null, &e));
+    };
+    let id = request.remove("id");
+    let id_ok = matches!(
+        id,
+        None | Some(Value::Null | Value::String(_) | Value::Number(_))
+    );
+    let reply_id = id.clone().filter(|_| id_ok).unwrap_or(Value::Null);
+    let result = (|| {
+        if !id_ok {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                "id must be a string or a number",
+            ));
+        }
+        if request.get("jsonrpc") != Some(&json!("2.0")) {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                "jsonrpc must be \"2.0\"",
+            ));
+        }
+        let Some(Value::String(method)) = request.get("method") else {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                "method must be a string",
+            ));
+        };
+        let params = match request.get("params") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(p)) => p.clone(),
+            Some(_) => {
+                return Err(ApiError::new(
+                    Code::InvalidParams,
+                    "params must be an object (by name)",
+                ))
+            }
+        };
+        if let Some(other) = request
+            .keys()
+            .find(|k| !["jsonrpc", "method", "params"].contains(&k.as_str()))
+        {
+            return Err(ApiError::new(
+                Code::InvalidRequest,
+                format!("unknown member '{other}'"),
+            ));
+        }
+        dispatch(registry, method, params)
+    })();
+    id.as_ref()?;
+    Some(match result {
+        Ok(v) => success(reply_id, v),
+        Err(e) => failure(reply_id, &e),
+    })
+}
+
+fn dispatch(
+    registry: &Registry,
+    method: &str,
+    params: Map<String, Value>,
+) -> Result<Value, ApiError> {
+    match method {
+        "version" => {
+            allow(&params, &[])?;
+            Ok(json!({"version": env!("CARGO_PKG_VERSION"), "build": env!("VUDEV_BUILD")}))
+        }
+        "list" => {
+            allow(&params, &[])?;
+            Ok(json!(registry.list()))
+        }
+        "show" => {
+            allow(&params, &["name"])?;
+            Ok(json!(registry.show(&string(&params, "name")?)?))
+        }
+        "add" => Ok(json!(registry.add(params)?)),
+        "remove" => {
+            allow(&params, &["name", "force"])?;
+            let force = match params.get("force") {
+                None => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ApiError::new(
+                        Code::InvalidParams,
+                        "force must be true or false",
+                    ))
+                }
+            };
+            registry.remove(&string(&params, "name")?, force)?;
+            Ok(json!({}))
+        }
+        other => Err(ApiError::new(
+            Code::MethodNotFound,
+            format!("unknown method '{other}': the methods are {METHODS}"),
+        )),
+    }
+}
+
+fn allow(params: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
+    match params.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::new(
+            Code::InvalidParams,
+            format!("unknown parameter '{k}'"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn string(params: &Map<String, Value>, key: &str) -> Result<String, ApiError> {
+    match params.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ApiError::new(
+            Code::InvalidParams,
+            format!("{key} must be a string"),
+        )),
+        None => Err(ApiError::new(
+            Code::InvalidParams,
+            format!("{key} is missing"),
+        )),
+    }
+}
+
+/// A group's id, by name or number.
+fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group).map_err(|_| format!("invalid group '{group}'"))?;
+    // SAFETY: a zeroed `group` is a valid out value for getgrnam_r to fill.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; 16384];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; `buf` outlives the use of `grp`.
+    let r = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if r != 0 || found.is_null() {
+        return Err(format!(
+            "--control-group {group}: no such group: create it (groupadd {group}) or name another"
+        ));
+    }
+    Ok(grp.gr_gid)
+}

@@ -1,0 +1,82 @@
+//! `vudev serve`: one daemon for many exports. It starts those of the config file, serves
+//! the control API (JSON-RPC on a unix socket) on a thread of its own, tells the service
+//! manager (sd_notify), and on SIGINT/SIGTERM takes every export down and exits.
+
+mod config;
+mod control;
+mod notify;
+mod record;
+mod registry;
+pub mod spec;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::cli::ServeArgs;
+use crate::signals;
+use control::Control;
+use registry::Registry;
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub fn run(args: ServeArgs) -> Result<(), String> {
+    // Before any thread exists, so that every thread inherits the mask.
+    signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
+    let config = match &args.config {
+        Some(path) => config::load(path)?,
+        None => config::Config::default(),
+    };
+    if args.check {
+        let mut out = std::io::stdout();
+        for (spec, _) in &config.exports {
+            let _ = writeln!(out, "{}", spec::command_line(spec));
+        }
+        let _ = writeln!(
+            out,
+            "{}: {} export(s), no error",
+            args.config
+                .as_deref()
+                .unwrap_or(std::path::Path::new("-"))
+                .display(),
+            config.exports.len()
+        );
+        return Ok(());
+    }
+    let control = Control::bind(&args.control, args.control_group.as_deref())?;
+    let registry = Arc::new(Registry::new(&args.state_dir));
+    notify::notify("STATUS=starting the exports");
+    registry.start(config.exports);
+    let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map_err(|e| format!("eventfd: {e}"))?;
+    let result = std::thread::scope(|s| {
+        let (registry2, control, stop) = (&registry, &control, &stop);
+        s.spawn(move || control.serve(registry2, stop));
+        let status = |n: usize| format!("STATUS=serving {n} export(s)");
+        tracing::info!(
+            control = %args.control.display(),
+            "ready: serving {} export(s)",
+            registry.list().len()
+        );
+        notify::notify(&format!("READY=1\n{}", status(registry.list().len())));
+        let watchdog = notify::watchdog_interval();
+        let waited = loop {
+            match signals::wait_termination_for(watchdog.unwrap_or(Duration::from_secs(3600))) {
+                Ok(Some(sig)) => {
+                    tracing::info!("signal {sig} received: shutting down");
+                    break Ok(());
+                }
+                Ok(None) if watchdog.is_some() => notify::notify("WATCHDOG=1"),
+                Ok(None) => {}
+                Err(e) => break Err(format!("waiting for signals: {e}")),
+            }
+        };
+        notify::notify("STOPPING=1\nSTATUS=taking the exports down");
+        let _ = stop.write(1);
+        waited
+    });
+    drop(control);
+    registry.shutdown();
+    result
+}

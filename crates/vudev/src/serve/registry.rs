@@ -1,0 +1,421 @@
+//! The daemon's exports by name: added, removed and listed at run time, each independent of
+//! the others. Nothing slow happens under the lock: a backend is opened, and an export set up
+//! or taken down, while its name is held by a `Starting`/`Stopping` slot.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::Serialize;
+use vudev_vduse::lifecycle::Attached;
+
+use super::record::Record;
+use super::spec::{ExportArgs, Spec};
+use crate::device;
+use crate::rpc::{ApiError, Code};
+use crate::serving::{VduseServing, VhostUserServing};
+
+/// An export as `list` and `show` give it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportInfo {
+    /// Its name.
+    pub name: String,
+    /// `vduse` or `vhost-user`.
+    pub transport: String,
+    /// `starting`, `serving` (VDUSE), `waiting` or `connected` (vhost-user: whether a frontend
+    /// is), `stopping`, or `failed` (see `error`).
+    pub state: &'static str,
+    /// The backend, e.g. `file /srv/disk.img (io_uring)`.
+    pub backend: Option<String>,
+    /// Capacity in bytes.
+    pub size: Option<u64>,
+    /// A VDUSE export's block device on this host (`/dev/vda`).
+    pub device: Option<String>,
+    /// The vdpa driver a VDUSE export is bound to, when not a block device of this host.
+    pub driver: Option<String>,
+    /// A vhost-user export's socket.
+    pub socket: Option<PathBuf>,
+    /// Why the export failed.
+    pub error: Option<String>,
+    /// Added at run time (kept in the daemon's record), not from the config file.
+    pub runtime: bool,
+    /// The spec it was added with.
+    pub options: Spec,
+}
+
+enum Serving {
+    Vduse(VduseServing),
+    VhostUser(VhostUserServing),
+}
+
+struct Export {
+    description: String,
+    size: u64,
+    serving: Serving,
+}
+
+enum State {
+    Starting,
+    Serving(Box<Export>),
+    Stopping,
+    /// Could not be started at daemon start; listed until removed.
+    Failed(String),
+}
+
+struct Slot {
+    spec: Spec,
+    transport: &'static str,
+    socket: Option<PathBuf>,
+    runtime: bool,
+    state: State,
+}
+
+struct Inner {
+    slots: BTreeMap<String, Slot>,
+    closing: bool,
+}
+
+/// The exports.
+pub struct Registry {
+    inner: Mutex<Inner>,
+    record: Record,
+}
+
+impl Registry {
+    /// No exports yet; the record of run-time exports lives in `state_dir`.
+    pub fn new(state_dir: &Path) -> Registry {
+        Registry {
+            inner: Mutex::new(Inner {
+                slots: BTreeMap::new(),
+                closing: false,
+            }),
+            record: Record::new(state_dir),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The daemon's start: the config's exports, then those added at run time before a
+    /// restart (unless the config now has one of that name). One that cannot be started is
+    /// listed as failed, and the others are served.
+    pub fn start(&self, config: Vec<(Spec, ExportArgs)>) {
+        let recorded = self.record.load();
+        let configured: Vec<String> = config.iter().map(|(_, a)| a.name()).collect();
+        let mut all: Vec<(Spec, bool)> = config.into_iter().map(|(s, _)| (s, false)).collect();
+        for spec in recorded {
+            match ExportArgs::parse(&spec) {
+                Ok(a) if configured.contains(&a.name()) => tracing::warn!(
+                    "the config now defines {}: its run-time definition is dropped",
+                    a.name()
+                ),
+                Ok(_) => all.push((spec, true)),
+                Err(e) => tracing::error!("a recorded export is no longer valid ({e}): dropped"),
+            }
+        }
+        for (spec, runtime) in all {
+            if let Err(e) = self.add_as(spec.clone(), runtime) {
+                let name = ExportArgs::parse(&spec).map(|a| a.name());
+                tracing::error!("{}: {}", name.as_deref().unwrap_or("?"), e.message);
+                if let Ok(args) = ExportArgs::parse(&spec) {
+                    let mut inner = self.lock();
+                    if e.code != Code::Exists {
+                        inner.slots.insert(
+                            args.name(),
+                            Slot {
+                                transport: args.transport(),
+                                socket: args.socket().map(Path::to_path_buf),
+                                spec,
+                                runtime,
+                                state: State::Failed(e.message),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        self.save_record(&self.lock());
+    }
+
+    /// Adds an export at run time (kept in the record).
+    pub fn add(&self, spec: Spec) -> Result<ExportInfo, ApiError> {
+        self.add_as(spec, true)
+    }
+
+    fn add_as(&self, spec: Spec, runtime: bool) -> Result<ExportInfo, ApiError> {
+        let args =
+            ExportArgs::parse(&spec).map_err(|e| ApiError::new(Code::InvalidParams, e.message))?;
+        let name = args.name();
+        let socket = args.socket().map(Path::to_path_buf);
+        {
+            let mut inner = self.lock();
+            if inner.closing {
+                return Err(shutting_down());
+            }
+            if inner.slots.contains_key(&name) {
+                return Err(ApiError::new(
+                    Code::Exists,
+                    format!("an export named {name} exists: remove it first, or pick another name"),
+                ));
+            }
+            if let Some((other, _)) = inner
+                .slots
+                .iter()
+                .find(|(_, s)| socket.is_some() && s.socket == socket)
+            {
+                return Err(ApiError::new(
+                    Code::Exists,
+                    format!(
+                        "export {other} already serves {}: pick another socket",
+                        socket.as_deref().unwrap_or(Path::new("")).display()
+                    ),
+                ));
+            }
+            inner.slots.insert(
+                name.clone(),
+                Slot {
+                    spec,
+                    transport: args.transport(),
+                    socket,
+                    runtime,
+                    state: State::Starting,
+                },
+            );
+        }
+        let started = start(&args);
+        let mut inner = self.lock();
+        match started {
+            Ok(export) if inner.closing => {
+                inner.slots.remove(&name);
+                drop(inner);
+                let _ = stop(*export);
+                Err(shutting_down())
+            }
+            Ok(export) => {
+                tracing::info!("added {name}");
+                let slot = inner.slots.get_mut(&name).expect("held by Starting");
+                slot.state = State::Serving(export);
+                let info = info(&name, slot);
+                if runtime {
+                    self.save_record(&inner);
+                }
+                Ok(info)
+            }
+            Err(e) => {
+                inner.slots.remove(&name);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes an export: its driver or frontend is disconnected and its device taken away.
+    /// A VDUSE export whose block device is in use (mounted) is refused unless `force`.
+    pub fn remove(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        let mut inner = self.lock();
+        let slot = inner.slots.get_mut(name).ok_or_else(|| not_found(name))?;
+        let export = match std::mem::replace(&mut slot.state, State::Stopping) {
+            State::Serving(export) => {
+                let busy = match (&export.serving, force) {
+                    (Serving::Vduse(v), false) => match v.attached() {
+                        Some(Attached::Block(blk)) if in_use(blk) => Some(blk.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                if let Some(blk) = busy {
+                    slot.state = State::Serving(export);
+                    return Err(ApiError::new(
+                        Code::Busy,
+                        format!(
+                            "{name} is /dev/{blk}, which is in use (mounted, or held open \
+                             exclusively): unmount it first, or pass --force"
+                        ),
+                    ));
+                }
+                Some(export)
+            }
+            State::Failed(_) => None,
+            busy @ (State::Starting | State::Stopping) => {
+                slot.state = busy;
+                return Err(ApiError::new(
+                    Code::Busy,
+                    format!("{name} is starting or stopping: try again in a moment"),
+                ));
+            }
+        };
+        let runtime = slot.runtime;
+        if export.is_none() {
+            inner.slots.remove(name);
+        }
+        if runtime {
+            self.save_record(&inner);
+        }
+        drop(inner);
+        let Some(export) = export else {
+            return Ok(());
+        };
+        let stopped = stop(*export);
+        self.lock().slots.remove(name);
+        tracing::info!("removed {name}");
+        stopped.map_err(|e| ApiError::new(Code::Transport, format!("{name} was removed, but: {e}")))
+    }
+
+    /// Every export, by name.
+    pub fn list(&self) -> Vec<ExportInfo> {
+        let inner = self.lock();
+        inner.slots.iter().map(|(n, s)| info(n, s)).collect()
+    }
+
+    /// One export.
+    pub fn show(&self, name: &str) -> Result<ExportInfo, ApiError> {
+        let inner = self.lock();
+        inner
+            .slots
+            .get(name)
+            .map(|s| info(name, s))
+            .ok_or_else(|| not_found(name))
+    }
+
+    /// Takes every export down (in parallel) and refuses new ones. The record is kept: a
+    /// restarted daemon serves the run-time exports again.
+    pub fn shutdown(&self) {
+        let exports: Vec<(String, Box<Export>)> = {
+            let mut inner = self.lock();
+            inner.closing = true;
+            let names: Vec<String> = inner.slots.keys().cloned().collect();
+            names
+                .into_iter()
+                .filter_map(|n| {
+                    let slot = inner.slots.get_mut(&n)?;
+                    match std::mem::replace(&mut slot.state, State::Stopping) {
+                        State::Serving(e) => Some((n, e)),
+                        other => {
+                            slot.state = other;
+                            None
+                        }
+                    }
+                })
+                .collect()
+        };
+        std::thread::scope(|s| {
+            for (name, export) in exports {
+                s.spawn(move || {
+                    if let Err(e) = stop(*export) {
+                        tracing::error!("{name}: {e}");
+                    }
+                });
+            }
+        });
+    }
+
+    fn save_record(&self, inner: &Inner) {
+        let specs = inner
+            .slots
+            .values()
+            .filter(|s| s.runtime && !matches!(s.state, State::Stopping))
+            .map(|s| &s.spec);
+        if let Err(e) = self.record.save(specs) {
+            tracing::error!(
+                "cannot write the record of run-time exports: {e}: they will not be served \
+                 again after a restart"
+            );
+        }
+    }
+}
+
+/// Opens the backend and sets the transport up.
+fn start(args: &ExportArgs) -> Result<Box<Export>, ApiError> {
+    let (backend, opts, dev) = args.parts();
+    let built = device::build(backend, opts, dev).map_err(|e| ApiError::new(Code::Backend, e))?;
+    let serving = match args {
+        ExportArgs::Vduse(a) => VduseServing::start(a, &built).map(Serving::Vduse),
+        ExportArgs::VhostUser(a) => {
+            VhostUserServing::start(a, &built, || {}).map(Serving::VhostUser)
+        }
+    }
+    .map_err(|e| ApiError::new(Code::Transport, e))?;
+    Ok(Box::new(Export {
+        description: built.description,
+        size: built.size,
+        serving,
+    }))
+}
+
+fn stop(export: Export) -> Result<(), String> {
+    match export.serving {
+        Serving::Vduse(v) => v.stop(),
+        Serving::VhostUser(v) => v.stop(),
+    }
+}
+
+fn info(name: &str, slot: &Slot) -> ExportInfo {
+    let mut i = ExportInfo {
+        name: name.to_string(),
+        transport: slot.transport.to_string(),
+        state: "starting",
+        backend: None,
+        size: None,
+        device: None,
+        driver: None,
+        socket: slot.socket.clone(),
+        error: None,
+        runtime: slot.runtime,
+        options: slot.spec.clone(),
+    };
+    match &slot.state {
+        State::Starting => {}
+        State::Stopping => i.state = "stopping",
+        State::Failed(e) => {
+            i.state = "failed";
+            i.error = Some(e.clone());
+        }
+        State::Serving(export) => {
+            i.backend = Some(export.description.clone());
+            i.size = Some(export.size);
+            match &export.serving {
+                Serving::Vduse(v) => {
+                    i.state = "serving";
+                    match v.attached() {
+                        Some(Attached::Block(b)) => i.device = Some(format!("/dev/{b}")),
+                        Some(Attached::Driver(d)) => i.driver = Some(d.clone()),
+                        _ => {}
+                    }
+                }
+                Serving::VhostUser(v) => {
+                    i.state = if v.connected() {
+                        "connected"
+                    } else {
+                        "waiting"
+                    };
+                    if let Some(e) = v.failure() {
+                        i.state = "failed";
+                        i.error = Some(e);
+                    }
+                }
+            }
+        }
+    }
+    i
+}
+
+/// True if a block device is held exclusively: mounted, or opened with O_EXCL.
+fn in_use(blk: &str) -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_NONBLOCK)
+        .open(format!("/dev/{blk}"))
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
+}
+
+fn not_found(name: &str) -> ApiError {
+    ApiError::new(
+        Code::NotFound,
+        format!("no export named {name}: `vudev ctl list` shows them"),
+    )
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(Code::ShuttingDown, "the daemon is shutting down")
+}

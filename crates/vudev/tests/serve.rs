@@ -1,0 +1,631 @@
+//! `vudev serve` and its control API, on this host with vhost-user exports and the blkio
+//! client: exports added and removed while others serve data, clients that send anything,
+//! permissions, a restart that serves the run-time exports again, sd_notify.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{pattern, scratch, terminate, Client, SIZE};
+use serde_json::{json, Value};
+
+const VUDEV: &str = env!("CARGO_BIN_EXE_vudev");
+
+/// A `vudev serve` process; SIGTERM on drop must end it with status 0 and remove the
+/// control socket.
+struct Daemon {
+    child: Option<Child>,
+    control: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, config: Option<&str>, extra: &[&str]) -> Daemon {
+        let control = dir.join("control.sock");
+        let mut cmd = Command::new(VUDEV);
+        cmd.arg("serve")
+            .arg("--control")
+            .arg(&control)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("serve.log"))
+                    .unwrap(),
+            );
+        if let Some(text) = config {
+            let path = dir.join("vudev.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
+        let mut child = cmd.spawn().expect("start vudev serve");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&control).is_err() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("vudev serve exited with {st}: {}", log(dir));
+            }
+            assert!(Instant::now() < deadline, "no control socket: {}", log(dir));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon {
+            child: Some(child),
+            control,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// One call: the reply's `result`, or `Err((code, message))`.
+    fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
+        let line = json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params});
+        let reply = exchange(&self.control, &line.to_string());
+        assert_eq!(reply["id"], 7, "{reply}");
+        match reply.get("error") {
+            Some(e) => Err((
+                e["code"].as_i64().unwrap(),
+                e["message"].as_str().unwrap().into(),
+            )),
+            None => Ok(reply["result"].clone()),
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        let list = self.call("list", json!({})).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let st = terminate(
+                &mut child,
+                Duration::from_secs(20),
+                "vudev serve ignored SIGTERM",
+            );
+            if !std::thread::panicking() {
+                assert!(st.success(), "vudev serve exited with {st}");
+                assert!(!self.control.exists(), "control socket left behind");
+            }
+        }
+    }
+}
+
+fn log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("serve.log")).unwrap_or_default()
+}
+
+/// Sends `line` and reads one reply line.
+fn exchange(control: &Path, line: &str) -> Value {
+    let s = UnixStream::connect(control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    writeln!(&s, "{line}").unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("reply {reply:?}: {e}"))
+}
+
+fn memory_export(dir: &Path, name: &str) -> String {
+    format!(
+        "[[export]]\ntransport = \"vhost-user\"\nname = \"{name}\"\nsocket = \"{}\"\nmemory = \"{}\"\n",
+        dir.join(format!("{name}.sock")).display(),
+        SIZE
+    )
+}
+
+/// A file export on an image of its own (its data is not in the daemon's RSS).
+fn file_export(dir: &Path, name: &str) -> String {
+    let image = dir.join(format!("{name}.img"));
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    format!(
+        "[[export]]\ntransport = \"vhost-user\"\nname = \"{name}\"\nsocket = \"{}\"\nfile = \"{}\"\n",
+        dir.join(format!("{name}.sock")).display(),
+        image.display()
+    )
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Writes and reads back patterns on `socket` until `stop`; the rounds done.
+fn verify_until(socket: &Path, stop: &AtomicBool) -> usize {
+    let mut c = Client::connect(socket, 1).unwrap();
+    let mut rounds = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let off = (rounds as u64 * 65536 * 7) % (SIZE - 65536);
+        pattern(&mut c.buf()[..65536], off + 1);
+        assert_eq!(c.write(0, off, 65536), 0, "write at {off}");
+        assert_eq!(c.read(0, off, 65536), 0, "read at {off}");
+        let b = c.buf();
+        assert!(
+            b[..65536] == b[1 << 20..(1 << 20) + 65536],
+            "data differs at {off}"
+        );
+        rounds += 1;
+    }
+    rounds
+}
+
+#[test]
+fn exports_come_and_go_while_the_others_serve_data() {
+    let dir = scratch("serve-churn");
+    let config = file_export(&dir, "m1") + &file_export(&dir, "m2");
+    let d = Daemon::start(&dir, Some(&config), &[]);
+    assert_eq!(d.names(), ["m1", "m2"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let verifiers: Vec<_> = ["m1", "m2"]
+        .iter()
+        .map(|n| {
+            let (socket, stop) = (dir.join(format!("{n}.sock")), stop.clone());
+            std::thread::spawn(move || verify_until(&socket, &stop))
+        })
+        .collect();
+    let socket = dir.join("tmp.sock");
+    let add = json!({"transport": "vhost-user", "socket": socket, "null": "1G", "num-queues": 2});
+    let (mut fds_before, mut rss_before) = (0, 0);
+    for cycle in 0..500 {
+        if cycle == 50 {
+            (fds_before, rss_before) = (fds(d.pid()), rss_kib(d.pid()));
+        }
+        let added = d.call("add", add.clone()).unwrap();
+        assert_eq!(added["name"], "tmp");
+        assert_eq!(added["state"], "waiting");
+        assert_eq!(added["size"], 1u64 << 30);
+        if cycle % 100 == 0 {
+            // A connected frontend is disconnected by the remove.
+            let mut c = Client::connect(&socket, 2).unwrap();
+            assert_eq!(c.read(1, 0, 4096), 0);
+            assert_eq!(
+                d.call("show", json!({"name": "tmp"})).unwrap()["state"],
+                "connected"
+            );
+            d.call("remove", json!({"name": "tmp"})).unwrap();
+            drop(c);
+        } else {
+            d.call("remove", json!({"name": "tmp"})).unwrap();
+        }
+        assert!(
+            !socket.exists(),
+            "cycle {cycle}: the socket outlived its export"
+        );
+    }
+    let (fds_after, rss_after) = (fds(d.pid()), rss_kib(d.pid()));
+    stop.store(true, Ordering::Relaxed);
+    for v in verifiers {
+        let rounds = v
+            .join()
+            .expect("a verifier failed while exports came and went");
+        assert!(rounds > 10, "only {rounds} rounds of verified I/O");
+    }
+    // A control connection may be closing as the fds are counted: a leak shows as hundreds.
+    assert!(
+        fds_after <= fds_before + 4,
+        "file descriptors leak per add/remove: {fds_before} after 50 cycles, {fds_after} after 500"
+    );
+    assert!(
+        rss_after < rss_before + 8192,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB over 450 add/remove cycles"
+    );
+    assert_eq!(d.names(), ["m1", "m2"]);
+}
+
+#[test]
+fn the_control_api_answers_anything_with_an_error_and_changes_nothing() {
+    let dir = scratch("serve-bad");
+    let d = Daemon::start(&dir, Some(&memory_export(&dir, "m1")), &[]);
+    let before = d.call("list", json!({})).unwrap();
+    let cases: &[(&str, i64)] = &[
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"list\"", -32700),
+        ("not json at all", -32700),
+        ("\u{0}\u{1}\u{2}", -32700),
+        ("42", -32600),
+        ("[]", -32600),
+        ("{\"id\": 1, \"method\": \"list\"}", -32600),
+        ("{\"jsonrpc\": \"1.0\", \"id\": 1, \"method\": \"list\"}", -32600),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": 5}", -32600),
+        ("{\"jsonrpc\": \"2.0\", \"id\": {}, \"method\": \"list\"}", -32600),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"list\", \"extra\": 1}", -32600),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"format_disk\"}", -32601),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"list\", \"params\": [1]}", -32602),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"list\", \"params\": {\"all\": true}}", -32602),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"show\"}", -32602),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"show\", \"params\": {\"name\": 3}}", -32602),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"show\", \"params\": {\"name\": \"nope\"}}", 1),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"remove\", \"params\": {\"name\": \"m1\", \"force\": \"yes\"}}", -32602),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"add\", \"params\": {\"transport\": \"vhost-user\", \"name\": \"m1\", \"socket\": \"/nonexistent/x.sock\", \"null\": \"1G\"}}", 2),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"add\", \"params\": {\"transport\": \"vhost-user\", \"socket\": \"/tmp/q.sock\", \"null\": \"1G\", \"num-queues\": 1000}}", -32602),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"add\", \"params\": {\"transport\": \"vhost-user\", \"socket\": \"/tmp/q.sock\", \"file\": \"/nonexistent.img\"}}", 3),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"add\", \"params\": {\"transport\": \"vhost-user\", \"socket\": \"/proc/q.sock\", \"null\": \"1G\"}}", 4),
+        ("{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"add\", \"params\": {\"transport\": \"vhost-user\", \"socket\": \"/tmp/q.sock\", \"null\": \"1G\", \"nbd-timeout\": 5}}", -32602),
+    ];
+    for (line, code) in cases {
+        let reply = exchange(&d.control, line);
+        assert_eq!(reply["error"]["code"], *code, "{line} gave {reply}");
+        assert!(reply["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    // A notification gets no reply; the request after it on the same connection does.
+    let s = UnixStream::connect(&d.control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    writeln!(&s, "{{\"jsonrpc\": \"2.0\", \"method\": \"version\"}}").unwrap();
+    writeln!(
+        &s,
+        "{{\"jsonrpc\": \"2.0\", \"id\": \"b\", \"method\": \"version\"}}"
+    )
+    .unwrap();
+    writeln!(
+        &s,
+        "[{{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"version\"}}, 5]"
+    )
+    .unwrap();
+    let mut r = BufReader::new(&s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&line).unwrap()["id"],
+        "b",
+        "{line}"
+    );
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    let batch: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        batch[0]["result"]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "{batch}"
+    );
+    assert_eq!(batch[1]["error"]["code"], -32600, "{batch}");
+    // A request larger than the bound: an error, and the connection is closed.
+    let big = UnixStream::connect(&d.control).unwrap();
+    big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let writer = {
+        let big = big.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![b' '; 1 << 16];
+            for _ in 0..64 {
+                if (&big).write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut reply = String::new();
+    BufReader::new(&big).read_line(&mut reply).unwrap();
+    assert_eq!(
+        serde_json::from_str::<Value>(&reply).unwrap()["error"]["code"],
+        -32600
+    );
+    let mut rest = Vec::new();
+    let _ = (&big).read_to_end(&mut rest);
+    writer.join().unwrap();
+    // A client that connects and sends nothing does not hold up the others.
+    let _idle = UnixStream::connect(&d.control).unwrap();
+    let clients: Vec<_> = (0..2)
+        .map(|i| {
+            let (control, dir) = (d.control.clone(), dir.to_path_buf());
+            std::thread::spawn(move || {
+                let socket = dir.join(format!("c{i}.sock"));
+                for _ in 0..20 {
+                    let add = json!({"jsonrpc": "2.0", "id": i, "method": "add",
+                                     "params": {"transport": "vhost-user", "socket": socket, "null": "1M"}});
+                    assert!(exchange(&control, &add.to_string())["result"].is_object());
+                    let rm = json!({"jsonrpc": "2.0", "id": i, "method": "remove",
+                                    "params": {"name": format!("c{i}")}});
+                    assert!(exchange(&control, &rm.to_string())["result"].is_object());
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert_eq!(d.call("list", json!({})).unwrap(), before);
+    common::writable_suite(&dir.join("m1.sock"), 1);
+}
+
+#[test]
+fn the_control_socket_is_the_owners_unless_a_group_is_let_in() {
+    let dir = scratch("serve-perm");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ctl_as_nobody = |control: &Path| {
+        let mut cmd = Command::new(VUDEV);
+        cmd.args(["ctl", "--control"]).arg(control).arg("list");
+        // SAFETY: setgid/setuid between fork and exec touch no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(65534) != 0
+                    || libc::setuid(65534) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        cmd.output().unwrap()
+    };
+    let d = Daemon::start(&dir, None, &[]);
+    let mode = std::fs::metadata(&d.control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let out = ctl_as_nobody(&d.control);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(d
+        .call("list", json!({}))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .is_empty());
+    drop(d);
+    // With --control-group, that group's members get in.
+    let d = Daemon::start(&dir, None, &["--control-group", "65534"]);
+    let meta = std::fs::metadata(&d.control).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let out = ctl_as_nobody(&d.control);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("NAME"));
+}
+
+#[test]
+fn a_restarted_daemon_serves_again_what_was_added_at_run_time() {
+    let dir = scratch("serve-restart");
+    let image = common::sparse_image(&dir);
+    let config = memory_export(&dir, "m1");
+    let d = Daemon::start(&dir, Some(&config), &[]);
+    let socket = dir.join("rt.sock");
+    let added = d
+        .call(
+            "add",
+            json!({"transport": "vhost-user", "socket": socket, "file": image}),
+        )
+        .unwrap();
+    assert_eq!(added["runtime"], true);
+    let mut c = Client::connect(&socket, 1).unwrap();
+    pattern(&mut c.buf()[..65536], 99);
+    assert_eq!(c.write(0, 4096, 65536), 0);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    // kill -9: the control socket and the export sockets are left behind, stale.
+    d.kill();
+    assert!(dir.join("control.sock").exists());
+    let d = Daemon::start(&dir, Some(&config), &[]);
+    assert_eq!(d.names(), ["m1", "rt"]);
+    let rt = d.call("show", json!({"name": "rt"})).unwrap();
+    assert_eq!(
+        (rt["runtime"].clone(), rt["state"].clone()),
+        (json!(true), json!("waiting"))
+    );
+    let mut c = Client::connect(&socket, 1).unwrap();
+    assert_eq!(c.read(0, 4096, 65536), 0);
+    let mut want = vec![0u8; 65536];
+    pattern(&mut want, 99);
+    assert!(
+        c.buf()[1 << 20..(1 << 20) + 65536] == want[..],
+        "data written before the kill"
+    );
+    drop(c);
+    // Removed, it stays removed across a restart; the config's export is kept.
+    d.call("remove", json!({"name": "rt"})).unwrap();
+    drop(d);
+    let d = Daemon::start(&dir, Some(&config), &[]);
+    assert_eq!(d.names(), ["m1"]);
+}
+
+#[test]
+fn a_config_with_an_error_creates_nothing_and_check_prints_the_plan() {
+    let dir = scratch("serve-config");
+    let path = dir.join("vudev.toml");
+    let good = memory_export(&dir, "m1");
+    std::fs::write(&path, format!("{good}\n[[export]]\ntransport = \"vhost-user\"\nsocket = \"{}/b.sock\"\nnull = \"1G\"\nnum-queue = 2\n", dir.display())).unwrap();
+    let control = dir.join("control.sock");
+    let out = Command::new(VUDEV)
+        .args(["serve", "--config"])
+        .arg(&path)
+        .arg("--control")
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:11: unknown option 'num-queue'",
+            path.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("num-queues"), "the options are listed: {err}");
+    assert!(
+        !control.exists() && !dir.join("m1.sock").exists(),
+        "something was created"
+    );
+    // --check: the equivalent commands, nothing created.
+    std::fs::write(&path, &good).unwrap();
+    let out = Command::new(VUDEV)
+        .args(["serve", "--check", "--config"])
+        .arg(&path)
+        .arg("--control")
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.starts_with(&format!(
+            "vudev export vhost-user --memory {SIZE} --name m1 --socket {}",
+            dir.join("m1.sock").display()
+        )),
+        "{plan}"
+    );
+    assert!(
+        !control.exists() && !dir.join("m1.sock").exists(),
+        "--check created something"
+    );
+}
+
+#[test]
+fn the_service_manager_hears_ready_the_watchdog_and_stopping() {
+    let dir = scratch("serve-notify");
+    let listen = dir.join("notify.sock");
+    let manager = UnixDatagram::bind(&listen).unwrap();
+    manager
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let control = dir.join("control.sock");
+    let mut child = Command::new(VUDEV)
+        .args(["serve", "--control"])
+        .arg(&control)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("NOTIFY_SOCKET", &listen)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut heard = Vec::new();
+    let mut next = || {
+        let mut buf = [0u8; 4096];
+        let n = manager.recv(&mut buf).expect("the daemon fell silent");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    while !heard.iter().any(|m: &String| m.contains("READY=1")) {
+        heard.push(next());
+    }
+    assert!(
+        UnixStream::connect(&control).is_ok(),
+        "READY=1 before the control socket"
+    );
+    assert!(next().contains("WATCHDOG=1"));
+    let st = terminate(
+        &mut child,
+        Duration::from_secs(10),
+        "vudev serve ignored SIGTERM",
+    );
+    assert!(st.success());
+    let mut rest = Vec::new();
+    manager
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Ok(m) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut next)) {
+        rest.push(m);
+    }
+    assert!(rest.iter().any(|m| m.contains("STOPPING=1")), "{rest:?}");
+}
+
+/// `expected` with `"…"` standing for any value.
+fn matches_doc(got: &Value, expected: &Value) -> bool {
+    match (got, expected) {
+        (_, Value::String(s)) if s == "…" => true,
+        (Value::Object(g), Value::Object(e)) => {
+            g.len() == e.len()
+                && e.iter()
+                    .all(|(k, v)| g.get(k).is_some_and(|gv| matches_doc(gv, v)))
+        }
+        (Value::Array(g), Value::Array(e)) => {
+            g.len() == e.len() && g.iter().zip(e).all(|(a, b)| matches_doc(a, b))
+        }
+        _ => got == expected,
+    }
+}
+
+#[test]
+fn the_api_document_runs_as_written() {
+    let dir = scratch("serve-apidoc");
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/API.md"))
+        .unwrap()
+        .replace("/run/vudev/", &format!("{}/", dir.display()));
+    // Fenced blocks, in order: (language, text).
+    let mut blocks = Vec::new();
+    let mut open: Option<(String, String)> = None;
+    for line in doc.lines() {
+        match (&mut open, line.strip_prefix("```")) {
+            (None, Some(lang)) => open = Some((lang.to_string(), String::new())),
+            (Some(_), Some("")) => blocks.push(open.take().unwrap()),
+            (Some((_, text)), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, None) => {}
+        }
+    }
+    let config = &blocks
+        .iter()
+        .find(|(l, _)| l == "toml")
+        .expect("a config block")
+        .1;
+    let d = Daemon::start(&dir, Some(config), &[]);
+    let mut ran = 0;
+    for pair in blocks.windows(2) {
+        let [(l1, cmd), (l2, want)] = pair else {
+            unreachable!()
+        };
+        if l1 != "sh" || l2 != "json" {
+            continue;
+        }
+        assert!(
+            cmd.starts_with("echo '") && cmd.contains("| socat - UNIX-CONNECT:"),
+            "{cmd}"
+        );
+        let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{cmd}: {e}: {}", String::from_utf8_lossy(&out.stdout)));
+        let want: Value = serde_json::from_str(want).unwrap_or_else(|e| panic!("{want}: {e}"));
+        assert!(
+            matches_doc(&got, &want),
+            "{cmd}\n gave: {got}\nthe document says: {want}"
+        );
+        ran += 1;
+    }
+    assert!(ran >= 9, "only {ran} examples found");
+    drop(d);
+}

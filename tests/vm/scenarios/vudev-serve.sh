@@ -1,0 +1,93 @@
+# vudev serve: one daemon for a config of three VDUSE exports (file, memory, NBD), one more
+# added at run time through `vudev ctl` and one removed while fio verifies the others; a
+# remove refused while the disk is mounted; then kill -9 of the daemon under fio verify and a
+# restart with the same config that adopts every export again (the run-time one included),
+# with no verify error.
+. /lib.sh
+truncate -s 64M /tmp/s-file.img /tmp/s-nbd.img /tmp/s-rt.img
+qemu-storage-daemon --blockdev driver=file,filename=/tmp/s-nbd.img,node-name=d0 \
+    --nbd-server addr.type=unix,addr.path=/tmp/s-nbd.sock \
+    --export type=nbd,id=e0,node-name=d0,name=vol,writable=on 2>>/tmp/qsd-s.log &
+wait_for /tmp/s-nbd.sock 20
+sleep 0.3
+cat > /tmp/vudev.toml <<'TOML'
+# three disks
+[[export]]
+transport = "vduse"
+name = "sfile"
+file = "/tmp/s-file.img"
+num-queues = 2
+
+[[export]]
+transport = "vduse"
+name = "smem"
+memory = "64M"
+
+[[export]]
+transport = "vduse"
+name = "snbd"
+nbd = "nbd+unix:///vol?socket=/tmp/s-nbd.sock"
+TOML
+check serve-config-check sh -c "vudev serve --check --config /tmp/vudev.toml | grep -q '3 export(s), no error'"
+start_serve() {
+    vudev serve --config /tmp/vudev.toml 2>>/tmp/serve.log &
+    spid=$!
+}
+start_serve
+for n in sfile smem snbd; do
+    d=$(wait_blkdev $n 30) && echo "CHECK PASS serve-$n-attached" || echo "CHECK FAIL serve-$n-attached: $(tail -3 /tmp/serve.log)"
+done
+check serve-ctl-list sh -c "[ \$(vudev ctl list --json | grep -c '\"state\": \"serving\"') -eq 3 ]"
+check serve-ctl-add vudev ctl add vduse --name srt --file /tmp/s-rt.img
+rt=$(wait_blkdev srt 30) && echo "CHECK PASS serve-srt-attached" || echo "CHECK FAIL serve-srt-attached"
+check serve-ctl-show sh -c "vudev ctl show srt | grep -q '$rt'"
+
+# fio with verification on three exports while the fourth is removed.
+fio_on() { # NAME SECONDS
+    fio --name=$1 --filename="$(blkdev_of $1)" --rw=randwrite --bsrange=4k-128k --iodepth=16 \
+        --ioengine=libaio --direct=1 --size=16m --time_based --runtime=$2 --verify=crc32c \
+        --verify_backlog=256 --verify_fatal=1 --randrepeat=0 >/tmp/fio-$1.log 2>&1
+}
+fio_on sfile 8 & f1=$!
+fio_on snbd 8 & f2=$!
+fio_on srt 8 & f3=$!
+sleep 2
+check serve-remove-under-io vudev ctl remove smem
+check serve-removed-gone sh -c "[ ! -e /sys/bus/vdpa/devices/smem ] && [ ! -e /dev/vduse/smem ]"
+for p in "sfile $f1" "snbd $f2" "srt $f3"; do
+    set -- $p
+    wait_exit $2 90
+    check serve-$1-fio-while-another-removed [ $? -eq 0 ]
+done
+
+# A mounted disk is not removed unless --force.
+mkdir -p /mnt/s
+mkfs.ext4 -q -F "$rt" && mount -t ext4 "$rt" /mnt/s
+vudev ctl remove srt 2>/tmp/rm.err
+rc=$?
+check serve-remove-mounted-refused sh -c "[ $rc -ne 0 ] && grep -q 'in use' /tmp/rm.err"
+check serve-mounted-still-there [ -b "$rt" ]
+umount /mnt/s
+
+# kill -9 under fio verify; the restarted daemon adopts all three and finishes their I/O.
+fio_on sfile 14 & f1=$!
+fio_on snbd 14 & f2=$!
+fio_on srt 14 & f3=$!
+sleep 3
+kill -KILL $spid; wait $spid 2>/dev/null
+sleep 0.5
+start_serve
+i=0
+while [ "$(grep -c 'VDUSE device adopted' /tmp/serve.log)" -lt 3 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+check serve-restart-adopted-all [ "$(grep -c 'VDUSE device adopted' /tmp/serve.log)" -ge 3 ]
+for p in "sfile $f1" "snbd $f2" "srt $f3"; do
+    set -- $p
+    wait_exit $2 120
+    check serve-$1-fio-through-kill-9 [ $? -eq 0 ]
+done
+check serve-after-restart-list sh -c "vudev ctl list | grep -q '^srt ' && vudev ctl list | grep -q '^smem '"
+kill -TERM $spid
+wait_exit $spid 60
+check serve-sigterm-exit-0 [ $? -eq 0 ]
+check serve-all-removed sh -c "[ -z \"\$(ls /sys/bus/vdpa/devices/)\" ] && [ ! -e /dev/vduse/sfile ] && [ ! -e /run/vudev/control.sock ]"
+echo SCENARIO DONE
