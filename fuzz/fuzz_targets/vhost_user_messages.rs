@@ -37,6 +37,6 @@ fuzz_target!(|data: &[u8]| {
         let mut sink = Vec::new();
         let _ = (&theirs).read_to_end(&mut sink);
     });
-    serve_frontend(dev, 256, &Default::default(), ours, &stop, None);
+    serve_frontend(dev, 256, &Default::default(), ours, &stop, None, &Default::default());
     frontend.join().unwrap();
 });

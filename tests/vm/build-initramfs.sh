@@ -13,7 +13,7 @@ out=$root/target/vm/initramfs-$ver.cpio.gz
 exec 9>"$out.lock"
 flock 9
 
-tools=(fio mke2fs mkfs.ext4 e2fsck blkdiscard blockdev vdpa qemu-storage-daemon truncate)
+tools=(fio mke2fs mkfs.ext4 e2fsck resize2fs blkdiscard blockdev vdpa qemu-storage-daemon truncate)
 wanted_modules=(vhost_iotlb vdpa vduse virtio_vdpa virtio_blk irqbypass vhost vhost_vdpa ext4 crc32c_generic)
 
 key=$( { cat "$here/build-initramfs.sh" "$here/init.sh"; echo "$kdir"; for t in "${tools[@]}"; do command -v "$t"; done | xargs sha256sum; } | sha256sum | cut -c1-16)

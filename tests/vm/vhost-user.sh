@@ -3,6 +3,7 @@
 # vhost-user-blk-pci (num-queues 1 and 4) and runs the block suite; then a second QEMU connects
 # after the first exits and finds the data; finally SIGTERM ends vudev with status 0. Then a
 # real guest reboot (QEMU without -no-reboot): data and a marker written before it are found after.
+# Last, vudev serve grows a disk under a running guest (vudev ctl resize), which the guest sees.
 #   [VUDEV=PATH] vhost-user.sh KERNEL   (prints CHECK lines and `N passed, M failed`)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,5 +60,34 @@ check reboot-two-boots [ "$(grep -c 'INIT: kernel' "$root/target/vm/logs/vhost-u
 kill -TERM "$pid"
 set +e; wait "$pid"; rc=$?; set -e
 check reboot-sigterm-exit-0 [ "$rc" = 0 ]
+# An online resize under a running guest: vudev serve on the host, the guest waits for it.
+cat > "$work/serve.toml" <<TOML
+[[export]]
+transport = "vhost-user"
+name = "vm"
+socket = "$work/resize.sock"
+file = "$work/resize.img"
+serial = "vudev-vu"
+TOML
+truncate -s 128M "$work/resize.img"
+"$vudev" serve --config "$work/serve.toml" --control "$work/control.sock" --state-dir "$work/state" 2>"$work/serve.log" &
+pid=$!; pids+=("$pid")
+for _ in $(seq 100); do [[ -S $work/control.sock ]] && break; sleep 0.1; done
+guest_log=$root/target/vm/logs/vhost-user-resize-$ver.log
+rm -f "$guest_log"
+"$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-guest.sh" --env QUEUES=1 --env MODE=resize \
+    --log-name vhost-user-resize --timeout 300 \
+    --qemu-arg -object --qemu-arg "memory-backend-memfd,id=mem,size=2G,share=on" --qemu-arg -numa --qemu-arg "node,memdev=mem" \
+    --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$work/resize.sock" \
+    --qemu-arg -device --qemu-arg "vhost-user-blk-pci,chardev=c0,num-queues=1" > "$work/resize.out" 2>&1 &
+guest=$!
+for _ in $(seq 2400); do grep -q RESIZE-READY "$guest_log" 2>/dev/null && break; kill -0 $guest 2>/dev/null || break; sleep 0.1; done
+check resize-ctl "$vudev" ctl --control "$work/control.sock" resize vm 256M
+set +e; wait $guest; set -e
+tally "$(cat "$work/resize.out")"
+check resize-frontend-told grep -q "the frontend was told" "$work/serve.log"
+kill -TERM "$pid"
+set +e; wait "$pid"; rc=$?; set -e
+check resize-serve-sigterm-exit-0 [ "$rc" = 0 ]
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]

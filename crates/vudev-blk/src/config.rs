@@ -8,7 +8,8 @@ pub(crate) const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 /// What the device offers; derived from the backend and the export options.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockConfig {
-    /// Capacity in bytes (a multiple of `logical_block_size`).
+    /// Capacity in bytes at start (a multiple of `logical_block_size`); see
+    /// [`BlockDevice::resize`](crate::BlockDevice::resize).
     pub size: u64,
     /// Logical block size: 512 or 4096.
     pub logical_block_size: u32,
@@ -42,11 +43,6 @@ impl BlockConfig {
         }
     }
 
-    /// Capacity in 512-byte sectors.
-    pub(crate) fn capacity_sectors(&self) -> u64 {
-        self.size / 512
-    }
-
     /// Largest number of data segments per request.
     pub(crate) fn seg_max(&self) -> u32 {
         u32::from(self.queue_size).saturating_sub(2).max(1)
@@ -72,14 +68,15 @@ impl BlockConfig {
         f
     }
 
-    /// The configuration space (`struct virtio_blk_config`, little endian, 60 bytes).
-    pub(crate) fn config_space(&self) -> Vec<u8> {
+    /// The configuration space (`struct virtio_blk_config`, little endian, 60 bytes), for a
+    /// capacity of `size` bytes (which an online resize changes).
+    pub(crate) fn config_space(&self, size: u64) -> Vec<u8> {
         let mut c = vec![0u8; 60];
         let put = |c: &mut Vec<u8>, off: usize, bytes: &[u8]| {
             c[off..off + bytes.len()].copy_from_slice(bytes)
         };
         let align_sectors = self.logical_block_size / 512;
-        put(&mut c, 0, &self.capacity_sectors().to_le_bytes()); // capacity
+        put(&mut c, 0, &(size / 512).to_le_bytes()); // capacity
         put(&mut c, 12, &self.seg_max().to_le_bytes()); // seg_max
         put(&mut c, 20, &self.logical_block_size.to_le_bytes()); // blk_size
         c[24] = 0; // physical_block_exp
@@ -121,7 +118,7 @@ mod tests {
 
     #[test]
     fn config_space_layout() {
-        let c = cfg().config_space();
+        let c = cfg().config_space(1 << 30);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2 << 20);
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), 254);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);

@@ -4,6 +4,7 @@
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use smallvec::SmallVec;
 use virtio_bindings::virtio_blk::*;
@@ -11,9 +12,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice};
 use vudev_core::memory::{one_slice, read_bytes, write_bytes};
 use vudev_core::{Chain, Completions, Device, Memory, QueueHandler};
 
-use crate::backend::{BlockBackend, IoDone, IoOp, QueueBackend};
+use crate::backend::{BlockBackend, Capacity, IoDone, IoOp, QueueBackend};
 use crate::config::{BlockConfig, MAX_DISCARD_SECTORS};
 use crate::request::{Kind, ParseError, Request};
+use crate::stats::QueueStats;
 
 /// virtio device id of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -22,20 +24,77 @@ pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub struct BlockDevice {
     cfg: Arc<BlockConfig>,
     backend: Arc<dyn BlockBackend>,
+    capacity: Capacity,
+    stats: Vec<Arc<QueueStats>>,
 }
 
 impl BlockDevice {
     /// A device exporting `backend` as `cfg` describes.
     pub fn new(cfg: BlockConfig, backend: Arc<dyn BlockBackend>) -> Self {
         BlockDevice {
+            capacity: Capacity::new(cfg.size),
+            stats: (0..cfg.num_queues)
+                .map(|_| Arc::new(QueueStats::default()))
+                .collect(),
             cfg: Arc::new(cfg),
             backend,
         }
     }
 
-    /// The device's configuration.
+    /// The device's configuration (its size as it was at start: see [`BlockDevice::size`]).
     pub fn config(&self) -> &BlockConfig {
         &self.cfg
+    }
+
+    /// Each queue's counters (they keep counting across driver resets).
+    pub fn stats(&self) -> &[Arc<QueueStats>] {
+        &self.stats
+    }
+
+    /// The backend, in one line (its size as it is now).
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// The capacity now, in bytes.
+    pub fn size(&self) -> u64 {
+        self.capacity.get()
+    }
+
+    /// Changes the capacity while the queues run: the backend first when it grows (so that
+    /// no request reaches past its end), the requests' bound first when it shrinks. Refused
+    /// unless `bytes` is a non-zero multiple of the block size; a shrink that would cut data
+    /// the backend holds is refused unless `force`. The transport then tells the driver
+    /// (its config space now says `bytes`).
+    pub fn resize(&self, bytes: u64, force: bool) -> io::Result<()> {
+        let block = u64::from(self.cfg.logical_block_size);
+        if bytes == 0 || !bytes.is_multiple_of(block) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{bytes} is not a non-zero multiple of the {block}-byte block size"),
+            ));
+        }
+        let now = self.capacity.get();
+        if bytes < now {
+            if !force && self.backend.has_data_beyond(bytes) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "the disk holds data beyond {bytes} bytes, which shrinking would lose: \
+                         pass --force to shrink anyway"
+                    ),
+                ));
+            }
+            self.capacity.set(bytes);
+            if let Err(e) = self.backend.resize(bytes) {
+                self.capacity.set(now);
+                return Err(e);
+            }
+        } else {
+            self.backend.resize(bytes)?;
+            self.capacity.set(bytes);
+        }
+        Ok(())
     }
 }
 
@@ -47,7 +106,7 @@ impl Device for BlockDevice {
         self.cfg.features()
     }
     fn config(&self) -> Vec<u8> {
-        self.cfg.config_space()
+        self.cfg.config_space(self.capacity.get())
     }
     fn num_queues(&self) -> u16 {
         self.cfg.num_queues
@@ -57,9 +116,17 @@ impl Device for BlockDevice {
     }
     fn queue_handler(&self, index: u16, features: u64) -> io::Result<Box<dyn QueueHandler>> {
         let backend = self.backend.queue()?;
+        let stats = self
+            .stats
+            .get(usize::from(index))
+            .cloned()
+            .unwrap_or_default();
         Ok(Box::new(BlockQueue {
             index,
             cfg: self.cfg.clone(),
+            capacity: self.capacity.clone(),
+            stats,
+            clock: None,
             features,
             asynchronous: backend.completion_fd().is_some(),
             backend,
@@ -75,6 +142,10 @@ impl Device for BlockDevice {
 /// A request handed to the backend, waiting for its result.
 struct Pending {
     status: u64,
+    /// Request type (an index of `stats::OPS`), bytes it moves, and when it started.
+    op: usize,
+    bytes: u64,
+    at: Instant,
     /// Bytes written into driver buffers on success (data read + status).
     used_ok: u32,
     /// For asynchronous backends: the memory snapshot the request's buffers live in, kept
@@ -90,6 +161,11 @@ struct Pending {
 pub(crate) struct BlockQueue {
     index: u16,
     cfg: Arc<BlockConfig>,
+    capacity: Capacity,
+    stats: Arc<QueueStats>,
+    /// When the current batch of requests started: one clock read per batch, not per
+    /// request (reset by every `poll`, which ends a batch).
+    clock: Option<Instant>,
     features: u64,
     /// The backend completes requests later (so in-flight buffers must stay mapped).
     asynchronous: bool,
@@ -99,6 +175,15 @@ pub(crate) struct BlockQueue {
     in_flight: usize,
     results: Vec<IoDone>,
     errors: u64,
+}
+
+/// The index in `stats::ERRORS` of an error status, `None` for OK.
+fn error_index(code: u8) -> Option<usize> {
+    match u32::from(code) {
+        VIRTIO_BLK_S_OK => None,
+        VIRTIO_BLK_S_UNSUPP => Some(1),
+        _ => Some(0),
+    }
 }
 
 /// What a [`BlockQueue`] holds in place of its backend while it is being dropped.
@@ -160,7 +245,7 @@ impl BlockQueue {
         sector
             .checked_mul(512)
             .and_then(|o| o.checked_add(len))
-            .is_some_and(|end| end <= self.cfg.size)
+            .is_some_and(|end| end <= self.capacity.get())
     }
 
     /// Validates and starts the parsed request. Returns a status to complete with at once,
@@ -310,13 +395,37 @@ impl BlockQueue {
 
     fn submit(&mut self, mem: &Memory, head: u16, status: u64, used_ok: u32, op: IoOp<'_>) {
         let keep = self.asynchronous.then(|| mem.clone());
+        let (kind, bytes) = match &op {
+            IoOp::Read { .. } => (0, self.req.data_len),
+            IoOp::Write { .. } => (1, self.req.data_len),
+            IoOp::Flush => (2, 0),
+            IoOp::Discard { len, .. } => (3, *len),
+            IoOp::WriteZeroes { len, .. } => (4, *len),
+        };
         self.pending[usize::from(head)] = Some(Pending {
             status,
+            op: kind,
+            bytes,
+            at: *self.clock.get_or_insert_with(Instant::now),
             used_ok,
             _mem: keep,
         });
         self.in_flight += 1;
         self.backend.submit(u64::from(head), op);
+    }
+
+    /// Counts a request answered without the backend.
+    fn count_now(&self, code: u8, bytes: u64) {
+        let op = match self.req.kind {
+            Some(Kind::Read) => 0,
+            Some(Kind::Write) => 1,
+            Some(Kind::Flush) => 2,
+            Some(Kind::Discard) => 3,
+            Some(Kind::WriteZeroes) => 4,
+            Some(Kind::GetId) => 5,
+            Some(Kind::Other(_)) | None => 6,
+        };
+        self.stats.complete(op, bytes, error_index(code), None);
     }
 }
 
@@ -338,19 +447,27 @@ impl QueueHandler for BlockQueue {
         match self.req.parse(mem, chain.descs) {
             Err(ParseError::NoStatus) => {
                 self.log_error(&format!("request {head} has no writable status byte"));
+                self.req.kind = None;
+                self.count_now(VIRTIO_BLK_S_IOERR as u8, 0);
                 done.push(head, 0);
             }
             Err(ParseError::Malformed { status, why }) => {
                 self.log_error(&format!("request {head}: {why}"));
+                self.req.kind = None;
+                self.count_now(VIRTIO_BLK_S_IOERR as u8, 0);
                 self.finish(mem, head, status, VIRTIO_BLK_S_IOERR as u8, 1, done);
             }
             Ok(()) => {
                 let status = self.req.status;
                 match self.start(mem, head) {
                     Ok(None) => {}
-                    Ok(Some((code, used))) => self.finish(mem, head, status, code, used, done),
+                    Ok(Some((code, used))) => {
+                        self.count_now(code, u64::from(used.saturating_sub(1)));
+                        self.finish(mem, head, status, code, used, done)
+                    }
                     Err(why) => {
                         self.log_error(&format!("request {head}: {why}"));
+                        self.count_now(VIRTIO_BLK_S_IOERR as u8, 0);
                         self.finish(mem, head, status, VIRTIO_BLK_S_IOERR as u8, 1, done);
                     }
                 }
@@ -363,8 +480,14 @@ impl QueueHandler for BlockQueue {
     }
 
     fn poll(&mut self, mem: &Memory, done: &mut Completions) {
+        self.clock = None;
         let mut results = std::mem::take(&mut self.results);
         self.backend.reap(&mut results);
+        if results.is_empty() {
+            self.results = results;
+            return;
+        }
+        let now = Instant::now();
         for (cookie, res) in results.drain(..) {
             let head = cookie as u16;
             let Some(p) = self
@@ -375,14 +498,20 @@ impl QueueHandler for BlockQueue {
                 continue;
             };
             self.in_flight -= 1;
+            let took = Some(now.saturating_duration_since(p.at));
             match res {
-                Ok(()) => self.finish(mem, head, p.status, VIRTIO_BLK_S_OK as u8, p.used_ok, done),
+                Ok(()) => {
+                    self.stats.complete(p.op, p.bytes, None, took);
+                    self.finish(mem, head, p.status, VIRTIO_BLK_S_OK as u8, p.used_ok, done)
+                }
                 Err(e) => {
                     self.log_error(&format!("I/O error on request {head}: {e}"));
+                    self.stats.complete(p.op, p.bytes, Some(0), took);
                     self.finish(mem, head, p.status, VIRTIO_BLK_S_IOERR as u8, 1, done);
                 }
             }
         }
+        self.stats.set_in_flight(self.in_flight);
         self.results = results;
     }
 

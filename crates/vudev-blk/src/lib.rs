@@ -11,6 +11,7 @@ pub mod backend;
 pub mod config;
 pub mod device;
 pub mod request;
+pub mod stats;
 
 pub use backend::{
     check_range, eventfd, total_len, zero_fill, Aio, BlockBackend, FileBackend, Immediate, IoDone,

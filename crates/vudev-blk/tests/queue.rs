@@ -49,6 +49,20 @@ impl Rig {
         r
     }
 
+    /// A device on `backend` kept by the caller (to resize it, to read its counters), and a
+    /// worker serving its queue 0.
+    fn on_device(backend: Arc<dyn vudev_blk::BlockBackend>) -> (BlockDevice, Rig) {
+        let cfg = BlockConfig {
+            queue_size: QSIZE,
+            ..BlockConfig::new(DISK)
+        };
+        let dev = BlockDevice::new(cfg, backend);
+        let mut r = Rig::stopped();
+        let handler = dev.queue_handler(0, dev.features()).unwrap();
+        r.0.start(handler, Tracking::default(), 0, false);
+        (dev, r)
+    }
+
     /// Driver memory and rings with no worker yet.
     fn stopped() -> Rig {
         Rig(RingDriver::new(MEM_SIZE, QSIZE))
@@ -436,7 +450,7 @@ fn dirty_pages(log: &File) -> Vec<u64> {
 fn dirty_log_records_what_the_device_writes() {
     let log_file = memfd(MEM_SIZE);
     let log = Arc::new(DirtyLog::new());
-    log.set_bitmap(log_file.try_clone().unwrap(), 0, MEM_SIZE / 4096 / 8)
+    log.set_bitmap(log_file.try_clone().unwrap(), 0, MEM_SIZE / 4096 / 8, None)
         .unwrap();
     let backend = Arc::new(MemoryBackend::new(DISK, false).unwrap());
     let mut r = Rig::stopped();
@@ -557,6 +571,124 @@ fn a_resumed_ring_notifies_the_driver_of_what_was_published_before() {
         "one for the request, none before it"
     );
     fresh.stop();
+}
+
+#[test]
+fn an_online_resize_moves_the_end_of_the_disk_under_running_queues() {
+    for aio in [vudev_blk::Aio::IoUring, vudev_blk::Aio::Sync] {
+        let path =
+            std::env::temp_dir().join(format!("vudev-resize-{}-{aio:?}", std::process::id()));
+        File::create(&path).unwrap().set_len(DISK).unwrap();
+        let backend = Arc::new(vudev_blk::FileBackend::open(&path, false, false, aio).unwrap());
+        let cfg = BlockConfig {
+            queue_size: QSIZE,
+            ..BlockConfig::new(DISK)
+        };
+        let dev = BlockDevice::new(cfg, backend);
+        let mut r = Rig::stopped();
+        r.0.start(
+            dev.queue_handler(0, dev.features()).unwrap(),
+            Tracking::default(),
+            0,
+            false,
+        );
+        let capacity =
+            |dev: &BlockDevice| u64::from_le_bytes(Device::config(dev)[0..8].try_into().unwrap());
+        let past_end = DISK / 512;
+        assert_eq!(
+            r.request(VIRTIO_BLK_T_IN, past_end, Some((DATA, 4096, true)))
+                .0,
+            IOERR
+        );
+        // Grown: the file, the config space and the requests' bound follow, queues running.
+        dev.resize(2 * DISK, false).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 2 * DISK);
+        assert_eq!(capacity(&dev), 2 * DISK / 512);
+        r.fill(DATA, 4096, 0x5a);
+        assert_eq!(
+            r.request(VIRTIO_BLK_T_OUT, past_end, Some((DATA, 4096, false)))
+                .0,
+            OK
+        );
+        assert_eq!(
+            r.request(VIRTIO_BLK_T_IN, past_end, Some((DATA + 0x8000, 4096, true)))
+                .0,
+            OK
+        );
+        assert_eq!(r.bytes(DATA + 0x8000, 4096), vec![0x5a; 4096]);
+        // Shrinking would cut the data just written: refused, nothing changes...
+        let e = dev.resize(DISK, false).unwrap_err();
+        assert!(e.to_string().contains("--force"), "{e}");
+        assert_eq!(dev.size(), 2 * DISK);
+        assert!(
+            dev.resize(DISK + 100, false).is_err(),
+            "not a multiple of the block size"
+        );
+        // ... unless forced; then the end is where it was.
+        dev.resize(DISK, true).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), DISK);
+        assert_eq!(
+            r.request(VIRTIO_BLK_T_IN, past_end, Some((DATA, 4096, true)))
+                .0,
+            IOERR
+        );
+        // A shrink over holes only loses nothing: no force needed.
+        dev.resize(4 * DISK, false).unwrap();
+        dev.resize(2 * DISK, false).unwrap();
+        r.stop();
+        let _ = std::fs::remove_file(&path);
+    }
+    // A backend that cannot change size says so.
+    let dev = BlockDevice::new(
+        BlockConfig::new(DISK),
+        Arc::new(MemoryBackend::new(DISK, false).unwrap()),
+    );
+    let e = dev.resize(2 * DISK, false).unwrap_err();
+    assert!(e.to_string().contains("cannot change size"), "{e}");
+    assert_eq!(dev.size(), DISK);
+}
+
+#[test]
+fn every_request_is_counted_by_type_status_and_latency() {
+    let backend = Arc::new(MemoryBackend::new(DISK, false).unwrap());
+    let (dev, mut r) = Rig::on_device(backend);
+    for _ in 0..3 {
+        assert_eq!(
+            r.request(VIRTIO_BLK_T_OUT, 8, Some((DATA, 4096, false))).0,
+            OK
+        );
+    }
+    assert_eq!(
+        r.request(VIRTIO_BLK_T_IN, 8, Some((DATA, 4096, true))).0,
+        OK
+    );
+    assert_eq!(r.request(VIRTIO_BLK_T_FLUSH, 0, None).0, OK);
+    assert_eq!(
+        r.request(VIRTIO_BLK_T_GET_ID, 0, Some((DATA, 20, true))).0,
+        OK
+    );
+    assert_eq!(
+        r.request(VIRTIO_BLK_T_IN, DISK / 512, Some((DATA, 4096, true)))
+            .0,
+        IOERR
+    );
+    assert_eq!(r.request(77, 0, None).0, VIRTIO_BLK_S_UNSUPP as u8);
+    r.stop();
+    let s = dev.stats()[0].snapshot();
+    let ops = vudev_blk::stats::OPS;
+    let n = |op: &str| s.requests[ops.iter().position(|o| *o == op).unwrap()];
+    assert_eq!(
+        (n("write"), n("read"), n("flush"), n("get_id"), n("other")),
+        (3, 2, 1, 1, 1)
+    );
+    assert_eq!(s.bytes[1], 3 * 4096);
+    assert_eq!(s.bytes[0], 4096, "the refused read moved nothing");
+    assert_eq!(s.errors, [1, 1], "one IOERR, one UNSUPP");
+    // The three writes, the read and the flush that reached the backend are timed.
+    assert_eq!(s.latency[1].iter().sum::<u64>(), 3);
+    assert_eq!(s.latency[0].iter().sum::<u64>(), 1);
+    assert_eq!(s.latency[2].iter().sum::<u64>(), 1);
+    assert_eq!(s.in_flight, 0);
 }
 
 #[test]

@@ -11,11 +11,14 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use vm_memory::mmap::MmapRegion;
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::fault_guard::{sealed_against_shrinking, FaultGuard};
 use crate::memory::map_shared_file;
 
 /// Guest memory covered by one bit of the log.
@@ -30,6 +33,8 @@ pub(crate) const MAX_LOG_SIZE: u64 = 256 << 20;
 pub struct DirtyLog {
     active: AtomicBool,
     bitmap: RwLock<Option<MmapRegion<()>>>,
+    /// Guards the bitmap's mapping when its file could shrink (see `fault_guard.rs`).
+    guard: std::sync::Mutex<Option<FaultGuard>>,
     warned: AtomicBool,
 }
 
@@ -40,16 +45,30 @@ impl DirtyLog {
     }
 
     /// Installs the frontend's bitmap: `size` bytes at `offset` in `file`, mapped shared.
-    /// Replaces (and unmaps) the previous one once no worker is writing to it.
-    pub fn set_bitmap(&self, file: File, offset: u64, size: u64) -> io::Result<()> {
+    /// Replaces (and unmaps) the previous one once no worker is writing to it. With `alarm`,
+    /// a file not sealed against shrinking is guarded: a SIGBUS in it raises the alarm.
+    pub fn set_bitmap(
+        &self,
+        file: File,
+        offset: u64,
+        size: u64,
+        alarm: Option<&Arc<EventFd>>,
+    ) -> io::Result<()> {
         let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
         if size == 0 || size > MAX_LOG_SIZE {
             return Err(invalid(format!(
                 "log size {size} is not between 1 and {MAX_LOG_SIZE} bytes"
             )));
         }
+        let sealed = sealed_against_shrinking(file.as_raw_fd());
         let region = map_shared_file(file, offset, size, "dirty log")?;
+        let guard = match alarm {
+            Some(alarm) if !sealed => Some(FaultGuard::new(region.as_ptr(), region.size(), alarm)?),
+            _ => None,
+        };
         *self.bitmap.write().unwrap_or_else(|e| e.into_inner()) = Some(region);
+        // The old bitmap is unmapped by now: its guard may go.
+        *self.guard.lock().unwrap_or_else(|e| e.into_inner()) = guard;
         Ok(())
     }
 
@@ -62,6 +81,7 @@ impl DirtyLog {
     pub fn clear(&self) {
         self.set_active(false);
         *self.bitmap.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.guard.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// A writer for one batch of completions, or `None` when nothing is to be logged.
@@ -136,7 +156,7 @@ mod tests {
     fn marks_the_pages_a_write_touches_only_while_active() {
         let f = memfd(16);
         let log = DirtyLog::new();
-        log.set_bitmap(f.try_clone().unwrap(), 0, 16).unwrap();
+        log.set_bitmap(f.try_clone().unwrap(), 0, 16, None).unwrap();
         assert!(log.writer().is_none(), "inactive log must not write");
         log.set_active(true);
         let w = log.writer().unwrap();
@@ -157,13 +177,19 @@ mod tests {
     fn refuses_logs_that_do_not_fit_their_file() {
         let log = DirtyLog::new();
         let f = memfd(4096);
-        assert!(log.set_bitmap(f.try_clone().unwrap(), 0, 0).is_err());
-        assert!(log.set_bitmap(f.try_clone().unwrap(), 0, 8192).is_err());
-        assert!(log.set_bitmap(f.try_clone().unwrap(), 4096, 1).is_err());
-        assert!(log.set_bitmap(f.try_clone().unwrap(), u64::MAX, 2).is_err());
+        assert!(log.set_bitmap(f.try_clone().unwrap(), 0, 0, None).is_err());
         assert!(log
-            .set_bitmap(f.try_clone().unwrap(), 0, MAX_LOG_SIZE + 1)
+            .set_bitmap(f.try_clone().unwrap(), 0, 8192, None)
             .is_err());
-        log.set_bitmap(f, 0, 4096).unwrap();
+        assert!(log
+            .set_bitmap(f.try_clone().unwrap(), 4096, 1, None)
+            .is_err());
+        assert!(log
+            .set_bitmap(f.try_clone().unwrap(), u64::MAX, 2, None)
+            .is_err());
+        assert!(log
+            .set_bitmap(f.try_clone().unwrap(), 0, MAX_LOG_SIZE + 1, None)
+            .is_err());
+        log.set_bitmap(f, 0, 4096, None).unwrap();
     }
 }

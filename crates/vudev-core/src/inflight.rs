@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{fence, AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -54,13 +54,24 @@ impl InflightArea {
         check_geometry(num_queues, queue_size)?;
         let size = u64::from(num_queues) * queue_region_size(queue_size) as u64;
         // SAFETY: memfd_create with a static NUL-terminated name; the new fd is owned below.
-        let fd = unsafe { libc::memfd_create(c"vudev-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"vudev-inflight".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just created and nothing else owns it.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size)?;
+        // Sealed, so that the frontend that keeps it cannot shrink it under us (SIGBUS).
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on the memfd just created.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok((file, size))
     }
 

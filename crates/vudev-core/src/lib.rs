@@ -11,12 +11,13 @@
 
 pub mod device;
 pub mod dirty_log;
+pub mod fault_guard;
 pub mod inflight;
 pub mod memory;
 pub mod polling;
 pub mod readiness;
 pub mod socket;
-#[cfg(feature = "test-utils")]
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testkit;
 pub mod worker;
 

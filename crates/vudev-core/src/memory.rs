@@ -8,10 +8,14 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, Weak};
 
 use vm_memory::guest_memory::{GuestMemoryBackendSliceIterator, GuestMemorySliceIterator};
-use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::fault_guard::{sealed_against_shrinking, FaultGuard};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic,
     GuestMemoryBackend, GuestMemoryLoadGuard, GuestMemoryRegion, GuestRegionMmap, Permissions,
@@ -170,6 +174,23 @@ pub struct MemoryMap {
     atomic: GuestMemoryAtomic<Memory>,
     source: Option<Box<dyn MappingSource>>,
     update: Mutex<()>,
+    /// Where a peer's file may shrink under us (vhost-user): the alarm a SIGBUS in one of
+    /// its mappings raises, and the guards of those mappings, each kept until its mapping is
+    /// gone (see `fault_guard.rs`).
+    fault: Mutex<Faults>,
+}
+
+#[derive(Default)]
+struct Faults {
+    alarm: Option<Arc<EventFd>>,
+    guards: Vec<(Weak<MmapRegion<()>>, FaultGuard)>,
+}
+
+impl Faults {
+    /// Drops the guards of mappings that no snapshot holds any more (they are unmapped).
+    fn sweep(&mut self) {
+        self.guards.retain(|(region, _)| region.strong_count() > 0);
+    }
 }
 
 impl std::fmt::Debug for MemoryMap {
@@ -187,7 +208,14 @@ impl MemoryMap {
             atomic: GuestMemoryAtomic::new(Memory::default()),
             source,
             update: Mutex::new(()),
+            fault: Mutex::new(Faults::default()),
         }
+    }
+
+    /// From now on, guards the mappings of files that are not sealed against shrinking: a
+    /// SIGBUS in one zero-fills it and makes `alarm` readable, instead of killing the process.
+    pub fn set_fault_alarm(&self, alarm: Arc<EventFd>) {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).alarm = Some(alarm);
     }
 
     /// True if missing mappings can be looked up on demand ([`MemoryMap::fault_in`] may help).
@@ -207,15 +235,26 @@ impl MemoryMap {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .replace(Memory::default());
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).sweep();
     }
 
     /// Replaces the whole map with `mappings` (vhost-user's memory table).
     pub fn replace(&self, mappings: Vec<Mapping>) -> io::Result<()> {
         let _g = self.update.lock().unwrap_or_else(|e| e.into_inner());
+        let mut faults = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        faults.sweep();
         let mut regions = Vec::with_capacity(mappings.len());
         for m in mappings {
-            regions.push(Arc::new(map_region(m)?));
+            let sealed = sealed_against_shrinking(m.file.as_raw_fd());
+            let region = map_region(m)?;
+            if let (Some(alarm), false) = (&faults.alarm, sealed) {
+                let mmap = region.get_mmap();
+                let guard = FaultGuard::new(mmap.as_ptr(), mmap.size(), alarm)?;
+                faults.guards.push((Arc::downgrade(&mmap), guard));
+            }
+            regions.push(Arc::new(region));
         }
+        drop(faults);
         let mem = build(regions)?;
         self.atomic
             .lock()

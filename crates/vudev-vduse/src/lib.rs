@@ -304,6 +304,24 @@ impl VduseExport {
         &self.name
     }
 
+    /// Tells the driver that the device's config space changed (an online resize): the
+    /// state file records it (so that a restarted daemon adopts the device as it is now), the
+    /// kernel's copy is replaced, and a running driver gets the config interrupt.
+    pub fn config_changed(&self) -> Result<(), TransportError> {
+        let inner = self.inner();
+        let config = inner.device.config();
+        if let Some(state) = &self.state {
+            state
+                .set_config(&config)
+                .map_err(TransportError::StateFile)?;
+        }
+        inner.dev.set_config(0, &config)?;
+        if inner.lock().status & VIRTIO_CONFIG_S_DRIVER_OK as u8 != 0 {
+            inner.dev.inject_config_irq()?;
+        }
+        Ok(())
+    }
+
     /// Starts the control-message thread. It runs until the returned handle is stopped.
     pub fn spawn_message_loop(&self) -> Result<MessageLoop, TransportError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)

@@ -140,6 +140,20 @@ impl StateFile {
         Ok(Some((StateFile { path, area }, shape)))
     }
 
+    /// Records a changed config space (an online resize), so that a restarted daemon adopts
+    /// the device as it is now.
+    pub fn set_config(&self, config: &[u8]) -> io::Result<()> {
+        if config.len() > HEADER_SIZE as usize - CONFIG_AT {
+            return Err(io::Error::other(
+                "config space too large for the state file",
+            ));
+        }
+        let file = open_file(&self.path, false)?;
+        file.write_all_at(config, CONFIG_AT as u64)?;
+        file.write_all_at(&(config.len() as u32).to_le_bytes(), 24)?;
+        file.sync_data()
+    }
+
     /// The in-flight area.
     pub fn area(&self) -> &Arc<InflightArea> {
         &self.area
@@ -177,6 +191,12 @@ mod tests {
         drop(created);
         let (again, found) = StateFile::open(&dir, "d0").unwrap().unwrap();
         assert_eq!(found, shape());
+        // A resize records the new config; the records stay.
+        let resized: Vec<u8> = (100..160).collect();
+        again.set_config(&resized).unwrap();
+        let (again, found) = StateFile::open(&dir, "d0").unwrap().unwrap();
+        assert_eq!(found.config, resized);
+        assert_eq!(found.num_queues, 2);
         assert_eq!(
             again.area().queue(1, 256).unwrap().recover(0).heads,
             vec![17]

@@ -2,6 +2,7 @@
 //! validates them; the session checks what only the device can).
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -10,10 +11,11 @@ use vhost::vhost_user::message::{
     VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{
-    Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
+    Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
 
+use vudev_core::fault_guard::sealed_against_shrinking;
 use vudev_core::InflightArea;
 
 use crate::session::{invalid, Session, MAX_CONFIG_SIZE, MAX_MEM_SLOTS};
@@ -208,10 +210,6 @@ impl VhostUserBackendReqHandlerMut for Session {
         Err(invalid("the configuration space is read-only"))
     }
 
-    fn set_backend_req_fd(&mut self, backend: Backend) {
-        self.backend_req = Some(backend);
-    }
-
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {
         Err(VuError::InvalidOperation("not a GPU device"))
     }
@@ -255,6 +253,11 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         let (len, offset) = (inflight.mmap_size, inflight.mmap_offset);
         tracing::debug!(queues, size, len, offset, "SET_INFLIGHT_FD");
+        if !sealed_against_shrinking(file.as_raw_fd()) {
+            return Err(invalid(
+                "the in-flight area is not the sealed memfd GET_INFLIGHT_FD handed out",
+            ));
+        }
         let area = InflightArea::map(file, offset, len, queues, size).map_err(|e| {
             tracing::warn!("frontend in-flight area refused: {e}");
             VuError::InvalidParam
@@ -321,11 +324,13 @@ impl VhostUserBackendReqHandlerMut for Session {
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VuResult<()> {
         let (size, offset) = (log.mmap_size, log.mmap_offset);
         tracing::debug!(size, offset, "SET_LOG_BASE");
-        self.log.set_bitmap(file, offset, size).map_err(|e| {
-            // The frontend waits for a reply the protocol has no error form for: disconnect
-            // it rather than leave it waiting.
-            tracing::warn!("frontend dirty log refused: {e}; disconnecting it");
-            VuError::InvalidMessage
-        })
+        self.log
+            .set_bitmap(file, offset, size, Some(&self.fault))
+            .map_err(|e| {
+                // The frontend waits for a reply the protocol has no error form for: disconnect
+                // it rather than leave it waiting.
+                tracing::warn!("frontend dirty log refused: {e}; disconnecting it");
+                VuError::InvalidMessage
+            })
     }
 }

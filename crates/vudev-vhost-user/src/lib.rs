@@ -12,12 +12,16 @@
 //! messages on it; [`status`] answers the STATUS messages the `vhost` crate does not dispatch.
 #![deny(missing_docs)]
 
+mod backend_channel;
+mod frontend_channel;
 mod handler;
 pub mod server;
 mod session;
 mod status;
 #[cfg(test)]
 mod tests;
+mod wire;
 
+pub use frontend_channel::FrontendChannel;
 pub use server::{serve_frontend, SessionEnd, VhostUserOptions, VhostUserServer};
 pub use session::MAX_MEM_SLOTS;

@@ -15,6 +15,8 @@ use vudev_core::readiness::{poll, pollfd};
 use vudev_core::socket::bind_listener;
 use vudev_core::{Device, WorkerOptions};
 
+use crate::backend_channel::take_channel;
+use crate::frontend_channel::FrontendChannel;
 use crate::session::{lock, Session};
 use crate::status::status_message;
 
@@ -38,6 +40,7 @@ pub struct VhostUserServer {
     device: Arc<dyn Device>,
     opts: VhostUserOptions,
     connected: AtomicBool,
+    channel: FrontendChannel,
 }
 
 impl VhostUserServer {
@@ -52,7 +55,14 @@ impl VhostUserServer {
             device,
             opts: opts.clone(),
             connected: AtomicBool::new(false),
+            channel: FrontendChannel::default(),
         })
+    }
+
+    /// Tells the connected frontend that the device's config space changed (an online
+    /// resize): false if no frontend is connected or it gave no channel for that.
+    pub fn config_changed(&self) -> io::Result<bool> {
+        self.channel.config_changed()
     }
 
     /// True while a frontend is being served.
@@ -92,6 +102,7 @@ impl VhostUserServer {
                 stream,
                 stop,
                 Some(&self.listener),
+                &self.channel,
             );
             self.connected.store(false, Ordering::Relaxed);
             tracing::info!("frontend disconnected; device reset, waiting for the next one");
@@ -118,10 +129,21 @@ pub struct SessionEnd {
     pub waiting: Option<UnixStream>,
 }
 
+impl SessionEnd {
+    /// The frontend went (or could not be served), nobody waits.
+    fn disconnected() -> SessionEnd {
+        SessionEnd {
+            stopped: false,
+            waiting: None,
+        }
+    }
+}
+
 /// Serves one connected frontend until it disconnects or `stop` becomes readable, and resets
 /// the device. A connection arriving on `listener` meanwhile is held for
 /// [`SECOND_FRONTEND_GRACE`]: if the session ends by then it is handed back as the next
-/// frontend, otherwise it is refused (closed, with a log line).
+/// frontend, otherwise it is refused (closed, with a log line). The frontend's channel for
+/// backend requests, if it gives one, is put in `channel` for the session.
 /// This is what [`VhostUserServer::serve`] runs per frontend; a fuzz target drives it directly.
 pub fn serve_frontend(
     device: Arc<dyn Device>,
@@ -130,20 +152,22 @@ pub fn serve_frontend(
     stream: UnixStream,
     stop: &EventFd,
     listener: Option<&UnixListener>,
+    channel: &FrontendChannel,
 ) -> SessionEnd {
-    let state = Arc::new(Mutex::new(Session::new(
-        device,
-        max_queue_size,
-        workers.clone(),
-    )));
+    let session = match Session::new(device, max_queue_size, workers.clone(), channel.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot set up a session for the frontend: {e}");
+            return SessionEnd::disconnected();
+        }
+    };
+    let fault = session.fault.clone();
+    let state = Arc::new(Mutex::new(session));
     let sock = match stream.try_clone() {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot duplicate the frontend socket: {e}");
-            return SessionEnd {
-                stopped: false,
-                waiting: None,
-            };
+            return SessionEnd::disconnected();
         }
     };
     let mut handler = BackendReqHandler::from_stream(stream, state.clone());
@@ -153,6 +177,7 @@ pub fn serve_frontend(
             pollfd(handler.as_raw_fd()),
             pollfd(stop.as_raw_fd()),
             pollfd(listener.map_or(-1, |l| l.as_raw_fd())),
+            pollfd(fault.as_raw_fd()),
         ];
         let timeout = waiting
             .as_ref()
@@ -167,8 +192,17 @@ pub fn serve_frontend(
         if fds[1].revents != 0 {
             break true;
         }
+        if fds[3].revents != 0 {
+            tracing::warn!(
+                "the frontend's memory vanished under a request (it shrank the file it \
+                 shared; SIGBUS caught): disconnecting it"
+            );
+            break false;
+        }
         if fds[0].revents != 0 {
-            let request = match status_message(&sock, &state) {
+            let taken = status_message(&sock, &state)
+                .and_then(|taken| Ok(taken || take_channel(&sock, &state)?));
+            let request = match taken {
                 Ok(true) => Ok(()),
                 Ok(false) => handler.handle_request(),
                 Err(e) => {
@@ -205,6 +239,7 @@ pub fn serve_frontend(
         }
     };
     lock(&state).reset();
+    channel.set(None);
     SessionEnd {
         stopped,
         waiting: waiting.map(|(s, _)| s),

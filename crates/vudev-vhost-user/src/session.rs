@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use vhost::vhost_user::message::{
     VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::vhost_user::{Backend, Error as VuError, Result as VuResult};
+use vhost::vhost_user::{Error as VuError, Result as VuResult};
+
+use crate::frontend_channel::FrontendChannel;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vm_memory::{Bytes, GuestAddress};
@@ -81,9 +83,12 @@ pub(crate) struct Session {
     pub(crate) status: u8,
     /// In-flight area the frontend keeps for us across restarts (INFLIGHT_SHMFD).
     pub(crate) inflight: Option<Arc<InflightArea>>,
-    /// The backend-to-frontend channel (BACKEND_REQ), kept open for the session: closing it
-    /// makes QEMU report an unexpected end of file.
-    pub(crate) backend_req: Option<Backend>,
+    /// The backend-to-frontend channel (BACKEND_REQ), kept open for the session (closing it
+    /// makes QEMU report an unexpected end of file), and shared with the server.
+    pub(crate) backend_req: FrontendChannel,
+    /// Readable once the frontend's memory (or dirty log) vanished under an access (it
+    /// shrank the file: SIGBUS, caught): the session then ends.
+    pub(crate) fault: Arc<EventFd>,
 }
 
 pub(crate) fn invalid(what: &'static str) -> VuError {
@@ -96,7 +101,8 @@ impl Session {
         device: Arc<dyn Device>,
         max_queue_size: u16,
         workers: WorkerOptions,
-    ) -> Self {
+        backend_req: FrontendChannel,
+    ) -> io::Result<Self> {
         let offered = device.features()
             | (1 << VIRTIO_F_VERSION_1)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
@@ -104,9 +110,12 @@ impl Session {
             | VhostUserVirtioFeatures::LOG_ALL.bits()
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let n = usize::from(device.num_queues());
-        Session {
+        let fault = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?);
+        let map = Arc::new(MemoryMap::new(None));
+        map.set_fault_alarm(fault.clone());
+        Ok(Session {
             device,
-            map: Arc::new(MemoryMap::new(None)),
+            map,
             regions: Vec::new(),
             vrings: (0..n).map(|_| Vring::default()).collect(),
             offered,
@@ -117,8 +126,9 @@ impl Session {
             log: Arc::new(DirtyLog::new()),
             status: 0,
             inflight: None,
-            backend_req: None,
-        }
+            backend_req,
+            fault,
+        })
     }
 
     /// Stops every ring and returns rings and features to their initial state. The memory

@@ -9,17 +9,12 @@ use std::sync::Mutex;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 use crate::session::{lock, Session};
+use crate::wire::{send_reply, HDR_LEN, HDR_NEED_REPLY, HDR_REPLY, HDR_VERSION};
 
 /// Frontend requests the `vhost` crate (0.18) does not dispatch; this transport answers them.
 const SET_STATUS: u32 = 39;
 const GET_STATUS: u32 = 40;
-/// Header flags: protocol version 1, "this is a reply", "reply wanted" (REPLY_ACK).
-const HDR_VERSION: u32 = 0x1;
-const HDR_REPLY: u32 = 0x4;
-const HDR_NEED_REPLY: u32 = 0x8;
-/// A message header: request, flags, payload size.
-const HDR_LEN: usize = 12;
-/// A header and a u64 payload (SET_STATUS, and the reply to either status message).
+/// A header and a u64 payload (SET_STATUS).
 const STATUS_MSG_LEN: usize = 20;
 
 /// Answers SET_STATUS / GET_STATUS (protocol feature STATUS) when that is the next message on
@@ -75,23 +70,7 @@ pub(crate) fn status_message(sock: &UnixStream, session: &Mutex<Session>) -> io:
     };
     drop(s);
     if let Some(v) = reply {
-        let mut out = [0u8; STATUS_MSG_LEN];
-        out[0..4].copy_from_slice(&code.to_le_bytes());
-        out[4..8].copy_from_slice(&(HDR_VERSION | HDR_REPLY).to_le_bytes());
-        out[8..12].copy_from_slice(&8u32.to_le_bytes());
-        out[12..20].copy_from_slice(&v.to_le_bytes());
-        // SAFETY: `out` is valid for reads of its length; the fd is the frontend's socket.
-        let n = unsafe {
-            libc::send(
-                sock.as_raw_fd(),
-                out.as_ptr().cast(),
-                out.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
-        if usize::try_from(n).ok() != Some(out.len()) {
-            return Err(io::Error::other("cannot send the reply"));
-        }
+        send_reply(sock, code, v)?;
     }
     Ok(true)
 }

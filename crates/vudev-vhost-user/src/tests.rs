@@ -25,7 +25,13 @@ const MEM: u64 = 1 << 20;
 fn session(queues: u16) -> (Session, Arc<MockDevice>) {
     let dev = Arc::new(MockDevice::new(queues));
     (
-        Session::new(dev.clone(), 256, WorkerOptions::default()),
+        Session::new(
+            dev.clone(),
+            256,
+            WorkerOptions::default(),
+            Default::default(),
+        )
+        .unwrap(),
         dev,
     )
 }
@@ -182,4 +188,121 @@ fn bad_queue_numbers_features_and_config_reads_are_refused() {
     assert_eq!(s.get_config(16, 8, flags).unwrap(), vec![0; 8]);
     assert!(s.get_config(250, 16, flags).is_err());
     assert!(s.get_config(u32::MAX, 2, flags).is_err());
+}
+
+/// A raw frontend message: header (request, flags, size) and payload, with `fds` attached.
+fn send_msg(
+    sock: &std::os::unix::net::UnixStream,
+    code: u32,
+    flags: u32,
+    payload: &[u8],
+    fds: &[i32],
+) {
+    let mut msg = code.to_le_bytes().to_vec();
+    msg.extend_from_slice(&(0x1 | flags).to_le_bytes());
+    msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    msg.extend_from_slice(payload);
+    let mut iov = libc::iovec {
+        iov_base: msg.as_mut_ptr().cast(),
+        iov_len: msg.len(),
+    };
+    let mut control = vec![0u8; 64];
+    // SAFETY: an all-zero msghdr is valid; the buffers outlive the call; the control
+    // message is written within `control`.
+    unsafe {
+        let mut m: libc::msghdr = std::mem::zeroed();
+        m.msg_iov = &mut iov;
+        m.msg_iovlen = 1;
+        if !fds.is_empty() {
+            m.msg_control = control.as_mut_ptr().cast();
+            m.msg_controllen = libc::CMSG_SPACE((fds.len() * 4) as u32) as _;
+            let c = libc::CMSG_FIRSTHDR(&m);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
+        }
+        assert_eq!(libc::sendmsg(sock.as_raw_fd(), &m, 0), msg.len() as isize);
+    }
+}
+
+fn read_exact(sock: &std::os::unix::net::UnixStream, n: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut b = vec![0u8; n];
+    (&*sock).read_exact(&mut b).unwrap();
+    b
+}
+
+#[test]
+fn the_backend_channel_carries_config_changes_and_a_bad_one_costs_the_session() {
+    use std::os::unix::net::UnixStream;
+    let dev: Arc<dyn vudev_core::Device> = Arc::new(MockDevice::new(1));
+    for case in ["good", "pipe", "none"] {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let channel = crate::FrontendChannel::default();
+        let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let (dev, chan2) = (dev.clone(), channel.clone());
+        let served = std::thread::spawn(move || {
+            crate::serve_frontend(
+                dev,
+                256,
+                &WorkerOptions::default(),
+                theirs,
+                &stop,
+                None,
+                &chan2,
+            )
+        });
+        send_msg(&ours, 3, 0, &[], &[]); // SET_OWNER
+        let features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        send_msg(&ours, 2, 0, &features.to_le_bytes(), &[]); // SET_FEATURES
+        let protocol: u64 = (1 << 3) | (1 << 5); // REPLY_ACK | BACKEND_REQ
+        send_msg(&ours, 16, 0, &protocol.to_le_bytes(), &[]); // SET_PROTOCOL_FEATURES
+        let (front, back) = UnixStream::pair().unwrap();
+        let mut pipe = [0; 2];
+        // SAFETY: pipe(2) fills the array; both ends are closed below.
+        assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+        let fds: Vec<i32> = match case {
+            "good" => vec![back.as_raw_fd()],
+            "pipe" => vec![pipe[0]],
+            _ => vec![],
+        };
+        send_msg(&ours, 21, 0x8, &[], &fds); // SET_BACKEND_REQ_FD, reply wanted
+                                             // SAFETY: closing our own pipe ends (the session got a copy of one).
+        unsafe {
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+        }
+        drop(back);
+        match case {
+            "good" => {
+                let ack = read_exact(&ours, 20);
+                assert_eq!(u32::from_le_bytes(ack[0..4].try_into().unwrap()), 21);
+                assert_eq!(u64::from_le_bytes(ack[12..20].try_into().unwrap()), 0);
+                assert!(channel.config_changed().unwrap());
+                front
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let msg = read_exact(&front, 12);
+                assert_eq!(
+                    u32::from_le_bytes(msg[0..4].try_into().unwrap()),
+                    2,
+                    "CONFIG_CHANGE_MSG"
+                );
+                assert_eq!(u32::from_le_bytes(msg[8..12].try_into().unwrap()), 0);
+                drop(ours);
+                served.join().unwrap();
+                assert!(
+                    !channel.config_changed().unwrap(),
+                    "the channel outlived its session"
+                );
+            }
+            _ => {
+                // Refused: the session ends, and there is no channel to send on.
+                served.join().unwrap();
+                assert!(!channel.config_changed().unwrap());
+            }
+        }
+    }
 }

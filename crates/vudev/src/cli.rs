@@ -11,6 +11,10 @@ pub struct Cli {
     /// More log output (-v debug, -vv trace); VUDEV_LOG=filter overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Log lines as text (colour on a terminal only) or as JSON objects, one per line, for
+    /// log collectors.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -31,6 +35,16 @@ pub enum Command {
     /// Manage vdpa devices (what iproute2's `vdpa dev` does).
     #[command(subcommand)]
     Vdpa(VdpaCommand),
+    /// Print shell completions for SHELL (from this command line's own definition).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (vudev.1 and one per subcommand) into DIR.
+    Man {
+        /// Where to write them, e.g. /usr/local/share/man/man1.
+        dir: PathBuf,
+    },
 }
 
 /// Where a daemon's control socket is unless --control says otherwise.
@@ -51,6 +65,10 @@ pub struct ServeArgs {
     /// Let this group use the control socket too (mode 0660 instead of 0600).
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,
+    /// Serve metrics (Prometheus text format, GET /metrics) on host:port, e.g.
+    /// 127.0.0.1:9540, or on a unix socket (a path).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Where the daemon records the exports added at run time (serve-exports.json), so that
     /// a restarted daemon serves them again.
     #[arg(long, value_name = "DIR", default_value = "/run/vudev")]
@@ -85,6 +103,21 @@ pub enum CtlCommand {
         /// Remove it even if its block device is in use (mounted).
         #[arg(long)]
         force: bool,
+    },
+    /// Change an export's size while it serves; its driver or frontend sees the new size.
+    Resize {
+        /// Export name.
+        name: String,
+        /// The new size (e.g. 20G); without it, a file backend's size as the file is now.
+        size: Option<String>,
+        /// Shrink even if that cuts data the disk holds.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Request counters of each export's queues (of NAME only, if given).
+    Stats {
+        /// Export name.
+        name: Option<String>,
     },
     /// List the exports.
     List,
@@ -236,6 +269,15 @@ pub struct DeviceArgs {
     /// Pin queue worker threads to these CPUs, e.g. 2,3: queue i runs on the (i mod n)-th.
     #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
     pub queue_cpus: Vec<usize>,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// I/O submission of the file backend.

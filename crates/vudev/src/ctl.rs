@@ -28,6 +28,17 @@ pub fn run(args: CtlArgs, add_matches: Option<&ArgMatches>) -> Result<(), String
             ("add", Value::Object(spec::from_matches(transport, matches)))
         }
         CtlCommand::Remove { name, force } => ("remove", json!({"name": name, "force": force})),
+        CtlCommand::Resize { name, size, force } => {
+            let mut p = json!({"name": name, "force": force});
+            if let Some(size) = size {
+                p["size"] = json!(size);
+            }
+            ("resize", p)
+        }
+        CtlCommand::Stats { name } => match name {
+            Some(n) => ("stats", json!({"name": n})),
+            None => ("stats", json!({})),
+        },
         CtlCommand::List => ("list", json!({})),
         CtlCommand::Show { name } => ("show", json!({"name": name})),
         CtlCommand::Version => ("version", json!({})),
@@ -39,9 +50,16 @@ pub fn run(args: CtlArgs, add_matches: Option<&ArgMatches>) -> Result<(), String
     } else {
         match &args.command {
             CtlCommand::List => table(&result),
+            CtlCommand::Stats { .. } => stats_table(&result),
             CtlCommand::Show { .. } => details(&result),
             CtlCommand::Add(_) => format!("added {}", summary(&result)),
             CtlCommand::Remove { name, .. } => format!("removed {name}"),
+            CtlCommand::Resize { name, .. } => {
+                format!(
+                    "resized {name}: {} bytes",
+                    result["size"].as_u64().unwrap_or(0)
+                )
+            }
             CtlCommand::Version => format!(
                 "vudev serve {} ({})",
                 result["version"].as_str().unwrap_or("?"),
@@ -148,6 +166,30 @@ fn table(list: &Value) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+fn stats_table(exports: &Value) -> String {
+    let mut lines = vec![format!(
+        "{:<16} {:>5} {:>10} {:>10} {:>14} {:>14} {:>7} {:>9}",
+        "EXPORT", "QUEUE", "READS", "WRITES", "READ BYTES", "WRITTEN BYTES", "ERRORS", "IN FLIGHT"
+    )];
+    for e in exports.as_array().into_iter().flatten() {
+        for q in e["queues"].as_array().into_iter().flatten() {
+            let n = |v: &Value| v.as_u64().unwrap_or(0);
+            lines.push(format!(
+                "{:<16} {:>5} {:>10} {:>10} {:>14} {:>14} {:>7} {:>9}",
+                e["name"].as_str().unwrap_or("?"),
+                n(&q["queue"]),
+                n(&q["requests"]["read"]),
+                n(&q["requests"]["write"]),
+                n(&q["bytes"]["read"]),
+                n(&q["bytes"]["write"]),
+                n(&q["errors"]["ioerr"]) + n(&q["errors"]["unsupp"]),
+                n(&q["in_flight"]),
+            ));
+        }
+    }
+    lines.join("\n")
 }
 
 fn details(e: &Value) -> String {

@@ -16,8 +16,6 @@ pub struct Built {
     pub device: Arc<BlockDevice>,
     /// The backend, e.g. `file /srv/disk.img (io_uring)`.
     pub description: String,
-    /// Capacity in bytes.
-    pub size: u64,
 }
 
 /// Checks the options without opening anything.
@@ -70,7 +68,6 @@ pub fn build(
     };
     Ok(Built {
         description: backend.describe(),
-        size: backend.size(),
         device: Arc::new(BlockDevice::new(cfg, backend)),
     })
 }

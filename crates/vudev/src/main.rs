@@ -7,6 +7,7 @@ mod cli;
 mod ctl;
 mod device;
 mod export;
+mod generate;
 mod rpc;
 mod serve;
 mod serving;
@@ -29,15 +30,19 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("VUDEV_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // A log line that cannot be written (stderr closed, a log shipper gone) is dropped:
         // reporting it would write to stderr again, and panic there.
         .log_internal_errors(false)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match cli.log_format {
+        cli::LogFormat::Json => logs.json().init(),
+        cli::LogFormat::Text => logs
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+    }
     let result = match cli.command {
         cli::Command::Export(cli::Export::Vduse(opts)) => export::run_vduse(opts),
         cli::Command::Export(cli::Export::VhostUser(opts)) => export::run_vhost_user(opts),
@@ -52,6 +57,8 @@ fn main() -> ExitCode {
             ctl::run(args, add)
         }
         cli::Command::Vdpa(cmd) => vdpa::run(cmd),
+        cli::Command::Completions { shell } => generate::completions(shell),
+        cli::Command::Man { dir } => generate::man(&dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

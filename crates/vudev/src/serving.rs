@@ -82,6 +82,11 @@ impl VduseServing {
         self.attached.as_ref()
     }
 
+    /// Tells the driver that the config space changed (an online resize).
+    pub fn config_changed(&self) -> Result<(), String> {
+        self.export.config_changed().map_err(|e| e.to_string())
+    }
+
     /// Takes the device off the bus (while the message loop still answers the kernel's
     /// reset), stops the loop and the queues, and destroys the device.
     pub fn stop(self) -> Result<(), String> {
@@ -168,6 +173,14 @@ impl VhostUserServing {
     /// True while a frontend is connected.
     pub fn connected(&self) -> bool {
         self.server.frontend_connected()
+    }
+
+    /// Tells the frontend that the config space changed (an online resize): false if none is
+    /// connected with a channel for that (the next one reads the new config).
+    pub fn config_changed(&self) -> Result<bool, String> {
+        self.server
+            .config_changed()
+            .map_err(|e| format!("cannot tell the frontend: {e}"))
     }
 
     /// Why the server stopped serving, if it failed.

@@ -163,3 +163,81 @@ fn version_names_the_build() {
         && (v.contains("(git ") || v.contains("(built 20"));
     assert!(ok, "{v}");
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+    let dir = std::env::temp_dir().join(format!("vudev-cli-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("j.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["--log-format", "json", "export", "vhost-user", "--socket"])
+        .arg(&socket)
+        .args(["--null", "1M"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = common::terminate(&mut child, Duration::from_secs(10), "vudev ignored SIGTERM");
+    assert!(st.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(lines.len() >= 2, "{err}");
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        err.contains("\"socket\":"),
+        "fields are JSON members: {err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn man_pages_and_completions_come_from_the_command_line() {
+    let dir = std::env::temp_dir().join(format!("vudev-cli-man-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .arg("man")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = std::fs::read_to_string(dir.join("vudev-serve.1")).unwrap();
+    assert!(
+        page.starts_with(".ie \\n(.g .ds Aq") || page.contains(".TH vudev-serve"),
+        "{page}"
+    );
+    assert!(
+        page.contains("control\\-group"),
+        "the page documents the options: {page}"
+    );
+    for name in ["vudev.1", "vudev-export-vduse.1", "vudev-ctl-resize.1"] {
+        assert!(dir.join(name).exists(), "{name} missing");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && script.contains("_vudev()") && script.contains("--nbd-timeout"),
+        "{script}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -58,6 +58,9 @@ impl Daemon {
             assert!(Instant::now() < deadline, "no control socket: {}", log(dir));
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The control socket answers once the config's exports are set up.
+        let list = json!({"jsonrpc": "2.0", "id": 0, "method": "list"}).to_string();
+        assert!(exchange(&control, &list)["result"].is_array());
         Daemon {
             child: Some(child),
             control,
@@ -626,6 +629,239 @@ fn the_api_document_runs_as_written() {
         );
         ran += 1;
     }
-    assert!(ran >= 9, "only {ran} examples found");
+    assert!(ran >= 12, "only {ran} examples found");
     drop(d);
+}
+
+#[test]
+fn a_resize_is_seen_by_the_next_frontend_and_refused_where_it_would_lose_data() {
+    let dir = scratch("serve-resize");
+    let config = file_export(&dir, "f1") + &memory_export(&dir, "m1");
+    let d = Daemon::start(&dir, Some(&config), &[]);
+    let socket = dir.join("f1.sock");
+    // A connected frontend without a backend channel (blkio): it cannot be told, and the
+    // resize still happens.
+    let mut c = Client::connect(&socket, 1).unwrap();
+    assert_ne!(c.read(0, SIZE, 4096), 0, "past the end before the resize");
+    let grown = d
+        .call("resize", json!({"name": "f1", "size": "128M"}))
+        .unwrap();
+    assert_eq!(grown["size"], 128u64 << 20);
+    assert_eq!(
+        std::fs::metadata(dir.join("f1.img")).unwrap().len(),
+        128 << 20
+    );
+    // The bound moved under the running queue: the old end is readable now.
+    assert_eq!(c.read(0, SIZE, 4096), 0, "past the old end after growing");
+    pattern(&mut c.buf()[..4096], 5);
+    assert_eq!(c.write(0, SIZE + 4096, 4096), 0);
+    drop(c);
+    let c = Client::connect(&socket, 1).unwrap();
+    assert_eq!(
+        c.capacity(),
+        128 << 20,
+        "the next frontend reads the new size"
+    );
+    drop(c);
+    // Shrinking below the data just written is refused, and changes nothing...
+    let e = d
+        .call("resize", json!({"name": "f1", "size": SIZE}))
+        .unwrap_err();
+    assert_eq!(e.0, -32602, "{e:?}");
+    assert!(e.1.contains("--force"), "{e:?}");
+    assert_eq!(
+        std::fs::metadata(dir.join("f1.img")).unwrap().len(),
+        128 << 20
+    );
+    // ... unless forced.
+    let shrunk = d
+        .call("resize", json!({"name": "f1", "size": SIZE, "force": true}))
+        .unwrap();
+    assert_eq!(shrunk["size"], SIZE);
+    // A file grown from outside: `resize` without a size takes the file's.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("f1.img"))
+        .unwrap()
+        .set_len(96 << 20)
+        .unwrap();
+    assert_eq!(
+        d.call("resize", json!({"name": "f1"})).unwrap()["size"],
+        96u64 << 20
+    );
+    assert_eq!(Client::connect(&socket, 1).unwrap().capacity(), 96 << 20);
+    // What cannot be resized says why.
+    let e = d
+        .call("resize", json!({"name": "m1", "size": "1G"}))
+        .unwrap_err();
+    assert!(e.0 == 3 && e.1.contains("cannot change size"), "{e:?}");
+    let e = d.call("resize", json!({"name": "m1"})).unwrap_err();
+    assert_eq!(e.0, -32602, "{e:?}");
+    let e = d
+        .call("resize", json!({"name": "f1", "size": "1000"}))
+        .unwrap_err();
+    assert!(e.0 == -32602 && e.1.contains("multiple"), "{e:?}");
+    let e = d
+        .call("resize", json!({"name": "nope", "size": "1G"}))
+        .unwrap_err();
+    assert_eq!(e.0, 1);
+    // The CLI spelling.
+    let out = Command::new(VUDEV)
+        .args(["ctl", "--control"])
+        .arg(&d.control)
+        .args(["resize", "f1", "100M"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("resized f1: {} bytes", 100 << 20)
+    );
+}
+
+/// One HTTP request over `stream`; the whole reply.
+fn http(mut stream: impl Read + Write, request: &str) -> String {
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    reply
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn metrics_count_what_the_queues_did_for_prometheus_and_the_api() {
+    let dir = scratch("serve-metrics");
+    let metrics = dir.join("metrics.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = file_export(&dir, "f1");
+    let d = Daemon::start(
+        &dir,
+        Some(&config),
+        &["--metrics", metrics.to_str().unwrap()],
+    );
+    let mut c = Client::connect(&dir.join("f1.sock"), 1).unwrap();
+    for i in 0..10 {
+        assert_eq!(c.write(0, i * 4096, 4096), 0);
+    }
+    for i in 0..5 {
+        assert_eq!(c.read(0, i * 8192, 8192), 0);
+    }
+    assert_ne!(c.read(0, SIZE, 4096), 0);
+    assert_eq!(c.flush(0), 0);
+    // A scraper that connects and says nothing does not hold up the next one.
+    let _silent = UnixStream::connect(&metrics).unwrap();
+    let reply = http(
+        UnixStream::connect(&metrics).unwrap(),
+        "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(
+        reply.contains("Content-Type: text/plain; version=0.0.4"),
+        "{reply}"
+    );
+    let q = "export=\"f1\",queue=\"0\"";
+    assert_eq!(
+        sample(&reply, &format!("vudev_requests_total{{{q},op=\"write\"}}")),
+        Some(10)
+    );
+    assert_eq!(
+        sample(&reply, &format!("vudev_requests_total{{{q},op=\"read\"}}")),
+        Some(6)
+    );
+    assert_eq!(
+        sample(&reply, &format!("vudev_bytes_total{{{q},op=\"write\"}}")),
+        Some(40960)
+    );
+    assert_eq!(
+        sample(&reply, &format!("vudev_bytes_total{{{q},op=\"read\"}}")),
+        Some(40960)
+    );
+    assert_eq!(
+        sample(
+            &reply,
+            &format!("vudev_errors_total{{{q},status=\"ioerr\"}}")
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        sample(&reply, &format!("vudev_requests_total{{{q},op=\"flush\"}}")),
+        Some(1)
+    );
+    assert_eq!(
+        sample(
+            &reply,
+            &format!("vudev_request_duration_seconds_count{{{q},op=\"write\"}}")
+        ),
+        Some(10)
+    );
+    assert_eq!(
+        sample(
+            &reply,
+            &format!("vudev_request_duration_seconds_bucket{{{q},op=\"write\",le=\"+Inf\"}}")
+        ),
+        Some(10)
+    );
+    assert_eq!(
+        sample(&reply, "vudev_export_size_bytes{export=\"f1\"}"),
+        Some(SIZE)
+    );
+    assert!(reply.contains("# TYPE vudev_request_duration_seconds histogram"));
+    // The API gives the same counters.
+    let stats = d.call("stats", json!({"name": "f1"})).unwrap();
+    assert_eq!(stats[0]["queues"][0]["requests"]["write"], 10);
+    assert_eq!(stats[0]["queues"][0]["latency"]["write"]["count"], 10);
+    assert_eq!(d.call("stats", json!({"name": "nope"})).unwrap_err().0, 1);
+    // Anything but GET is refused; so is a head that never ends.
+    let reply = http(
+        UnixStream::connect(&metrics).unwrap(),
+        "DELETE /metrics HTTP/1.1\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 405"), "{reply}");
+    let reply = http(
+        UnixStream::connect(&metrics).unwrap(),
+        "GET /other HTTP/1.1\r\n\r\n",
+    );
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+    let reply = http(UnixStream::connect(&metrics).unwrap(), &"X".repeat(20000));
+    assert!(
+        reply.starts_with("HTTP/1.1 405"),
+        "an endless head is cut at its bound: {reply}"
+    );
+    drop(c);
+    drop(d);
+    // Over TCP, as a Prometheus server scrapes.
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&dir, Some(&config), &["--metrics", &addr]);
+    let reply = http(
+        std::net::TcpStream::connect(&addr).unwrap(),
+        "GET /metrics HTTP/1.0\r\n\r\n",
+    );
+    assert_eq!(
+        sample(&reply, &format!("vudev_requests_total{{{q},op=\"write\"}}")),
+        Some(0)
+    );
+    let out = Command::new(VUDEV)
+        .args(["ctl", "--control"])
+        .arg(&d.control)
+        .arg("stats")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("EXPORT") && text.contains("f1"),
+        "{text}"
+    );
 }

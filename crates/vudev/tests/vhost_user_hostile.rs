@@ -607,3 +607,91 @@ fn bad_dirty_logs() {
     assert_eq!(bodies_of(SET_LOG_BASE, &out), vec![&want[..]]);
     good_client_works(&s);
 }
+
+/// Waits (at most 10 s) for the server to close `stream`, reading whatever it sends.
+fn closed_within_10s(stream: &UnixStream) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if closed(stream) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn a_frontend_that_shrinks_its_memory_under_a_running_ring_costs_only_its_session() {
+    // Two exports in one process would be the daemon; one export and a second frontend after
+    // the hostile one show the same: the process lives, and serves.
+    let (_dir, s) = server("sigbus");
+    for (round, shrink_log) in [false, true].into_iter().enumerate() {
+        let m = memfd(1 << 20);
+        let stream = if shrink_log {
+            connect_with(&s, PROTOCOL_REPLY_ACK | PROTOCOL_LOG_SHMFD)
+        } else {
+            session_with_memory(&s, &m)
+        };
+        if shrink_log {
+            // A dirty log in a file that is then shrunk, with logging on and a ring running.
+            let log = memfd(4096);
+            let mut body = u64_body(4096);
+            body.extend(u64_body(0));
+            send_with_fds(&stream, &msg(SET_LOG_BASE, 0, &body), &[log.as_raw_fd()]);
+            let body = mem_table(&[region(0, 1 << 20, 0x7000_0000, 0)]);
+            send_with_fds(
+                &stream,
+                &msg(SET_MEM_TABLE, NEED_REPLY, &body),
+                &[m.as_raw_fd()],
+            );
+            let log_all = PROTOCOL_FEATURES_BIT | (1 << 26);
+            (&stream)
+                .write_all(&msg(SET_FEATURES, 0, &u64_body(log_all)))
+                .unwrap();
+            let kick = start_ring_0(&stream, 0x7000_0000, 0x7000_2000, 0x7000_1000);
+            assert_eq!(acks_of(SET_VRING_ENABLE, &read_all(&stream)), vec![0]);
+            log.set_len(0).unwrap();
+            // One request, so that the device writes and logs: GET_ID into guest memory.
+            // (descriptors at 0, avail at 0x1000, used at 0x2000; header 0x3000, id 0x3100,
+            // status 0x3200; memory is the memfd itself, which is still whole)
+            use std::os::unix::fs::FileExt;
+            let d = |addr: u64, len: u32, flags: u16, next: u16| {
+                let mut b = addr.to_le_bytes().to_vec();
+                b.extend_from_slice(&len.to_le_bytes());
+                b.extend_from_slice(&flags.to_le_bytes());
+                b.extend_from_slice(&next.to_le_bytes());
+                b
+            };
+            m.write_all_at(&d(0x3000, 16, 1, 1), 0).unwrap();
+            m.write_all_at(&d(0x3100, 20, 3, 2), 16).unwrap();
+            m.write_all_at(&d(0x3200, 1, 2, 0), 32).unwrap();
+            m.write_all_at(&8u32.to_le_bytes(), 0x3000).unwrap(); // VIRTIO_BLK_T_GET_ID
+            m.write_all_at(&0u16.to_le_bytes(), 0x1004).unwrap();
+            m.write_all_at(&1u16.to_le_bytes(), 0x1002).unwrap();
+            // SAFETY: writing to our own eventfd.
+            unsafe { libc::eventfd_write(kick, 1) };
+            assert!(
+                closed_within_10s(&stream),
+                "the session outlived its vanished log"
+            );
+            // SAFETY: closing our own fd.
+            unsafe { libc::close(kick) };
+        } else {
+            let kick = start_ring_0(&stream, 0x7000_0000, 0x7000_2000, 0x7000_1000);
+            assert_eq!(acks_of(SET_VRING_ENABLE, &read_all(&stream)), vec![0]);
+            // The frontend takes its memory away, then kicks: the worker's next look at the
+            // ring touches pages past the end of the file.
+            m.set_len(0).unwrap();
+            // SAFETY: writing to our own eventfd.
+            unsafe { libc::eventfd_write(kick, 1) };
+            assert!(
+                closed_within_10s(&stream),
+                "the session outlived its vanished memory"
+            );
+            // SAFETY: closing our own fd.
+            unsafe { libc::close(kick) };
+        }
+        let log = std::fs::read_to_string(s.socket.with_file_name("vudev.log")).unwrap();
+        assert_eq!(log.matches("SIGBUS caught").count(), round + 1, "{log}");
+        good_client_works(&s);
+    }
+}

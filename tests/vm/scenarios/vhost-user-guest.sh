@@ -1,7 +1,8 @@
 # Runs inside a QEMU guest whose /dev/vda is vhost-user-blk-pci served by vudev on the host.
 # Env: QUEUES (expected hardware queues), MODE (full: the block suite; quick: a read-back;
 # reboot: a real guest reboot, QEMU running without -no-reboot: the first boot finds no marker,
-# writes data and a marker and reboots; the second boot finds them and verifies the data).
+# writes data and a marker and reboots; the second boot finds them and verifies the data;
+# resize: the host grows the disk from 128 MiB to 256 MiB while the guest watches).
 # shellcheck shell=sh source=/dev/null
 . /lib.sh
 wait_for /dev/vda 20 && echo "CHECK PASS vu-vda" || echo "CHECK FAIL vu-vda: no /dev/vda"
@@ -52,6 +53,16 @@ elif [ "$MODE" = reboot ]; then
             echo "CHECK FAIL vu-reboot-marker-written: the marker does not read back"
         fi
     fi
+elif [ "$MODE" = resize ]; then
+    # The host resizes the export (vudev ctl resize) once it sees RESIZE-READY; QEMU gets
+    # CONFIG_CHANGE_MSG, reads the config again and tells the guest.
+    check vu-resize-before [ "$($BLOCKDEV --getsize64 /dev/vda)" = 134217728 ]
+    echo "RESIZE-READY"
+    i=0
+    while [ "$($BLOCKDEV --getsize64 /dev/vda)" = 134217728 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+    check vu-resize-seen-by-guest [ "$($BLOCKDEV --getsize64 /dev/vda)" = 268435456 ]
+    check vu-resize-io-past-the-old-end fio --name=grown --filename=/dev/vda --rw=randwrite --bs=4k \
+        --iodepth=8 --ioengine=libaio --direct=1 --offset=200m --size=16m --verify=crc32c --verify_fatal=1
 else
     check vu-marker-survives-reconnect sh -c "dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | grep -q 'marker from the first frontend'"
     check vu-fio-verify-second-frontend fio --name=v2 --filename=/dev/vda --rw=randwrite --bs=4k \

@@ -1,8 +1,9 @@
 # vudev serve: one daemon for a config of three VDUSE exports (file, memory, NBD), one more
 # added at run time through `vudev ctl` and one removed while fio verifies the others; a
-# remove refused while the disk is mounted; then kill -9 of the daemon under fio verify and a
-# restart with the same config that adopts every export again (the run-time one included),
-# with no verify error.
+# remove refused while the disk is mounted, and an online resize of it, which the guest sees
+# and ext4 grows into; then kill -9 of the daemon under fio verify and a
+# restart with the same config that adopts every export again (the run-time one included,
+# resized), with no verify error.
 . /lib.sh
 truncate -s 64M /tmp/s-file.img /tmp/s-nbd.img /tmp/s-rt.img
 qemu-storage-daemon --blockdev driver=file,filename=/tmp/s-nbd.img,node-name=d0 \
@@ -67,7 +68,16 @@ vudev ctl remove srt 2>/tmp/rm.err
 rc=$?
 check serve-remove-mounted-refused sh -c "[ $rc -ne 0 ] && grep -q 'in use' /tmp/rm.err"
 check serve-mounted-still-there [ -b "$rt" ]
+# Online resize, mounted: the guest sees the new size at once and ext4 grows into it.
+check serve-resize vudev ctl resize srt 128M
+i=0
+while [ "$($BLOCKDEV --getsize64 "$rt")" != 134217728 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+check serve-resize-seen-by-guest [ "$($BLOCKDEV --getsize64 "$rt")" = 134217728 ]
+check serve-resize2fs-online resize2fs "$rt"
+check serve-mounted-fs-grew sh -c "[ \$(df -k /mnt/s | awk 'NR==2 {print \$2}') -gt 100000 ]"
+check serve-resize-file-grew [ "$(stat -c %s /tmp/s-rt.img)" = 134217728 ]
 umount /mnt/s
+check serve-fsck-after-resize e2fsck -fn "$rt"
 
 # kill -9 under fio verify; the restarted daemon adopts all three and finishes their I/O.
 fio_on sfile 14 & f1=$!

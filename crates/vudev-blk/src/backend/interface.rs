@@ -57,6 +57,21 @@ pub trait BlockBackend: Send + Sync {
     fn supports_discard(&self) -> bool {
         true
     }
+    /// Changes the size to `bytes` while queues run (a multiple of the block size, checked
+    /// by the caller). A backend that cannot says why, in an error of kind `Unsupported`.
+    fn resize(&self, bytes: u64) -> io::Result<()> {
+        let _ = bytes;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("{} cannot change size", self.describe()),
+        ))
+    }
+    /// Whether anything beyond `bytes` holds data (what a shrink to `bytes` would lose):
+    /// true unless the backend knows better.
+    fn has_data_beyond(&self, bytes: u64) -> bool {
+        let _ = bytes;
+        true
+    }
     /// A submission context for one queue.
     fn queue(&self) -> io::Result<Box<dyn QueueBackend>>;
     /// One line for logs: kind and path or size.

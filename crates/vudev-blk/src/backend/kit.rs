@@ -4,6 +4,8 @@
 //! an asynchronous queue signals, [`total_len`] and [`zero_fill`] work on driver buffers.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vm_memory::{Bytes, VolatileSlice};
 
@@ -48,6 +50,28 @@ impl<T: RunNow> QueueBackend for Immediate<T> {
     }
     fn has_results(&mut self) -> bool {
         !self.done.is_empty()
+    }
+}
+
+/// A size that can change while queues run (an online resize): shared by a backend and its
+/// queues, read on every request.
+#[derive(Clone, Debug)]
+pub struct Capacity(Arc<AtomicU64>);
+
+impl Capacity {
+    /// A capacity of `bytes`.
+    pub fn new(bytes: u64) -> Capacity {
+        Capacity(Arc::new(AtomicU64::new(bytes)))
+    }
+
+    /// The size now, in bytes.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Changes the size.
+    pub fn set(&self, bytes: u64) {
+        self.0.store(bytes, Ordering::Release)
     }
 }
 

@@ -15,7 +15,7 @@ mod null;
 
 pub use file::{Aio, FileBackend};
 pub use interface::{BlockBackend, IoDone, IoOp, QueueBackend};
-pub use kit::{check_range, eventfd, total_len, zero_fill, Immediate, RunNow};
+pub use kit::{check_range, eventfd, total_len, zero_fill, Capacity, Immediate, RunNow};
 pub use memory::MemoryBackend;
 pub use nbd::{NbdAddress, NbdBackend, NbdError, NbdTls, NbdUri};
 pub use null::NullBackend;

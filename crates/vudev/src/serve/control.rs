@@ -26,7 +26,7 @@ const IDLE: Duration = Duration::from_secs(60);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The methods, for the error that names them.
-const METHODS: &str = "add, list, remove, show, version";
+const METHODS: &str = "add, list, remove, resize, show, stats, version";
 
 /// The listening control socket; its file is removed on drop.
 pub struct Control {
@@ -248,24 +248,56 @@ fn dispatch(
             Ok(json!(registry.show(&string(&params, "name")?)?))
         }
         "add" => Ok(json!(registry.add(params)?)),
+        "stats" => {
+            allow(&params, &["name"])?;
+            let name = match params.get("name") {
+                None => None,
+                Some(_) => Some(string(&params, "name")?),
+            };
+            if let Some(n) = &name {
+                registry.show(n)?;
+            }
+            Ok(super::metrics::json(&registry.stats(name.as_deref())))
+        }
         "remove" => {
             allow(&params, &["name", "force"])?;
-            let force = match params.get("force") {
-                None => false,
-                Some(Value::Bool(b)) => *b,
+            registry.remove(&string(&params, "name")?, force(&params)?)?;
+            Ok(json!({}))
+        }
+        "resize" => {
+            allow(&params, &["name", "size", "force"])?;
+            let size = match params.get("size") {
+                None => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(n)) if n.is_u64() => Some(n.to_string()),
                 Some(_) => {
                     return Err(ApiError::new(
                         Code::InvalidParams,
-                        "force must be true or false",
+                        "size must be a number of bytes or a string such as \"20G\"",
                     ))
                 }
             };
-            registry.remove(&string(&params, "name")?, force)?;
-            Ok(json!({}))
+            let name = string(&params, "name")?;
+            Ok(json!(registry.resize(
+                &name,
+                size.as_deref(),
+                force(&params)?
+            )?))
         }
         other => Err(ApiError::new(
             Code::MethodNotFound,
             format!("unknown method '{other}': the methods are {METHODS}"),
+        )),
+    }
+}
+
+fn force(params: &Map<String, Value>) -> Result<bool, ApiError> {
+    match params.get("force") {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(ApiError::new(
+            Code::InvalidParams,
+            "force must be true or false",
         )),
     }
 }

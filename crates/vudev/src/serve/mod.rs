@@ -4,6 +4,7 @@
 
 mod config;
 mod control;
+mod metrics;
 mod notify;
 mod record;
 mod registry;
@@ -45,7 +46,19 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         return Ok(());
     }
     let control = Control::bind(&args.control, args.control_group.as_deref())?;
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(metrics::Endpoint::bind)
+        .transpose()?;
     let registry = Arc::new(Registry::new(&args.state_dir));
+    if let Some(endpoint) = metrics {
+        let registry = registry.clone();
+        std::thread::Builder::new()
+            .name("vudev-metrics".into())
+            .spawn(move || endpoint.serve(registry))
+            .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
+    }
     notify::notify("STATUS=starting the exports");
     registry.start(config.exports);
     let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)

@@ -5,9 +5,11 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
+use vudev_blk::stats::QueueSnapshot;
+use vudev_blk::BlockDevice;
 use vudev_vduse::lifecycle::Attached;
 
 use super::record::Record;
@@ -15,6 +17,17 @@ use super::spec::{ExportArgs, Spec};
 use crate::device;
 use crate::rpc::{ApiError, Code};
 use crate::serving::{VduseServing, VhostUserServing};
+use crate::size::parse_size;
+
+/// An export's counters: its name, size and each queue's snapshot.
+pub struct ExportStats {
+    /// Export name.
+    pub name: String,
+    /// Capacity in bytes.
+    pub size: u64,
+    /// Per queue.
+    pub queues: Vec<QueueSnapshot>,
+}
 
 /// An export as `list` and `show` give it.
 #[derive(Clone, Debug, Serialize)]
@@ -50,8 +63,7 @@ enum Serving {
 }
 
 struct Export {
-    description: String,
-    size: u64,
+    device: Arc<BlockDevice>,
     serving: Serving,
 }
 
@@ -262,6 +274,91 @@ impl Registry {
         stopped.map_err(|e| ApiError::new(Code::Transport, format!("{name} was removed, but: {e}")))
     }
 
+    /// Changes an export's capacity while it serves, and tells its driver or frontend. `size`
+    /// `None` takes a file backend's size as it is now (a file grown with truncate, a block
+    /// device its owner resized). A shrink that would cut data the backend holds is refused
+    /// unless `force`.
+    pub fn resize(
+        &self,
+        name: &str,
+        size: Option<&str>,
+        force: bool,
+    ) -> Result<ExportInfo, ApiError> {
+        let mut inner = self.lock();
+        let slot = inner.slots.get_mut(name).ok_or_else(|| not_found(name))?;
+        let State::Serving(export) = &slot.state else {
+            return Err(ApiError::new(
+                Code::Busy,
+                format!("{name} is not serving: resize it once `vudev ctl show` says it is"),
+            ));
+        };
+        let args = ExportArgs::parse(&slot.spec)
+            .map_err(|e| ApiError::new(Code::InvalidParams, e.message))?;
+        let (backend, _, _) = args.parts();
+        let bytes = match (size, &backend.file) {
+            (Some(s), _) => parse_size(s).map_err(|e| ApiError::new(Code::InvalidParams, e))?,
+            (None, Some(path)) => file_size(path)
+                .map_err(|e| ApiError::new(Code::Backend, format!("{}: {e}", path.display())))?,
+            (None, None) => {
+                return Err(ApiError::new(
+                    Code::InvalidParams,
+                    "give the new size: only a file backend can be asked for its own",
+                ))
+            }
+        };
+        let was = export.device.size();
+        export.device.resize(bytes, force).map_err(|e| {
+            let code = match e.kind() {
+                std::io::ErrorKind::InvalidInput => Code::InvalidParams,
+                _ => Code::Backend,
+            };
+            ApiError::new(code, format!("cannot resize {name}: {e}"))
+        })?;
+        let told = match &export.serving {
+            Serving::Vduse(v) => v
+                .config_changed()
+                .map(|()| "the driver was told".to_string()),
+            Serving::VhostUser(v) => v.config_changed().map(|told| match told {
+                true => "the frontend was told".to_string(),
+                false => "no frontend to tell (the next one sees the new size)".to_string(),
+            }),
+        };
+        tracing::info!(
+            "resized {name} from {was} to {bytes} bytes: {}",
+            told.as_deref().unwrap_or("but the driver was not told")
+        );
+        // A null or memory disk's size is its option: a restart serves the new one.
+        for key in ["null", "memory"] {
+            if slot.spec.contains_key(key) {
+                slot.spec.insert(key.into(), bytes.to_string().into());
+            }
+        }
+        let info = info(name, slot);
+        if slot.runtime {
+            self.save_record(&inner);
+        }
+        told.map_err(|e| ApiError::new(Code::Transport, format!("{name} was resized, but: {e}")))?;
+        Ok(info)
+    }
+
+    /// The counters of the serving exports (of `name` only, if given).
+    pub fn stats(&self, name: Option<&str>) -> Vec<ExportStats> {
+        let inner = self.lock();
+        inner
+            .slots
+            .iter()
+            .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
+            .filter_map(|(n, s)| match &s.state {
+                State::Serving(e) => Some(ExportStats {
+                    name: n.clone(),
+                    size: e.device.size(),
+                    queues: e.device.stats().iter().map(|q| q.snapshot()).collect(),
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Every export, by name.
     pub fn list(&self) -> Vec<ExportInfo> {
         let inner = self.lock();
@@ -337,8 +434,7 @@ fn start(args: &ExportArgs) -> Result<Box<Export>, ApiError> {
     }
     .map_err(|e| ApiError::new(Code::Transport, e))?;
     Ok(Box::new(Export {
-        description: built.description,
-        size: built.size,
+        device: built.device,
         serving,
     }))
 }
@@ -372,8 +468,8 @@ fn info(name: &str, slot: &Slot) -> ExportInfo {
             i.error = Some(e.clone());
         }
         State::Serving(export) => {
-            i.backend = Some(export.description.clone());
-            i.size = Some(export.size);
+            i.backend = Some(export.device.describe());
+            i.size = Some(export.device.size());
             match &export.serving {
                 Serving::Vduse(v) => {
                     i.state = "serving";
@@ -398,6 +494,12 @@ fn info(name: &str, slot: &Slot) -> ExportInfo {
         }
     }
     i
+}
+
+/// A file's size, or a block device's (the end of either).
+fn file_size(path: &Path) -> std::io::Result<u64> {
+    use std::io::Seek;
+    std::fs::File::open(path)?.seek(std::io::SeekFrom::End(0))
 }
 
 /// True if a block device is held exclusively: mounted, or opened with O_EXCL.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::interface::{BlockBackend, QueueBackend};
-use super::kit::Immediate;
+use super::kit::{Capacity, Immediate};
 
 mod sync;
 mod uring;
@@ -75,12 +75,22 @@ fn choose_aio(file: &File, direct: bool) -> (Aio, Option<&'static str>) {
     }
 }
 
+/// The size of a block device (BLKGETSIZE64).
+fn block_device_size(file: &File) -> io::Result<u64> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the valid pointer.
+    if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
 /// A file or block device opened for export.
 #[derive(Debug)]
 pub struct FileBackend {
     file: Arc<File>,
     path: PathBuf,
-    size: u64,
+    size: Capacity,
     read_only: bool,
     direct: bool,
     block_device: bool,
@@ -104,12 +114,7 @@ impl FileBackend {
         let meta = file.metadata()?;
         let block_device = meta.file_type().is_block_device();
         let size = if block_device {
-            let mut size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 through the valid pointer.
-            if unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            size
+            block_device_size(&file)?
         } else if meta.file_type().is_file() {
             meta.len()
         } else {
@@ -127,7 +132,7 @@ impl FileBackend {
         Ok(FileBackend {
             file: Arc::new(file),
             path: path.to_path_buf(),
-            size,
+            size: Capacity::new(size),
             read_only,
             direct,
             block_device,
@@ -139,13 +144,54 @@ impl FileBackend {
 
 impl BlockBackend for FileBackend {
     fn size(&self) -> u64 {
-        self.size
+        self.size.get()
+    }
+    fn resize(&self, bytes: u64) -> io::Result<()> {
+        if self.block_device {
+            // A block device is resized by its owner (lvresize, a SAN): take its new size.
+            let now = block_device_size(&self.file)?;
+            if now != bytes {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is {now} bytes: resize the block device itself first",
+                        self.path.display()
+                    ),
+                ));
+            }
+        } else if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is open read-only: it cannot change size",
+                    self.path.display()
+                ),
+            ));
+        } else if self.file.metadata()?.len() != bytes {
+            self.file.set_len(bytes)?;
+        }
+        self.size.set(bytes);
+        Ok(())
+    }
+    fn has_data_beyond(&self, bytes: u64) -> bool {
+        if self.block_device {
+            return true;
+        }
+        // SAFETY: lseek on an fd we own; it moves the offset, which no I/O here uses.
+        let at =
+            unsafe { libc::lseek(self.file.as_raw_fd(), bytes as libc::off_t, libc::SEEK_DATA) };
+        !(at < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO))
     }
     fn read_only(&self) -> bool {
         self.read_only
     }
     fn queue(&self) -> io::Result<Box<dyn QueueBackend>> {
-        let sync = FileQueue::new(self.file.clone(), self.size, self.direct, self.block_device);
+        let sync = FileQueue::new(
+            self.file.clone(),
+            self.size.clone(),
+            self.direct,
+            self.block_device,
+        );
         if self.aio == Aio::IoUring {
             match UringQueue::new(sync.clone_queue(), self.direct) {
                 Ok(q) => return Ok(Box::new(q)),
@@ -164,7 +210,7 @@ impl BlockBackend for FileBackend {
                 (Aio::Sync, None) => ", synchronous I/O".into(),
                 _ => ", io_uring".into(),
             },
-            self.size
+            self.size.get()
         )
     }
 }

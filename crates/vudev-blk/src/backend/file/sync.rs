@@ -13,12 +13,12 @@ use vm_memory::VolatileSlice;
 
 use super::{BLKDISCARD, BLKZEROOUT, DIRECT_ALIGN};
 use crate::backend::interface::IoOp;
-use crate::backend::kit::{check_range, total_len, RunNow};
+use crate::backend::kit::{check_range, total_len, Capacity, RunNow};
 
 /// One queue's synchronous I/O on the file.
 pub(crate) struct FileQueue {
     file: Arc<File>,
-    size: u64,
+    size: Capacity,
     direct: bool,
     block_device: bool,
     iovecs: Vec<libc::iovec>,
@@ -27,7 +27,7 @@ pub(crate) struct FileQueue {
 impl FileQueue {
     /// A queue on `file` of `size` bytes (`direct`: opened O_DIRECT; `block_device`: a block
     /// device, whose discard and zeroing take ioctls).
-    pub(crate) fn new(file: Arc<File>, size: u64, direct: bool, block_device: bool) -> Self {
+    pub(crate) fn new(file: Arc<File>, size: Capacity, direct: bool, block_device: bool) -> Self {
         FileQueue {
             file,
             size,
@@ -42,14 +42,14 @@ impl RunNow for FileQueue {
     fn run(&mut self, op: IoOp<'_>) -> io::Result<()> {
         match op {
             IoOp::Read { offset, bufs } => {
-                check_range(offset, total_len(bufs), self.size)?;
+                check_range(offset, total_len(bufs), self.size.get())?;
                 if self.direct && !aligned(offset, bufs) {
                     return self.bounced(offset, bufs, false);
                 }
                 self.rw(offset, bufs, false)
             }
             IoOp::Write { offset, bufs } => {
-                check_range(offset, total_len(bufs), self.size)?;
+                check_range(offset, total_len(bufs), self.size.get())?;
                 if self.direct && !aligned(offset, bufs) {
                     return self.bounced(offset, bufs, true);
                 }
@@ -58,7 +58,7 @@ impl RunNow for FileQueue {
             // SAFETY: fdatasync on an fd we own.
             IoOp::Flush => cvt(unsafe { libc::fdatasync(self.fd()) }),
             IoOp::Discard { offset, len } => {
-                check_range(offset, len, self.size)?;
+                check_range(offset, len, self.size.get())?;
                 if self.block_device {
                     self.range_ioctl(BLKDISCARD, offset, len)
                 } else {
@@ -78,7 +78,7 @@ impl RunNow for FileQueue {
                 len,
                 may_unmap,
             } => {
-                check_range(offset, len, self.size)?;
+                check_range(offset, len, self.size.get())?;
                 if self.block_device {
                     return self.range_ioctl(BLKZEROOUT, offset, len);
                 }
@@ -123,14 +123,14 @@ impl FileQueue {
 
     /// Size of the exported range.
     pub(crate) fn size(&self) -> u64 {
-        self.size
+        self.size.get()
     }
 
     /// A second queue on the same file.
     pub(crate) fn clone_queue(&self) -> FileQueue {
         FileQueue {
             file: self.file.clone(),
-            size: self.size,
+            size: self.size.clone(),
             direct: self.direct,
             block_device: self.block_device,
             iovecs: Vec::new(),
