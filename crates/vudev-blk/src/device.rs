@@ -127,6 +127,7 @@ impl Device for BlockDevice {
             capacity: self.capacity.clone(),
             stats,
             clock: None,
+            epoch: Instant::now(),
             features,
             asynchronous: backend.completion_fd().is_some(),
             backend,
@@ -142,10 +143,11 @@ impl Device for BlockDevice {
 /// A request handed to the backend, waiting for its result.
 struct Pending {
     status: u64,
-    /// Request type (an index of `stats::OPS`), bytes it moves, and when it started.
+    /// Request type (an index of `stats::OPS`), bytes it moves, and when it started (in
+    /// nanoseconds since the queue's epoch).
     op: usize,
     bytes: u64,
-    at: Instant,
+    at: u64,
     /// Bytes written into driver buffers on success (data read + status).
     used_ok: u32,
     /// For asynchronous backends: the memory snapshot the request's buffers live in, kept
@@ -163,9 +165,10 @@ pub(crate) struct BlockQueue {
     cfg: Arc<BlockConfig>,
     capacity: Capacity,
     stats: Arc<QueueStats>,
-    /// When the current batch of requests started: one clock read per batch, not per
-    /// request (reset by every `poll`, which ends a batch).
-    clock: Option<Instant>,
+    /// When the current batch of requests started, in nanoseconds since `epoch`: one clock
+    /// read per batch, not per request (reset by every `poll`, which ends a batch).
+    clock: Option<u64>,
+    epoch: Instant,
     features: u64,
     /// The backend completes requests later (so in-flight buffers must stay mapped).
     asynchronous: bool,
@@ -175,6 +178,14 @@ pub(crate) struct BlockQueue {
     in_flight: usize,
     results: Vec<IoDone>,
     errors: u64,
+}
+
+/// Nanoseconds since `epoch` (wrapping after 584 years).
+fn nanos_since(epoch: Instant) -> u64 {
+    let d = epoch.elapsed();
+    d.as_secs()
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(u64::from(d.subsec_nanos()))
 }
 
 /// The index in `stats::ERRORS` of an error status, `None` for OK.
@@ -406,7 +417,7 @@ impl BlockQueue {
             status,
             op: kind,
             bytes,
-            at: *self.clock.get_or_insert_with(Instant::now),
+            at: *self.clock.get_or_insert_with(|| nanos_since(self.epoch)),
             used_ok,
             _mem: keep,
         });
@@ -487,7 +498,7 @@ impl QueueHandler for BlockQueue {
             self.results = results;
             return;
         }
-        let now = Instant::now();
+        let now = nanos_since(self.epoch);
         for (cookie, res) in results.drain(..) {
             let head = cookie as u16;
             let Some(p) = self
@@ -498,7 +509,7 @@ impl QueueHandler for BlockQueue {
                 continue;
             };
             self.in_flight -= 1;
-            let took = Some(now.saturating_duration_since(p.at));
+            let took = Some(now.saturating_sub(p.at));
             match res {
                 Ok(()) => {
                     self.stats.complete(p.op, p.bytes, None, took);
