@@ -51,6 +51,11 @@ impl BlockDevice {
         &self.stats
     }
 
+    /// The backend's event counts (see [`BlockBackend::events`]).
+    pub fn backend_events(&self) -> Vec<(&'static str, u64)> {
+        self.backend.events()
+    }
+
     /// The backend, in one line (its size as it is now).
     pub fn describe(&self) -> String {
         self.backend.describe()

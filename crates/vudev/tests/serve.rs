@@ -865,3 +865,41 @@ fn metrics_count_what_the_queues_did_for_prometheus_and_the_api() {
         "{text}"
     );
 }
+
+#[test]
+fn a_guest_that_shrinks_its_memory_costs_only_its_own_session() {
+    use common::frontend::*;
+    let dir = scratch("serve-sigbus");
+    let config = file_export(&dir, "a") + &file_export(&dir, "b");
+    let d = Daemon::start(&dir, Some(&config), &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let verifier = {
+        let (socket, stop) = (dir.join("b.sock"), stop.clone());
+        std::thread::spawn(move || verify_until(&socket, &stop))
+    };
+    // On export a: memory in a plain memfd (not sealed), a running ring, then the memory
+    // taken away and a kick: the worker's next look at the ring faults.
+    let m = memfd(1 << 20);
+    let stream = session_with_memory(&dir.join("a.sock"), &m);
+    let kick = start_ring_0(&stream, 0x7000_0000, 0x7000_2000, 0x7000_1000);
+    assert_eq!(acks_of(SET_VRING_ENABLE, &read_all(&stream)), vec![0]);
+    m.set_len(0).unwrap();
+    // SAFETY: writing to our own eventfd.
+    unsafe { libc::eventfd_write(kick, 1) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !closed(&stream) {
+        assert!(
+            Instant::now() < deadline,
+            "the hostile session was not ended"
+        );
+    }
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(kick) };
+    assert!(log(&dir).contains("SIGBUS caught"), "{}", log(&dir));
+    // The daemon, the other export and this one are all still there.
+    assert_eq!(d.names(), ["a", "b"]);
+    common::writable_suite(&dir.join("a.sock"), 1);
+    stop.store(true, Ordering::Relaxed);
+    let rounds = verifier.join().expect("the other export's I/O failed");
+    assert!(rounds > 10, "only {rounds} rounds on the other export");
+}

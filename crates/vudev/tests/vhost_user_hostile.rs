@@ -8,44 +8,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use common::frontend::*;
 use common::{scratch, Client, Server};
-
-// vhost-user request codes (docs/interop/vhost-user.rst).
-const GET_FEATURES: u32 = 1;
-const SET_FEATURES: u32 = 2;
-const SET_OWNER: u32 = 3;
-const SET_MEM_TABLE: u32 = 5;
-const SET_LOG_BASE: u32 = 6;
-const SET_VRING_NUM: u32 = 8;
-const SET_VRING_ADDR: u32 = 9;
-const GET_PROTOCOL_FEATURES: u32 = 15;
-const SET_PROTOCOL_FEATURES: u32 = 16;
-const GET_CONFIG: u32 = 24;
-const ADD_MEM_REG: u32 = 37;
-const SET_STATUS: u32 = 39;
-const GET_STATUS: u32 = 40;
-const SET_VRING_KICK: u32 = 12;
-const SET_VRING_ENABLE: u32 = 18;
-const VERSION: u32 = 0x1;
-const NEED_REPLY: u32 = 0x8;
-const PROTOCOL_LOG_SHMFD: u64 = 1 << 1;
-const PROTOCOL_REPLY_ACK: u64 = 1 << 3;
-const PROTOCOL_STATUS: u64 = 1 << 16;
-const PROTOCOL_MEM_SLOTS: u64 = 1 << 15;
-const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
-
-fn msg(code: u32, flags: u32, body: &[u8]) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend_from_slice(&code.to_le_bytes());
-    m.extend_from_slice(&(VERSION | flags).to_le_bytes());
-    m.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
-fn u64_body(v: u64) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
-}
 
 /// Sends `msgs`, then reads until the server closes or goes quiet; returns what came back.
 fn send_raw(sock: &std::path::Path, msgs: &[Vec<u8>]) -> Vec<u8> {
@@ -68,32 +32,6 @@ fn send_raw(sock: &std::path::Path, msgs: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-/// Sends a message with SCM_RIGHTS fds attached.
-fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[i32]) {
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut libc::c_void,
-        iov_len: bytes.len(),
-    };
-    let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: msghdr and cmsg built over buffers that live for the call.
-    unsafe {
-        let mut mh: libc::msghdr = std::mem::zeroed();
-        mh.msg_iov = &mut iov;
-        mh.msg_iovlen = 1;
-        if !fds.is_empty() {
-            mh.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
-            mh.msg_controllen = space;
-            let c = libc::CMSG_FIRSTHDR(&mh);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut i32, fds.len());
-        }
-        assert!(libc::sendmsg(s.as_raw_fd(), &mh, 0) >= 0);
-    }
-}
-
 fn good_client_works(server: &Server) {
     let mut c = Client::connect(&server.socket, 1).expect("a good client after a hostile one");
     assert_eq!(c.read(0, 0, 4096), 0);
@@ -108,67 +46,6 @@ fn server(name: &str) -> (common::Scratch, Server) {
 /// Negotiates REPLY_ACK so that refused requests are answered with a non-zero ack.
 fn acked_session() -> Vec<Vec<u8>> {
     session_with_protocol(PROTOCOL_REPLY_ACK)
-}
-
-/// Negotiates the given protocol features.
-fn session_with_protocol(protocol: u64) -> Vec<Vec<u8>> {
-    vec![
-        msg(SET_OWNER, 0, &[]),
-        msg(GET_FEATURES, 0, &[]),
-        msg(SET_FEATURES, 0, &u64_body(PROTOCOL_FEATURES_BIT)),
-        msg(GET_PROTOCOL_FEATURES, 0, &[]),
-        msg(SET_PROTOCOL_FEATURES, 0, &u64_body(protocol)),
-    ]
-}
-
-/// Connects and sends a session setup negotiating `protocol` (read timeout 300 ms).
-fn connect_with(server: &Server, protocol: u64) -> UnixStream {
-    let stream = UnixStream::connect(&server.socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    for m in session_with_protocol(protocol) {
-        (&stream).write_all(&m).unwrap();
-    }
-    stream
-}
-
-/// True when the server has closed `stream` (read returns end of file).
-fn closed(stream: &UnixStream) -> bool {
-    let mut buf = [0u8; 256];
-    loop {
-        match (&*stream).read(&mut buf) {
-            Ok(0) => return true,
-            Ok(_) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
-/// The bodies of the replies to `code` in a reply stream (each reply: 12-byte header + body).
-fn bodies_of(code: u32, replies: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let mut p = replies;
-    while p.len() >= 12 {
-        let c = u32::from_le_bytes(p[0..4].try_into().unwrap());
-        let size = u32::from_le_bytes(p[8..12].try_into().unwrap()) as usize;
-        if p.len() < 12 + size {
-            break;
-        }
-        if c == code {
-            out.push(&p[12..12 + size]);
-        }
-        p = &p[12 + size..];
-    }
-    out
-}
-
-/// The u64 ack values in a reply stream.
-fn acks_of(code: u32, replies: &[u8]) -> Vec<u64> {
-    bodies_of(code, replies)
-        .into_iter()
-        .filter_map(|b| Some(u64::from_le_bytes(b.try_into().ok()?)))
-        .collect()
 }
 
 #[test]
@@ -249,26 +126,9 @@ fn config_read_out_of_range() {
     good_client_works(&s);
 }
 
-fn region(gpa: u64, size: u64, uva: u64, offset: u64) -> Vec<u8> {
-    [gpa, size, uva, offset]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect()
-}
-
-fn mem_table(regions: &[Vec<u8>]) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(regions.len() as u32).to_le_bytes());
-    body.extend_from_slice(&0u32.to_le_bytes());
-    for r in regions {
-        body.extend_from_slice(r);
-    }
-    body
-}
-
 /// Runs the acked session, then SET_MEM_TABLE with `fds`; returns the ack values.
 fn try_mem_table(s: &Server, body: &[u8], fds: &[i32]) -> Vec<u64> {
-    let stream = connect_with(s, PROTOCOL_REPLY_ACK);
+    let stream = connect_with(&s.socket, PROTOCOL_REPLY_ACK);
     send_with_fds(&stream, &msg(SET_MEM_TABLE, NEED_REPLY, body), fds);
     let mut out = Vec::new();
     let mut buf = [0u8; 4096];
@@ -279,17 +139,6 @@ fn try_mem_table(s: &Server, body: &[u8], fds: &[i32]) -> Vec<u64> {
         out.extend_from_slice(&buf[..n]);
     }
     acks_of(SET_MEM_TABLE, &out)
-}
-
-fn memfd(len: u64) -> std::fs::File {
-    use std::os::fd::FromRawFd;
-    // SAFETY: memfd_create with a static name; the fd is ours.
-    let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fd is new and owned.
-    let f = unsafe { std::fs::File::from_raw_fd(fd) };
-    f.set_len(len).unwrap();
-    f
 }
 
 #[test]
@@ -396,62 +245,11 @@ fn too_many_memory_slots() {
     good_client_works(&s);
 }
 
-/// A session with a valid 1 MiB memory table, for ring tests; returns the stream.
-fn session_with_memory(s: &Server, m: &std::fs::File) -> UnixStream {
-    let stream = connect_with(s, PROTOCOL_REPLY_ACK);
-    let body = mem_table(&[region(0, 1 << 20, 0x7000_0000, 0)]);
-    send_with_fds(
-        &stream,
-        &msg(SET_MEM_TABLE, NEED_REPLY, &body),
-        &[m.as_raw_fd()],
-    );
-    stream
-}
-
-fn read_all(stream: &UnixStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = (&*stream).read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
-    }
-    out
-}
-
-/// Sets ring 0 up (256 entries, the given frontend addresses, a kick) and asks to enable it,
-/// with a reply; returns the kick eventfd (the caller closes it).
-fn start_ring_0(stream: &UnixStream, desc: u64, used: u64, avail: u64) -> i32 {
-    let mut num = Vec::new();
-    num.extend_from_slice(&0u32.to_le_bytes());
-    num.extend_from_slice(&256u32.to_le_bytes());
-    (&*stream).write_all(&msg(SET_VRING_NUM, 0, &num)).unwrap();
-    // index, flags, then descriptor/used/available/log addresses.
-    let mut addr = vec![0u8; 8];
-    for a in [desc, used, avail, 0] {
-        addr.extend_from_slice(&a.to_le_bytes());
-    }
-    (&*stream)
-        .write_all(&msg(SET_VRING_ADDR, 0, &addr))
-        .unwrap();
-    // SAFETY: plain eventfd creation; the caller closes the fd.
-    let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    send_with_fds(stream, &msg(SET_VRING_KICK, 0, &u64_body(0)), &[kick]);
-    let mut enable = Vec::new();
-    enable.extend_from_slice(&0u32.to_le_bytes());
-    enable.extend_from_slice(&1u32.to_le_bytes());
-    (&*stream)
-        .write_all(&msg(SET_VRING_ENABLE, NEED_REPLY, &enable))
-        .unwrap();
-    kick
-}
-
 #[test]
 fn vring_addresses_outside_memory() {
     let (_dir, s) = server("ringaddr");
     let m = memfd(1 << 20);
-    let stream = session_with_memory(&s, &m);
+    let stream = session_with_memory(&s.socket, &m);
     // Far outside the table.
     let kick = start_ring_0(&stream, 0x9000_0000, 0x9000_1000, 0x9000_2000);
     let acks = acks_of(SET_VRING_ENABLE, &read_all(&stream));
@@ -466,7 +264,7 @@ fn vring_addresses_outside_memory() {
 fn a_memory_table_that_cannot_be_mapped_leaves_the_previous_one_in_force() {
     let (_dir, s) = server("unmappable");
     let m = memfd(1 << 20);
-    let stream = session_with_memory(&s, &m);
+    let stream = session_with_memory(&s.socket, &m);
     // A pipe passes every check on the table (it is no regular file, so it has no size to
     // check) but cannot be mapped.
     let mut pipe = [0i32; 2];
@@ -520,7 +318,7 @@ fn missing_and_extra_fds() {
 #[test]
 fn status_messages() {
     let (_dir, s) = server("status");
-    let stream = connect_with(&s, PROTOCOL_REPLY_ACK | PROTOCOL_STATUS);
+    let stream = connect_with(&s.socket, PROTOCOL_REPLY_ACK | PROTOCOL_STATUS);
     // ACKNOWLEDGE | DRIVER | FEATURES_OK is kept and read back; a value over a byte is refused.
     let good = msg(SET_STATUS, NEED_REPLY, &u64_body(0x0b));
     let too_big = msg(SET_STATUS, NEED_REPLY, &u64_body(0x1ff));
@@ -542,7 +340,7 @@ fn status_messages() {
         acks_of(GET_STATUS, &replies).is_empty(),
         "GET_STATUS with a payload was answered"
     );
-    let stream = connect_with(&s, PROTOCOL_REPLY_ACK | PROTOCOL_STATUS);
+    let stream = connect_with(&s.socket, PROTOCOL_REPLY_ACK | PROTOCOL_STATUS);
     let m = memfd(4096);
     send_with_fds(&stream, &msg(GET_STATUS, 0, &[]), &[m.as_raw_fd()]);
     let replies = read_all(&stream);
@@ -566,7 +364,7 @@ fn bad_dirty_logs() {
         msg(SET_LOG_BASE, 0, &body)
     };
     let try_log = |bytes: Vec<u8>, fds: &[i32]| -> (Vec<u8>, bool) {
-        let stream = connect_with(&s, PROTOCOL_REPLY_ACK | PROTOCOL_LOG_SHMFD);
+        let stream = connect_with(&s.socket, PROTOCOL_REPLY_ACK | PROTOCOL_LOG_SHMFD);
         send_with_fds(&stream, &bytes, fds);
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
@@ -627,9 +425,9 @@ fn a_frontend_that_shrinks_its_memory_under_a_running_ring_costs_only_its_sessio
     for (round, shrink_log) in [false, true].into_iter().enumerate() {
         let m = memfd(1 << 20);
         let stream = if shrink_log {
-            connect_with(&s, PROTOCOL_REPLY_ACK | PROTOCOL_LOG_SHMFD)
+            connect_with(&s.socket, PROTOCOL_REPLY_ACK | PROTOCOL_LOG_SHMFD)
         } else {
-            session_with_memory(&s, &m)
+            session_with_memory(&s.socket, &m)
         };
         if shrink_log {
             // A dirty log in a file that is then shrunk, with logging on and a ring running.

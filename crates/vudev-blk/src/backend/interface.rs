@@ -72,6 +72,11 @@ pub trait BlockBackend: Send + Sync {
         let _ = bytes;
         true
     }
+    /// Counts of what happened to the backend, for metrics, by name (an NBD client's
+    /// `reconnects` and `timeouts`); none unless the backend has some.
+    fn events(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
     /// A submission context for one queue.
     fn queue(&self) -> io::Result<Box<dyn QueueBackend>>;
     /// One line for logs: kind and path or size.

@@ -50,7 +50,12 @@ pub fn json(stats: &[ExportStats]) -> Value {
                     })
                 })
                 .collect();
-            json!({"name": e.name, "size": e.size, "queues": queues})
+            let backend: serde_json::Map<String, Value> = e
+                .backend
+                .iter()
+                .map(|(k, v)| (k.to_string(), json!(v)))
+                .collect();
+            json!({"name": e.name, "size": e.size, "queues": queues, "backend": backend})
         })
         .collect();
     Value::Array(exports)
@@ -88,6 +93,22 @@ pub fn prometheus(stats: &[ExportStats]) -> String {
                     label(&e.name),
                     e.size
                 );
+            }
+        },
+    );
+    family(
+        "vudev_backend_events_total",
+        "counter",
+        "What happened to each export's backend: an NBD client's reconnects and timeouts.",
+        &mut |o| {
+            for e in stats {
+                for (event, v) in &e.backend {
+                    let _ = writeln!(
+                        o,
+                        "vudev_backend_events_total{{export=\"{}\",event=\"{event}\"}} {v}",
+                        label(&e.name)
+                    );
+                }
             }
         },
     );

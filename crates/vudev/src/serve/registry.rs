@@ -27,6 +27,8 @@ pub struct ExportStats {
     pub size: u64,
     /// Per queue.
     pub queues: Vec<QueueSnapshot>,
+    /// The backend's event counts (an NBD client's reconnects and timeouts).
+    pub backend: Vec<(&'static str, u64)>,
 }
 
 /// An export as `list` and `show` give it.
@@ -353,6 +355,7 @@ impl Registry {
                     name: n.clone(),
                     size: e.device.size(),
                     queues: e.device.stats().iter().map(|q| q.snapshot()).collect(),
+                    backend: e.device.backend_events(),
                 }),
                 _ => None,
             })

@@ -2,6 +2,8 @@
 //! and a blkio client.
 #![allow(dead_code)]
 
+pub mod frontend;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

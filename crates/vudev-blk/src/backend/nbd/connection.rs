@@ -133,8 +133,18 @@ struct Out {
     replies: Replies,
 }
 
+/// What happened to a backend's connections, for metrics; shared by all of them.
+#[derive(Debug, Default)]
+pub(super) struct Events {
+    /// Connections made again after one was lost.
+    pub(super) reconnects: AtomicU64,
+    /// Requests failed because the server did not answer in time.
+    pub(super) timeouts: AtomicU64,
+}
+
 struct Shared {
     uri: NbdUri,
+    events: Arc<Events>,
     timeout: Duration,
     /// The export as first seen: a server that comes back with another size is refused.
     size: u64,
@@ -166,9 +176,11 @@ impl Conn {
         timeout: Duration,
         info: &ExportInfo,
         first: Option<Negotiated>,
+        events: &Arc<Events>,
     ) -> io::Result<Conn> {
         let shared = Arc::new(Shared {
             uri: uri.clone(),
+            events: events.clone(),
             timeout,
             size: info.size,
             state: Mutex::new(State {
@@ -327,6 +339,7 @@ impl Shared {
         for p in st.pending.values_mut() {
             if !p.failed && p.deadline <= now {
                 self.expired.fetch_add(1, Ordering::Relaxed);
+                self.events.timeouts.fetch_add(1, Ordering::Relaxed);
                 p.failed = true;
                 p.req.dest = None;
                 // Never sent again: keep no copy of its data.
@@ -363,6 +376,7 @@ impl Shared {
             match attempt.and_then(|n| self.install(n)) {
                 Ok((reader, replies, resent)) => {
                     if let Some(since) = outage.take() {
+                        self.events.reconnects.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(
                             "NBD server reconnected after {:.1} s; {resent} requests sent again",
                             since.elapsed().as_secs_f64()

@@ -42,7 +42,7 @@ mod patient;
 mod uri;
 mod wire;
 
-use connection::{Conn, Dest, Req, Sink};
+use connection::{Conn, Dest, Events, Req, Sink};
 pub use error::NbdError;
 use handshake::ExportInfo;
 pub use uri::{NbdAddress, NbdTls, NbdUri};
@@ -57,6 +57,7 @@ pub struct NbdBackend {
     read_only: bool,
     /// The one connection every queue shares when the server does not allow several.
     shared: Option<Arc<Conn>>,
+    events: Arc<Events>,
 }
 
 impl NbdBackend {
@@ -80,8 +81,10 @@ impl NbdBackend {
         // Pieces of a split request stay whole blocks.
         info.max_payload -= info.max_payload % info.min_block;
         let replies = first.replies;
+        let events = Arc::new(Events::default());
         let shared = if info.flags & TF_CAN_MULTI_CONN == 0 {
-            let conn = Conn::start(&parsed, timeout, &info, Some(first)).map_err(failed)?;
+            let conn =
+                Conn::start(&parsed, timeout, &info, Some(first), &events).map_err(failed)?;
             Some(Arc::new(conn))
         } else {
             None // each queue connects on its own
@@ -93,6 +96,7 @@ impl NbdBackend {
             info,
             replies,
             shared,
+            events,
         })
     }
 
@@ -113,10 +117,23 @@ impl BlockBackend for NbdBackend {
     fn supports_discard(&self) -> bool {
         self.info.flags & TF_SEND_TRIM != 0
     }
+    fn events(&self) -> Vec<(&'static str, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        vec![
+            ("reconnects", self.events.reconnects.load(Relaxed)),
+            ("timeouts", self.events.timeouts.load(Relaxed)),
+        ]
+    }
     fn queue(&self) -> io::Result<Box<dyn QueueBackend>> {
         let conn = match &self.shared {
             Some(c) => c.clone(),
-            None => Arc::new(Conn::start(&self.uri, self.timeout, &self.info, None)?),
+            None => Arc::new(Conn::start(
+                &self.uri,
+                self.timeout,
+                &self.info,
+                None,
+                &self.events,
+            )?),
         };
         Ok(Box::new(NbdQueue {
             conn,

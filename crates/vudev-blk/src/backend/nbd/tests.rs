@@ -419,6 +419,13 @@ fn a_reply_trickled_a_byte_at_a_time_ends_by_the_timeout() {
     res.unwrap();
     assert!(data.iter().all(|&b| b == 0x88));
     assert!(count.load(Ordering::SeqCst) >= 2);
+    // Metrics count both.
+    let events = backend.events();
+    assert!(events.contains(&("timeouts", 1)), "{events:?}");
+    assert!(
+        events.iter().any(|&(e, n)| e == "reconnects" && n >= 1),
+        "{events:?}"
+    );
 }
 
 /// Connects (timeout 1 s) to a server that greets as `greeting`: the error, which must come
