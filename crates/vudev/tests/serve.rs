@@ -690,6 +690,19 @@ fn a_resize_is_seen_by_the_next_frontend_and_refused_where_it_would_lose_data() 
         96u64 << 20
     );
     assert_eq!(Client::connect(&socket, 1).unwrap().capacity(), 96 << 20);
+    // ... and without being asked, within a few seconds.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("f1.img"))
+        .unwrap()
+        .set_len(112 << 20)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.call("show", json!({"name": "f1"})).unwrap()["size"] != 112u64 << 20 {
+        assert!(Instant::now() < deadline, "a grown file was not followed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(Client::connect(&socket, 1).unwrap().capacity(), 112 << 20);
     // What cannot be resized says why.
     let e = d
         .call("resize", json!({"name": "m1", "size": "1G"}))

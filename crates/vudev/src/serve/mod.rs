@@ -21,6 +21,9 @@ use crate::signals;
 use control::Control;
 use registry::Registry;
 
+/// How often the daemon looks whether the files behind its exports have grown.
+const FOLLOW_FILES: Duration = Duration::from_secs(2);
+
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn run(args: ServeArgs) -> Result<(), String> {
     // Before any thread exists, so that every thread inherits the mask.
@@ -74,14 +77,19 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         );
         notify::notify(&format!("READY=1\n{}", status(registry.list().len())));
         let watchdog = notify::watchdog_interval();
+        let tick = watchdog.map_or(FOLLOW_FILES, |w| w.min(FOLLOW_FILES));
         let waited = loop {
-            match signals::wait_termination_for(watchdog.unwrap_or(Duration::from_secs(3600))) {
+            match signals::wait_termination_for(tick) {
                 Ok(Some(sig)) => {
                     tracing::info!("signal {sig} received: shutting down");
                     break Ok(());
                 }
-                Ok(None) if watchdog.is_some() => notify::notify("WATCHDOG=1"),
-                Ok(None) => {}
+                Ok(None) => {
+                    if watchdog.is_some() {
+                        notify::notify("WATCHDOG=1");
+                    }
+                    registry.follow_grown_files();
+                }
                 Err(e) => break Err(format!("waiting for signals: {e}")),
             }
         };

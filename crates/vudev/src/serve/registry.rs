@@ -65,6 +65,8 @@ enum Serving {
 }
 
 struct Export {
+    /// A regular file behind the export, whose growth the daemon follows.
+    file: Option<PathBuf>,
     device: Arc<BlockDevice>,
     serving: Serving,
 }
@@ -362,6 +364,33 @@ impl Registry {
             .collect()
     }
 
+    /// Grows the exports whose file has grown (`truncate -s`, a copy tool), as `resize`
+    /// without a size would; a file that shrank is left to `resize --force`. Called every
+    /// few seconds by the daemon: one stat per file export.
+    pub fn follow_grown_files(&self) {
+        let grown: Vec<String> = {
+            let inner = self.lock();
+            inner
+                .slots
+                .iter()
+                .filter_map(|(n, s)| match &s.state {
+                    State::Serving(e) => {
+                        let len = e.file.as_ref()?.metadata().ok()?.len();
+                        let block = u64::from(e.device.config().logical_block_size);
+                        (len > e.device.size() && len.is_multiple_of(block)).then(|| n.clone())
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        for name in grown {
+            tracing::info!("the file of {name} grew: resizing it");
+            if let Err(e) = self.resize(&name, None, false) {
+                tracing::warn!("{}", e.message);
+            }
+        }
+    }
+
     /// Every export, by name.
     pub fn list(&self) -> Vec<ExportInfo> {
         let inner = self.lock();
@@ -436,7 +465,12 @@ fn start(args: &ExportArgs) -> Result<Box<Export>, ApiError> {
         }
     }
     .map_err(|e| ApiError::new(Code::Transport, e))?;
+    let file = backend
+        .file
+        .clone()
+        .filter(|p| p.metadata().is_ok_and(|m| m.is_file()));
     Ok(Box::new(Export {
+        file,
         device: built.device,
         serving,
     }))
