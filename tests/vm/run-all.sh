@@ -57,6 +57,8 @@ host_test vhost-user "$here/vhost-user.sh" 7.3
 host_test vhost-user-migrate "$here/vhost-user-migrate.sh" 7.3 --backend vudev
 # SIGKILL of vudev under guest I/O, restarted each time; QEMU's chardev reconnects
 host_test vhost-user-crash "$here/vhost-user-crash.sh" 7.3
+# the same with the export in a `vudev serve` config: a restarted daemon, QEMU reconnecting
+host_test vhost-user-crash-serve env DAEMON=serve "$here/vhost-user-crash.sh" 7.3
 echo
 if [[ ${#failed_runs[@]} -gt 0 ]]; then
     echo "VM scenarios that failed: ${failed_runs[*]} (logs in target/vm/logs)"

@@ -3,7 +3,9 @@
 # reconnects (reconnect-ms); while fio in the guest writes with verification, vudev is killed
 # with SIGKILL at random moments and started again with the same command. The restarted vudev
 # gets its in-flight area back from QEMU (INFLIGHT_SHMFD) and resubmits what was in flight.
-#   vhost-user-crash.sh KERNEL [KILLS]   (prints CHECK lines and `N passed, M failed`)
+# With DAEMON=serve the export is one of a `vudev serve` config (killed and started again
+# the same way), and checks are named vucs-* instead of vuc-*.
+#   [DAEMON=serve] vhost-user-crash.sh KERNEL [KILLS]   (prints CHECK lines and `N passed, M failed`)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -12,7 +14,9 @@ kills_wanted=${2:-6}
 vudev=$root/target/release/vudev
 mkdir -p "$root/target/vm/logs"
 work=$(mktemp -d "$root/target/vm/vuc-XXXXXX")
-sock=$work/vuc.sock img=$work/disk.img log=$root/target/vm/logs/vhost-user-crash-vudev.log
+daemon=${DAEMON:-export}
+tag=vuc; [[ $daemon == serve ]] && tag=vucs
+sock=$work/vuc.sock img=$work/disk.img log=$root/target/vm/logs/vhost-user-crash-$daemon.log
 pid="" guest=""
 trap 'kill -9 $pid $guest 2>/dev/null || true; rm -rf "$work"' EXIT
 pass=0 fail=0
@@ -20,18 +24,30 @@ check() { # name, command...
     local name=$1; shift
     if "$@"; then echo "CHECK PASS $name"; pass=$((pass + 1)); else echo "CHECK FAIL $name"; fail=$((fail + 1)); fi
 }
+cat > "$work/serve.toml" <<TOML
+[[export]]
+transport = "vhost-user"
+socket = "$sock"
+file = "$img"
+num-queues = 2
+TOML
 start_vudev() {
-    "$vudev" export vhost-user --socket "$sock" --file "$img" --num-queues 2 2>>"$log" &
+    if [[ $daemon == serve ]]; then
+        "$vudev" serve --config "$work/serve.toml" --control "$work/control.sock" \
+            --state-dir "$work/state" 2>>"$log" &
+    else
+        "$vudev" export vhost-user --socket "$sock" --file "$img" --num-queues 2 2>>"$log" &
+    fi
     pid=$!
 }
 truncate -s 128M "$img"
 : > "$log"
 start_vudev
 for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
-guest_log=$root/target/vm/logs/vhost-user-crash-$ver.log
+guest_log=$root/target/vm/logs/vhost-user-crash-$daemon-$ver.log
 rm -f "$guest_log"
 "$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-crash.sh" \
-    --env RUNTIME=$((kills_wanted * 4 + 10)) --log-name vhost-user-crash --timeout 400 \
+    --env RUNTIME=$((kills_wanted * 4 + 10)) --log-name "vhost-user-crash-$daemon" --timeout 400 \
     --qemu-arg -object --qemu-arg memory-backend-memfd,id=mem,size=2G,share=on \
     --qemu-arg -numa --qemu-arg node,memdev=mem \
     --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock,reconnect-ms=500" \
@@ -54,15 +70,15 @@ grep -E 'CHECK|FAIL|timed out' "$work/guest.out" | grep -v '^[0-9]' || true
 line=$(grep -E "^[0-9]+ passed, [0-9]+ failed$" "$work/guest.out" | tail -1 || true)
 p=${line%% passed*} f=${line#*passed, }; f=${f%% failed}
 pass=$((pass + ${p:-0})); fail=$((fail + ${f:-1}))
-echo "INFO vhost-user crash: $kills kills; resubmitted per restart: $(grep -o 'resubmit=[0-9]*' "$log" | tr '\n' ' ')"
-check "vuc-killed-at-least-5-times" [ "$kills" -ge 5 ]
+echo "INFO vhost-user crash ($daemon): $kills kills; resubmitted per restart: $(grep -o 'resubmit=[0-9]*' "$log" | tr '\n' ' ')"
+check "$tag-killed-at-least-5-times" [ "$kills" -ge 5 ]
 guest_sum=$(grep -Eo '^SUM [0-9a-f]{64}' "$guest_log" | cut -d' ' -f2 || true)
 same_sum() { [ -n "$guest_sum" ] && [ "$guest_sum" = "$(sha256sum < "$img" | cut -d' ' -f1)" ]; }
-check "vuc-image-equals-device" same_sum
-check "vuc-vudev-alive" kill -0 "$pid"
+check "$tag-image-equals-device" same_sum
+check "$tag-vudev-alive" kill -0 "$pid"
 kill -TERM "$pid"
 set +e; wait "$pid"; rc=$?; set -e
-check "vuc-sigterm-exit-0" [ "$rc" = 0 ]
-check "vuc-socket-removed" [ ! -e "$sock" ]
+check "$tag-sigterm-exit-0" [ "$rc" = 0 ]
+check "$tag-socket-removed" [ ! -e "$sock" ]
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]
