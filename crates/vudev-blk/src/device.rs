@@ -500,6 +500,8 @@ impl QueueHandler for BlockQueue {
         let mut results = std::mem::take(&mut self.results);
         self.backend.reap(&mut results);
         if results.is_empty() {
+            // A backend that holds requests and gives nothing back shows them in flight.
+            self.stats.set_in_flight(self.in_flight);
             self.results = results;
             return;
         }

@@ -632,6 +632,16 @@ fn an_online_resize_moves_the_end_of_the_disk_under_running_queues() {
                 .0,
             IOERR
         );
+        // A grow never cuts: a file already longer than the new size keeps its length.
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(8 * DISK)
+            .unwrap();
+        dev.resize(2 * DISK, false).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * DISK);
+        dev.resize(DISK, true).unwrap();
         // A shrink over holes only loses nothing: no force needed.
         dev.resize(4 * DISK, false).unwrap();
         dev.resize(2 * DISK, false).unwrap();

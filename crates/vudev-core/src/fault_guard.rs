@@ -2,14 +2,16 @@
 //! as guest memory or as its dirty log, and the next access to a page past the new end raises
 //! SIGBUS, whose default action would kill the daemon and every export it serves. Each mapping
 //! of a peer's file that is not sealed against shrinking is registered here. A SIGBUS inside
-//! one is answered by replacing that whole mapping with zeroed anonymous memory (the access
-//! that faulted, and any later one, completes on zeros) and by signalling the mapping's
-//! alarm, an eventfd on which its session disconnects the frontend. A SIGBUS anywhere else is
-//! a bug and keeps its default action.
+//! one is answered by replacing the page that faulted (only that page: it lies past the end
+//! of the file, and would have killed us) with a zeroed anonymous one, so that the access
+//! completes on zeros, and by signalling the mapping's alarm, an eventfd on which its session
+//! disconnects the frontend. A SIGBUS anywhere else is a bug and keeps its default action.
 //!
-//! The table is fixed and lock-free, since the signal handler reads it: a slot holds a range
-//! and an alarm fd, and is taken with a compare-and-swap and given back by [`FaultGuard`]'s
-//! drop, after its mapping is gone.
+//! The table is fixed and lock-free, since the signal handler reads it: a slot holds a range,
+//! an alarm fd and a generation, is taken with a compare-and-swap and given back by
+//! [`FaultGuard`]'s drop. A guard may outlive its mapping for a while (its owner drops it once
+//! no snapshot of that mapping is left); should the range be mapped again meanwhile, the
+//! newest registration covering an address is the one alarmed.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -20,13 +22,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Mappings guarded at once, process-wide: far more than the memory slots of every session
 /// a daemon serves (a frontend has at most 509 regions, and sessions with many are rare).
-const SLOTS: usize = 8192;
+const SLOTS: usize = 32768;
 
 struct Slot {
     /// Start address; 0: free. Written last on register, first on release.
     start: AtomicUsize,
     len: AtomicUsize,
     alarm: AtomicI32,
+    /// When it was registered (higher: newer).
+    generation: AtomicUsize,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -34,7 +38,9 @@ const FREE: Slot = Slot {
     start: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
     alarm: AtomicI32::new(-1),
+    generation: AtomicUsize::new(0),
 };
+static GENERATION: AtomicUsize = AtomicUsize::new(1);
 static TABLE: [Slot; SLOTS] = [FREE; SLOTS];
 /// A slot being filled (neither free nor readable by the handler yet).
 const CLAIMED: usize = 1;
@@ -63,6 +69,8 @@ impl FaultGuard {
             {
                 s.len.store(len, Ordering::Release);
                 s.alarm.store(alarm.as_raw_fd(), Ordering::Release);
+                s.generation
+                    .store(GENERATION.fetch_add(1, Ordering::AcqRel), Ordering::Release);
                 s.start.store(start, Ordering::Release);
                 return Ok(FaultGuard {
                     slot: i,
@@ -119,6 +127,8 @@ fn install() {
 extern "C" fn on_sigbus(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for a SA_SIGINFO handler.
     let addr = unsafe { (*info).si_addr() } as usize;
+    // The newest registration that covers the address.
+    let mut found: Option<(usize, i32)> = None;
     for s in TABLE.iter() {
         let start = s.start.load(Ordering::Acquire);
         if start <= CLAIMED {
@@ -128,20 +138,27 @@ extern "C" fn on_sigbus(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::
         if addr < start || addr - start >= len {
             continue;
         }
-        // SAFETY: the range is a mapping of ours that its guard keeps registered; replacing
-        // it with private zero pages (mmap is a plain system call) lets the faulting access
-        // complete. Its owner stops using it on the alarm.
+        let generation = s.generation.load(Ordering::Acquire);
+        if found.is_none_or(|(g, _)| generation > g) {
+            found = Some((generation, s.alarm.load(Ordering::Acquire)));
+        }
+    }
+    if let Some((_, alarm)) = found {
+        // SAFETY: sysconf is a plain query.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        // SAFETY: the page faulted because it lies past the end of a peer's file inside a
+        // registered mapping: it can never be read again, and a private zero page in its
+        // place (mmap is a plain system call) lets the access complete. Nothing else moves.
         let replaced = unsafe {
             libc::mmap(
-                start as *mut libc::c_void,
-                len,
+                (addr & !(page - 1)) as *mut libc::c_void,
+                page,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
         };
-        let alarm = s.alarm.load(Ordering::Acquire);
         if alarm >= 0 {
             let one: u64 = 1;
             // SAFETY: write(2) is async-signal-safe; the guard keeps the eventfd open.
@@ -150,9 +167,8 @@ extern "C" fn on_sigbus(_sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::
         if replaced != libc::MAP_FAILED {
             return;
         }
-        break;
     }
-    // Not a peer's memory (or it could not be replaced): the default action, on return the
+    // Not a peer's memory (or it could not be replaced): the default action; on return the
     // access faults again and the process ends as it would have.
     // SAFETY: resetting a signal's disposition is async-signal-safe.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
@@ -185,9 +201,10 @@ mod tests {
         let v: u16 = mem.read_obj(GuestAddress(0x8000)).unwrap();
         assert_eq!(v, 0, "the vanished page reads as zeros");
         assert_eq!(alarm.read().unwrap(), 1);
-        // Writes land too (on private zero pages), with no further fault.
+        // Another page faults on its own, and is replaced the same way.
         mem.write_obj(7u8, GuestAddress(0x10)).unwrap();
-        assert!(alarm.read().is_err());
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10)).unwrap(), 7);
+        assert_eq!(alarm.read().unwrap(), 1);
         drop(mem);
         map.clear();
         // A memfd sealed against shrinking needs no guard.

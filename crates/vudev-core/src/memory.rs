@@ -260,6 +260,8 @@ impl MemoryMap {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .replace(mem);
+        // The mappings just replaced are gone unless a snapshot still holds them.
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).sweep();
         Ok(())
     }
 

@@ -253,10 +253,18 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         let (len, offset) = (inflight.mmap_size, inflight.mmap_offset);
         tracing::debug!(queues, size, len, offset, "SET_INFLIGHT_FD");
-        if !sealed_against_shrinking(file.as_raw_fd()) {
-            return Err(invalid(
-                "the in-flight area is not the sealed memfd GET_INFLIGHT_FD handed out",
-            ));
+        // The area vudev hands out is sealed. One from before it did (a VM that has run since
+        // an older vudev) is sealed now if it can be, and taken as it is otherwise: refusing
+        // it would leave that VM's disk dead after every reconnect.
+        // SAFETY: F_ADD_SEALS on a descriptor we own; it fails harmlessly on other files.
+        let sealed = sealed_against_shrinking(file.as_raw_fd())
+            || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) }
+                == 0;
+        if !sealed {
+            tracing::warn!(
+                "the frontend's in-flight area cannot be sealed against shrinking: a frontend \
+                 that shrinks it can end vudev"
+            );
         }
         let area = InflightArea::map(file, offset, len, queues, size).map_err(|e| {
             tracing::warn!("frontend in-flight area refused: {e}");

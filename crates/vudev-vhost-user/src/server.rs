@@ -120,6 +120,9 @@ impl VhostUserServer {
 /// (a child between fork and exec, for one).
 const SECOND_FRONTEND_GRACE: Duration = Duration::from_secs(1);
 
+/// How long one message may take to arrive whole, or one reply to be taken.
+const MESSAGE_DEADLINE: Duration = Duration::from_secs(5);
+
 /// How a frontend's session ended.
 pub struct SessionEnd {
     /// `stop` became readable: the server is to exit.
@@ -170,6 +173,11 @@ pub fn serve_frontend(
             return SessionEnd::disconnected();
         }
     };
+    // A message is read once poll says it has begun: a frontend that stops halfway through
+    // one (or stops taking replies) is disconnected after this, instead of holding the
+    // session, and whoever waits to stop it, forever.
+    let _ = stream.set_read_timeout(Some(MESSAGE_DEADLINE));
+    let _ = stream.set_write_timeout(Some(MESSAGE_DEADLINE));
     let mut handler = BackendReqHandler::from_stream(stream, state.clone());
     let mut waiting: Option<(UnixStream, Instant)> = None;
     let stopped = loop {

@@ -283,6 +283,15 @@ fn the_control_api_answers_anything_with_an_error_and_changes_nothing() {
             .as_str()
             .is_some_and(|m| !m.is_empty()));
     }
+    // A batch larger than the bound is refused whole.
+    let one = "{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"version\"}";
+    let batch = format!("[{}]", vec![one; 65].join(","));
+    assert_eq!(exchange(&d.control, &batch)["error"]["code"], -32600);
+    let batch = format!("[{}]", vec![one; 64].join(","));
+    assert_eq!(
+        exchange(&d.control, &batch).as_array().map(Vec::len),
+        Some(64)
+    );
     // A notification gets no reply; the request after it on the same connection does.
     let s = UnixStream::connect(&d.control).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -453,6 +462,14 @@ fn a_restarted_daemon_serves_again_what_was_added_at_run_time() {
     drop(d);
     let d = Daemon::start(&dir, Some(&config), &[]);
     assert_eq!(d.names(), ["m1"]);
+    drop(d);
+    // A record that cannot be read is set aside for a person, not overwritten.
+    let record = dir.join("state/serve-exports.json");
+    std::fs::write(&record, "[{\"transport\": \"vhost-user\", tor").unwrap();
+    let d = Daemon::start(&dir, Some(&config), &[]);
+    assert_eq!(d.names(), ["m1"]);
+    let aside = std::fs::read_to_string(dir.join("state/serve-exports.json.bad")).unwrap();
+    assert!(aside.ends_with("tor"), "{aside}");
 }
 
 #[test]

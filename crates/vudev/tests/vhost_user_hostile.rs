@@ -493,3 +493,21 @@ fn a_frontend_that_shrinks_its_memory_under_a_running_ring_costs_only_its_sessio
         good_client_works(&s);
     }
 }
+
+#[test]
+fn a_message_cut_short_and_left_so_costs_the_session_within_seconds() {
+    let (_dir, s) = server("stall");
+    let stream = connect_with(&s.socket, PROTOCOL_REPLY_ACK);
+    // SET_FEATURES announces 8 bytes of payload; none follow.
+    let header = &msg(SET_FEATURES, 0, &u64_body(0))[..12];
+    (&stream).write_all(header).unwrap();
+    let t = std::time::Instant::now();
+    while !closed(&stream) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "a stalled message held the session"
+        );
+    }
+    good_client_works(&s);
+    // Server's drop: SIGTERM must still end it within its bound.
+}

@@ -25,6 +25,9 @@ const IDLE: Duration = Duration::from_secs(60);
 /// A reply that cannot be written within this is dropped with its client.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Requests in one batch at most (each gets a reply, which may be large).
+const MAX_BATCH: usize = 64;
+
 /// The methods, for the error that names them.
 const METHODS: &str = "add, list, remove, resize, show, stats, version";
 
@@ -71,8 +74,14 @@ impl Control {
                 }
                 continue;
             }
-            let Ok((stream, _)) = self.listener.accept() else {
-                continue;
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of fds, say: wait a little rather than spin on a readable listener.
+                    tracing::warn!("accept on the control socket: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
             };
             if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
                 clients.fetch_sub(1, Ordering::SeqCst);
@@ -158,6 +167,13 @@ pub fn handle(registry: &Registry, line: &[u8]) -> Option<Value> {
         Value::Array(batch) if batch.is_empty() => Some(failure(
             Value::Null,
             &ApiError::new(Code::InvalidRequest, "an empty batch"),
+        )),
+        Value::Array(batch) if batch.len() > MAX_BATCH => Some(failure(
+            Value::Null,
+            &ApiError::new(
+                Code::InvalidRequest,
+                format!("a batch of more than {MAX_BATCH} requests: send it in parts"),
+            ),
         )),
         Value::Array(batch) => {
             let replies: Vec<Value> = batch

@@ -244,15 +244,14 @@ impl Endpoint {
     pub fn serve(self, registry: Arc<Registry>) {
         let busy = Arc::new(AtomicUsize::new(0));
         loop {
-            let stream: Box<dyn Conn> = match &self {
-                Endpoint::Tcp(l) => match l.accept() {
-                    Ok((s, _)) => Box::new(s),
-                    Err(_) => continue,
-                },
-                Endpoint::Unix(l) => match l.accept() {
-                    Ok((s, _)) => Box::new(s),
-                    Err(_) => continue,
-                },
+            let accepted: io::Result<Box<dyn Conn>> = match &self {
+                Endpoint::Tcp(l) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+                Endpoint::Unix(l) => l.accept().map(|(s, _)| Box::new(s) as Box<dyn Conn>),
+            };
+            let Ok(stream) = accepted else {
+                // Out of fds, say: wait a little rather than spin.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
             };
             if busy.fetch_add(1, Ordering::SeqCst) >= MAX_SCRAPERS {
                 busy.fetch_sub(1, Ordering::SeqCst);
@@ -274,6 +273,7 @@ impl Endpoint {
 
 /// A connection of either kind.
 trait Conn: Read + Write + Send {
+    /// Sets the read and write timeouts.
     fn deadlines(&self, d: Duration) -> io::Result<()>;
 }
 
@@ -293,16 +293,24 @@ impl Conn for std::os::unix::net::UnixStream {
 
 /// Reads one request head and answers it.
 fn answer(mut s: Box<dyn Conn>, registry: &Registry) -> io::Result<()> {
-    s.deadlines(DEADLINE)?;
+    // One deadline for the whole request head, however it trickles in.
+    let deadline = std::time::Instant::now() + DEADLINE;
     let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    let mut limited = (&mut s).take(MAX_HEAD);
-    while !head.ends_with(b"\r\n\r\n") && !head.ends_with(b"\n\n") {
-        if limited.read(&mut byte)? == 0 {
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || head.len() as u64 >= MAX_HEAD {
             break;
         }
-        head.push(byte[0]);
+        s.deadlines(left)?;
+        let want = buf.len().min(MAX_HEAD as usize - head.len());
+        let n = s.read(&mut buf[..want])?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
     }
+    s.deadlines(DEADLINE)?;
     let line = String::from_utf8_lossy(&head);
     let mut words = line.split_whitespace();
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));

@@ -24,13 +24,14 @@ impl Record {
     }
 
     /// The specs recorded; none if there is no record yet. A record that cannot be read is
-    /// reported and ignored: the daemon then serves its config only.
+    /// reported and set aside (see [`Record::set_aside`]): the daemon then serves its config
+    /// only, and nothing recorded is lost for good.
     pub fn load(&self) -> Vec<Spec> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
             Err(e) => {
-                tracing::error!("cannot read {}: {e}", self.path.display());
+                self.set_aside(&format!("it cannot be read ({e})"));
                 return Vec::new();
             }
         };
@@ -43,12 +44,23 @@ impl Record {
                 })
                 .collect(),
             Err(e) => {
-                tracing::error!(
-                    "{} is not a record of exports ({e}): ignoring it",
-                    self.path.display()
-                );
+                self.set_aside(&format!("it is not a record of exports ({e})"));
                 Vec::new()
             }
+        }
+    }
+
+    /// Renames the record to `serve-exports.json.bad` (for a person to look at) before a
+    /// new one replaces it.
+    pub fn set_aside(&self, why: &str) {
+        let aside = self.path.with_extension("json.bad");
+        match std::fs::rename(&self.path, &aside) {
+            Ok(()) => tracing::error!(
+                "{}: {why}: kept as {}; the exports in it are not served",
+                self.path.display(),
+                aside.display()
+            ),
+            Err(e) => tracing::error!("{}: {why}; cannot set it aside: {e}", self.path.display()),
         }
     }
 

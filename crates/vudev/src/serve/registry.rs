@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vudev_blk::stats::QueueSnapshot;
@@ -30,6 +31,9 @@ pub struct ExportStats {
     /// The backend's event counts (an NBD client's reconnects and timeouts).
     pub backend: Vec<(&'static str, u64)>,
 }
+
+/// How long a stopping daemon waits for adds and removes under way.
+const IN_PROGRESS_WAIT: Duration = Duration::from_secs(60);
 
 /// An export as `list` and `show` give it.
 #[derive(Clone, Debug, Serialize)]
@@ -121,6 +125,7 @@ impl Registry {
         let recorded = self.record.load();
         let configured: Vec<String> = config.iter().map(|(_, a)| a.name()).collect();
         let mut all: Vec<(Spec, bool)> = config.into_iter().map(|(s, _)| (s, false)).collect();
+        let mut invalid = false;
         for spec in recorded {
             match ExportArgs::parse(&spec) {
                 Ok(a) if configured.contains(&a.name()) => tracing::warn!(
@@ -128,31 +133,46 @@ impl Registry {
                     a.name()
                 ),
                 Ok(_) => all.push((spec, true)),
-                Err(e) => tracing::error!("a recorded export is no longer valid ({e}): dropped"),
-            }
-        }
-        for (spec, runtime) in all {
-            if let Err(e) = self.add_as(spec.clone(), runtime) {
-                let name = ExportArgs::parse(&spec).map(|a| a.name());
-                tracing::error!("{}: {}", name.as_deref().unwrap_or("?"), e.message);
-                if let Ok(args) = ExportArgs::parse(&spec) {
-                    let mut inner = self.lock();
-                    if e.code != Code::Exists {
-                        inner.slots.insert(
-                            args.name(),
-                            Slot {
-                                transport: args.transport(),
-                                socket: args.socket().map(Path::to_path_buf),
-                                spec,
-                                runtime,
-                                state: State::Failed(e.message),
-                            },
-                        );
-                    }
+                Err(e) => {
+                    tracing::error!("a recorded export is no longer valid: {e}");
+                    invalid = true;
                 }
             }
         }
+        if invalid {
+            self.record
+                .set_aside("it holds exports that are no longer valid");
+        }
+        // Side by side: one export slow to start (an NBD server away) delays no other.
+        std::thread::scope(|s| {
+            for (spec, runtime) in all {
+                s.spawn(move || self.start_one(spec, runtime));
+            }
+        });
         self.save_record(&self.lock());
+    }
+
+    /// Starts one export of the daemon's start; one that fails is listed as failed.
+    fn start_one(&self, spec: Spec, runtime: bool) {
+        if let Err(e) = self.add_as(spec.clone(), runtime) {
+            let name = ExportArgs::parse(&spec).map(|a| a.name());
+            tracing::error!("{}: {}", name.as_deref().unwrap_or("?"), e.message);
+            if let Ok(args) = ExportArgs::parse(&spec) {
+                let mut inner = self.lock();
+                if e.code != Code::Exists {
+                    inner.slots.insert(
+                        args.name(),
+                        Slot {
+                            transport: args.transport(),
+                            socket: args.socket().map(Path::to_path_buf),
+                            spec,
+                            runtime,
+                            state: State::Failed(e.message),
+                        },
+                    );
+                }
+            }
+        }
     }
 
     /// Adds an export at run time (kept in the record).
@@ -368,21 +388,27 @@ impl Registry {
     /// without a size would; a file that shrank is left to `resize --force`. Called every
     /// few seconds by the daemon: one stat per file export.
     pub fn follow_grown_files(&self) {
-        let grown: Vec<String> = {
+        // The files and sizes under the lock; the stats (which may be slow) outside it.
+        let files: Vec<(String, PathBuf, u64, u64)> = {
             let inner = self.lock();
             inner
                 .slots
                 .iter()
                 .filter_map(|(n, s)| match &s.state {
-                    State::Serving(e) => {
-                        let len = e.file.as_ref()?.metadata().ok()?.len();
-                        let block = u64::from(e.device.config().logical_block_size);
-                        (len > e.device.size() && len.is_multiple_of(block)).then(|| n.clone())
-                    }
+                    State::Serving(e) => Some((
+                        n.clone(),
+                        e.file.clone()?,
+                        e.device.size(),
+                        u64::from(e.device.config().logical_block_size),
+                    )),
                     _ => None,
                 })
                 .collect()
         };
+        let grown = files.into_iter().filter_map(|(name, path, size, block)| {
+            let len = path.metadata().ok()?.len();
+            (len > size && len.is_multiple_of(block)).then_some(name)
+        });
         for name in grown {
             tracing::info!("the file of {name} grew: resizing it");
             if let Err(e) = self.resize(&name, None, false) {
@@ -434,9 +460,26 @@ impl Registry {
                     if let Err(e) = stop(*export) {
                         tracing::error!("{name}: {e}");
                     }
+                    self.lock().slots.remove(&name);
                 });
             }
         });
+        // An add or a remove still under way (on a control client's thread) finishes first:
+        // a VDUSE device half taken down would be left in the kernel.
+        let deadline = Instant::now() + IN_PROGRESS_WAIT;
+        let busy = |inner: &Inner| {
+            inner
+                .slots
+                .values()
+                .any(|s| matches!(s.state, State::Starting | State::Stopping))
+        };
+        while busy(&self.lock()) {
+            if Instant::now() > deadline {
+                tracing::warn!("exiting with an add or a remove still under way");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn save_record(&self, inner: &Inner) {

@@ -97,12 +97,14 @@ impl ExportArgs {
         .map_err(|e| error(None, clap_message(&e)))?;
         let (backend, opts, dev) = parsed.parts();
         device::check(backend, opts, dev).map_err(|e| error(None, e))?;
-        if parsed.name().is_empty() || parsed.name().contains('/') {
+        let name = parsed.name();
+        let fits = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+        if name.is_empty() || name.len() > 64 || name.starts_with('.') || !name.chars().all(fits) {
             return Err(error(
                 Some("name"),
                 format!(
-                    "invalid name '{}': use letters, digits, - and _",
-                    parsed.name()
+                    "invalid name '{name}': use up to 64 letters, digits, '-', '_' and '.' \
+                     (not first)"
                 ),
             ));
         }
@@ -359,7 +361,7 @@ mod tests {
                 "--direct applies to --file",
             ),
             (
-                json!({"transport": "vduse", "name": "a/b", "null": "1G"}),
+                json!({"transport": "vduse", "name": "a b", "null": "1G"}),
                 Some("name"),
                 "invalid name",
             ),

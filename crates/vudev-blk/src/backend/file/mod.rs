@@ -150,7 +150,7 @@ impl BlockBackend for FileBackend {
         if self.block_device {
             // A block device is resized by its owner (lvresize, a SAN): take its new size.
             let now = block_device_size(&self.file)?;
-            if now != bytes {
+            if now < bytes {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
@@ -159,16 +159,23 @@ impl BlockBackend for FileBackend {
                     ),
                 ));
             }
-        } else if self.read_only {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                format!(
-                    "{} is open read-only: it cannot change size",
-                    self.path.display()
-                ),
-            ));
-        } else if self.file.metadata()?.len() != bytes {
-            self.file.set_len(bytes)?;
+        } else {
+            // Extend a file that is shorter; cut one only when the export shrinks (a grow
+            // never cuts what lies past the export's end in a longer file).
+            let len = self.file.metadata()?.len();
+            let cut = bytes < self.size.get() && len > bytes;
+            if len < bytes || cut {
+                if self.read_only {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "{} is open read-only: it cannot change size",
+                            self.path.display()
+                        ),
+                    ));
+                }
+                self.file.set_len(bytes)?;
+            }
         }
         self.size.set(bytes);
         Ok(())
