@@ -193,6 +193,20 @@ fn nanos_since(epoch: Instant) -> u64 {
         .wrapping_add(u64::from(d.subsec_nanos()))
 }
 
+/// The index in `stats::OPS` of a request type (`None`: a request that could not be parsed,
+/// counted as "other").
+fn op_index(kind: Option<Kind>) -> usize {
+    match kind {
+        Some(Kind::Read) => 0,
+        Some(Kind::Write) => 1,
+        Some(Kind::Flush) => 2,
+        Some(Kind::Discard) => 3,
+        Some(Kind::WriteZeroes) => 4,
+        Some(Kind::GetId) => 5,
+        Some(Kind::Other(_)) | None => 6,
+    }
+}
+
 /// The index in `stats::ERRORS` of an error status, `None` for OK.
 fn error_index(code: u8) -> Option<usize> {
     match u32::from(code) {
@@ -411,16 +425,14 @@ impl BlockQueue {
 
     fn submit(&mut self, mem: &Memory, head: u16, status: u64, used_ok: u32, op: IoOp<'_>) {
         let keep = self.asynchronous.then(|| mem.clone());
-        let (kind, bytes) = match &op {
-            IoOp::Read { .. } => (0, self.req.data_len),
-            IoOp::Write { .. } => (1, self.req.data_len),
-            IoOp::Flush => (2, 0),
-            IoOp::Discard { len, .. } => (3, *len),
-            IoOp::WriteZeroes { len, .. } => (4, *len),
+        let bytes = match &op {
+            IoOp::Read { .. } | IoOp::Write { .. } => self.req.data_len,
+            IoOp::Flush => 0,
+            IoOp::Discard { len, .. } | IoOp::WriteZeroes { len, .. } => *len,
         };
         self.pending[usize::from(head)] = Some(Pending {
             status,
-            op: kind,
+            op: op_index(self.req.kind),
             bytes,
             at: *self.clock.get_or_insert_with(|| nanos_since(self.epoch)),
             used_ok,
@@ -430,18 +442,10 @@ impl BlockQueue {
         self.backend.submit(u64::from(head), op);
     }
 
-    /// Counts a request answered without the backend.
-    fn count_now(&self, code: u8, bytes: u64) {
-        let op = match self.req.kind {
-            Some(Kind::Read) => 0,
-            Some(Kind::Write) => 1,
-            Some(Kind::Flush) => 2,
-            Some(Kind::Discard) => 3,
-            Some(Kind::WriteZeroes) => 4,
-            Some(Kind::GetId) => 5,
-            Some(Kind::Other(_)) | None => 6,
-        };
-        self.stats.complete(op, bytes, error_index(code), None);
+    /// Counts a request of type `kind` (`None`: not parsed) answered without the backend.
+    fn count_now(&self, kind: Option<Kind>, code: u8, bytes: u64) {
+        self.stats
+            .complete(op_index(kind), bytes, error_index(code), None);
     }
 }
 
@@ -463,14 +467,12 @@ impl QueueHandler for BlockQueue {
         match self.req.parse(mem, chain.descs) {
             Err(ParseError::NoStatus) => {
                 self.log_error(&format!("request {head} has no writable status byte"));
-                self.req.kind = None;
-                self.count_now(VIRTIO_BLK_S_IOERR as u8, 0);
+                self.count_now(None, VIRTIO_BLK_S_IOERR as u8, 0);
                 done.push(head, 0);
             }
             Err(ParseError::Malformed { status, why }) => {
                 self.log_error(&format!("request {head}: {why}"));
-                self.req.kind = None;
-                self.count_now(VIRTIO_BLK_S_IOERR as u8, 0);
+                self.count_now(None, VIRTIO_BLK_S_IOERR as u8, 0);
                 self.finish(mem, head, status, VIRTIO_BLK_S_IOERR as u8, 1, done);
             }
             Ok(()) => {
@@ -478,12 +480,12 @@ impl QueueHandler for BlockQueue {
                 match self.start(mem, head) {
                     Ok(None) => {}
                     Ok(Some((code, used))) => {
-                        self.count_now(code, u64::from(used.saturating_sub(1)));
+                        self.count_now(self.req.kind, code, u64::from(used.saturating_sub(1)));
                         self.finish(mem, head, status, code, used, done)
                     }
                     Err(why) => {
                         self.log_error(&format!("request {head}: {why}"));
-                        self.count_now(VIRTIO_BLK_S_IOERR as u8, 0);
+                        self.count_now(self.req.kind, VIRTIO_BLK_S_IOERR as u8, 0);
                         self.finish(mem, head, status, VIRTIO_BLK_S_IOERR as u8, 1, done);
                     }
                 }
