@@ -154,6 +154,7 @@ impl Worker {
             done: Completions::default(),
             broken: false,
             bad_chains: 0,
+            seen_avail: setup.next_avail,
             position: position.clone(),
         };
         let stop_fd = stop.try_clone()?;
@@ -283,6 +284,9 @@ struct WorkerState {
     done: Completions,
     broken: bool,
     bad_chains: u64,
+    /// The avail index as last read: the chains before it are taken with a memory snapshot
+    /// loaded after that read (see [`WorkerState::pop_one`]).
+    seen_avail: u16,
     position: Arc<AtomicU32>,
 }
 
@@ -495,7 +499,26 @@ impl WorkerState {
     }
 
     /// Pops and handles one chain; false when the ring is empty or broken.
+    ///
+    /// A frontend adds memory, waits for our ack, then makes chains available that use it.
+    /// So a chain is only taken with a memory snapshot loaded after the avail index that
+    /// showed it was read: a snapshot loaded first could predate the new memory while the
+    /// index read a moment later (the thread preempted in between) already shows the chain,
+    /// whose buffers would then look outside driver memory.
     fn pop_one(&mut self) -> bool {
+        if self.queue.next_avail() == self.seen_avail {
+            let mem = self.map.memory();
+            #[cfg(test)]
+            tests::before_avail_read(&self.map);
+            match self.queue.avail_idx(&RingMemory(&mem), Ordering::Acquire) {
+                Ok(idx) if idx.0 != self.seen_avail => self.seen_avail = idx.0,
+                Ok(_) => return false,
+                Err(e) => {
+                    self.mark_broken(&format!("bad avail ring: {e:?}"));
+                    return false;
+                }
+            }
+        }
         let mut mem = self.map.memory();
         let mut retried = false;
         let head = loop {
@@ -770,5 +793,86 @@ fn pin_to(cpu: usize, index: u16) {
             "cannot pin the queue worker to CPU {cpu}: {}",
             io::Error::last_os_error()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+
+    use crate::testkit::{memfd, RingDriver, AVAIL, DESC};
+    use crate::{Mapping, Tracking};
+
+    type Hook = (usize, Box<dyn FnOnce() + Send>);
+
+    /// Run once by the worker serving the map at the given address, just before it reads the
+    /// avail index: where a preempted worker would stand.
+    static BEFORE_AVAIL_READ: Mutex<Vec<Hook>> = Mutex::new(Vec::new());
+
+    pub(super) fn before_avail_read(map: &Arc<MemoryMap>) {
+        let key = Arc::as_ptr(map) as usize;
+        let hook = {
+            let mut hooks = BEFORE_AVAIL_READ.lock().unwrap();
+            let at = hooks.iter().position(|(k, _)| *k == key);
+            at.map(|i| hooks.swap_remove(i).1)
+        };
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+
+    /// Completes each chain with length 1 if all its buffers are in the memory it was handed,
+    /// 0 if not.
+    struct InMemory;
+
+    impl QueueHandler for InMemory {
+        fn handle(&mut self, mem: &Memory, chain: Chain<'_>, done: &mut Completions) {
+            let ok = chain
+                .descs
+                .iter()
+                .all(|d| in_memory(mem, d.addr().0, d.len() as usize));
+            done.push(chain.head, u32::from(ok));
+        }
+    }
+
+    fn mapping(file: &std::fs::File, start: u64, len: u64) -> Mapping {
+        Mapping {
+            file: file.try_clone().unwrap(),
+            offset: 0,
+            start,
+            last: start + len - 1,
+            prot: libc::PROT_READ | libc::PROT_WRITE,
+        }
+    }
+
+    #[test]
+    fn a_chain_made_available_after_memory_was_added_is_read_with_that_memory() {
+        const LEN: u64 = 1 << 20;
+        let mut drv = RingDriver::new(LEN, 16);
+        let (low, high) = (memfd(LEN), memfd(LEN));
+        drv.map.replace(vec![mapping(&low, 0, LEN)]).unwrap();
+        // As the worker is about to read the avail index, a frontend adds memory (its ack
+        // comes back at once) and makes a chain available whose buffer is in it.
+        let map = drv.map.clone();
+        let hook = move || {
+            map.replace(vec![mapping(&low, 0, LEN), mapping(&high, LEN, LEN)])
+                .unwrap();
+            let mem = map.memory();
+            let desc = [LEN + 512, 512u64 | (u64::from(VRING_DESC_F_WRITE) << 32)];
+            mem.write_obj(desc, GuestAddress(DESC)).unwrap();
+            mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+            mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        };
+        let key = Arc::as_ptr(&drv.map) as usize;
+        BEFORE_AVAIL_READ
+            .lock()
+            .unwrap()
+            .push((key, Box::new(hook)));
+        drv.start(Box::new(InMemory), Tracking::default(), 0, false);
+        assert_eq!(drv.wait_used(), (0, 1), "the buffer looked outside memory");
+        drv.stop();
     }
 }

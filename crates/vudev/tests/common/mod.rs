@@ -51,6 +51,8 @@ pub struct Server {
     child: Option<Child>,
     pub socket: PathBuf,
     expect_clean_exit: bool,
+    /// Where the server's stderr goes, shown when a test fails.
+    log: Option<PathBuf>,
 }
 
 impl Server {
@@ -74,6 +76,7 @@ impl Server {
             child: Some(child),
             socket,
             expect_clean_exit,
+            log: None,
         }
     }
 
@@ -93,7 +96,9 @@ impl Server {
             .arg(&socket)
             .args(args)
             .stderr(std::fs::File::create(dir.join("vudev.log")).unwrap());
-        Server::start(cmd, socket, true)
+        let mut server = Server::start(cmd, socket, true);
+        server.log = Some(dir.join("vudev.log"));
+        server
     }
 
     pub fn qsd(dir: &Path, image: &Path, writable: bool, queues: u16) -> Option<Server> {
@@ -138,6 +143,16 @@ impl Drop for Server {
             if self.expect_clean_exit && !std::thread::panicking() {
                 assert!(st.success(), "server exited with {st}");
                 assert!(!self.socket.exists(), "socket file left behind");
+            }
+        }
+        if std::thread::panicking() {
+            // The server's side of a failed test, before its scratch directory goes.
+            if let Some(log) = self
+                .log
+                .as_ref()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+            {
+                eprintln!("--- server log ---\n{log}--- end of server log ---");
             }
         }
     }
