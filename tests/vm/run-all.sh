@@ -59,6 +59,8 @@ host_test vhost-user-migrate "$here/vhost-user-migrate.sh" 7.3 --backend vudev
 host_test vhost-user-crash "$here/vhost-user-crash.sh" 7.3
 # the same with the export in a `vudev serve` config: a restarted daemon, QEMU reconnecting
 host_test vhost-user-crash-serve env DAEMON=serve "$here/vhost-user-crash.sh" 7.3
+# the same with an RBD image on a Ceph cluster started for it
+host_test vhost-user-crash-rbd env BACKEND=rbd "$here/vhost-user-crash.sh" 7.3
 echo
 if [[ ${#failed_runs[@]} -gt 0 ]]; then
     echo "VM scenarios that failed: ${failed_runs[*]} (logs in target/vm/logs)"

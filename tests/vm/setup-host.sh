@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a Debian 12 host (idempotent; quick when all is present):
 # QEMU from bookworm-backports, fio, busybox-static, cpio, e2fsprogs, util-linux, iproute2,
-# qemu-utils (qemu-storage-daemon, qemu-nbd), nbdkit (NBD backend tests), socat, xz and zstd.
+# qemu-utils (qemu-storage-daemon, qemu-nbd), nbdkit (NBD backend tests), socat, xz and zstd;
+# Ceph (a monitor, OSDs, the rbd tool and librbd) for the RBD backend.
 set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -25,9 +26,14 @@ have flock || need+=(util-linux)
 have socat || need+=(socat)
 # scripts/test checks dist/vudev.service with systemd-analyze.
 have systemd-analyze || need+=(systemd)
+# The RBD backend links librbd/librados; its tests start a real Ceph cluster (tests/ceph).
+ceph=()
+for p in ceph-mon ceph-osd ceph-common librbd-dev librados-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || ceph+=("$p")
+done
 # fetch-kernel.sh verifies trixie-backports against the keyring: it needs trixie's keys.
 [[ -f /usr/share/keyrings/debian-archive-trixie-stable.gpg ]] || need+=(debian-archive-keyring)
-if [[ ${#need[@]} -eq 0 ]]; then
+if [[ ${#need[@]} -eq 0 && ${#ceph[@]} -eq 0 ]]; then
     echo "setup-host: everything is installed"
     exit 0
 fi
@@ -38,8 +44,10 @@ if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.
     mirror=$("$(dirname "$0")/debian-mirror.sh")
     echo "deb $mirror bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
 fi
-echo "setup-host: installing ${need[*]}"
+echo "setup-host: installing ${need[*]} ${ceph[*]}"
 $SUDO apt-get update -q
 export DEBIAN_FRONTEND=noninteractive
 # QEMU 10 comes from backports (bookworm's own QEMU 7.2 lacks what the tests use).
-$SUDO apt-get install -y -q -t bookworm-backports "${need[@]}"
+[[ ${#need[@]} -eq 0 ]] || $SUDO apt-get install -y -q -t bookworm-backports "${need[@]}"
+# Ceph 16.2 from bookworm itself, without the manager and dashboards it recommends.
+[[ ${#ceph[@]} -eq 0 ]] || $SUDO apt-get install -y -q --no-install-recommends "${ceph[@]}"

@@ -4,8 +4,10 @@
 # with SIGKILL at random moments and started again with the same command. The restarted vudev
 # gets its in-flight area back from QEMU (INFLIGHT_SHMFD) and resubmits what was in flight.
 # With DAEMON=serve the export is one of a `vudev serve` config (killed and started again
-# the same way), and checks are named vucs-* instead of vuc-*.
-#   [DAEMON=serve] vhost-user-crash.sh KERNEL [KILLS]   (prints CHECK lines and `N passed, M failed`)
+# the same way), and checks are named vucs-* instead of vuc-*. With BACKEND=rbd the disk is
+# an RBD image on a Ceph cluster started for the test (tests/ceph/cluster.sh), checks vucr-*.
+#   [DAEMON=serve] [BACKEND=rbd] vhost-user-crash.sh KERNEL [KILLS]
+#   (prints CHECK lines and `N passed, M failed`)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -14,21 +16,34 @@ kills_wanted=${2:-6}
 vudev=$root/target/release/vudev
 mkdir -p "$root/target/vm/logs"
 work=$(mktemp -d "$root/target/vm/vuc-XXXXXX")
-daemon=${DAEMON:-export}
-tag=vuc; [[ $daemon == serve ]] && tag=vucs
-sock=$work/vuc.sock img=$work/disk.img log=$root/target/vm/logs/vhost-user-crash-$daemon.log
+daemon=${DAEMON:-export} backend=${BACKEND:-file}
+tag=vuc; [[ $daemon == serve ]] && tag=vucs; [[ $backend == rbd ]] && tag=vucr
+name=$daemon; [[ $backend == rbd ]] && name=$daemon-rbd
+sock=$work/vuc.sock img=$work/disk.img log=$root/target/vm/logs/vhost-user-crash-$name.log
 pid="" guest=""
-trap 'kill -9 $pid $guest 2>/dev/null || true; rm -rf "$work"' EXIT
+ceph_dir=$work/ceph
+trap 'kill -9 $pid $guest 2>/dev/null || true; [[ $backend != rbd ]] || "$root/tests/ceph/cluster.sh" stop "$ceph_dir"; rm -rf "$work"' EXIT
 pass=0 fail=0
 check() { # name, command...
     local name=$1; shift
     if "$@"; then echo "CHECK PASS $name"; pass=$((pass + 1)); else echo "CHECK FAIL $name"; fail=$((fail + 1)); fi
 }
+if [[ $backend == rbd ]]; then
+    conf=$("$root/tests/ceph/cluster.sh" start "$ceph_dir")
+    timeout 60 rbd -c "$conf" create rbd/crash --size 128M
+    disk=(--rbd rbd/crash --rbd-conf "$conf")
+    disk_toml="rbd = \"rbd/crash\"
+rbd-conf = \"$conf\""
+else
+    truncate -s 128M "$img"
+    disk=(--file "$img")
+    disk_toml="file = \"$img\""
+fi
 cat > "$work/serve.toml" <<TOML
 [[export]]
 transport = "vhost-user"
 socket = "$sock"
-file = "$img"
+$disk_toml
 num-queues = 2
 TOML
 start_vudev() {
@@ -36,18 +51,17 @@ start_vudev() {
         "$vudev" serve --config "$work/serve.toml" --control "$work/control.sock" \
             --state-dir "$work/state" 2>>"$log" &
     else
-        "$vudev" export vhost-user --socket "$sock" --file "$img" --num-queues 2 2>>"$log" &
+        "$vudev" export vhost-user --socket "$sock" "${disk[@]}" --num-queues 2 2>>"$log" &
     fi
     pid=$!
 }
-truncate -s 128M "$img"
 : > "$log"
 start_vudev
 for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
-guest_log=$root/target/vm/logs/vhost-user-crash-$daemon-$ver.log
+guest_log=$root/target/vm/logs/vhost-user-crash-$name-$ver.log
 rm -f "$guest_log"
 "$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-crash.sh" \
-    --env RUNTIME=$((kills_wanted * 4 + 10)) --log-name "vhost-user-crash-$daemon" --timeout 400 \
+    --env RUNTIME=$((kills_wanted * 4 + 10)) --log-name "vhost-user-crash-$name" --timeout 400 \
     --qemu-arg -object --qemu-arg memory-backend-memfd,id=mem,size=2G,share=on \
     --qemu-arg -numa --qemu-arg node,memdev=mem \
     --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock,reconnect-ms=500" \
@@ -70,10 +84,17 @@ grep -E 'CHECK|FAIL|timed out' "$work/guest.out" | grep -v '^[0-9]' || true
 line=$(grep -E "^[0-9]+ passed, [0-9]+ failed$" "$work/guest.out" | tail -1 || true)
 p=${line%% passed*} f=${line#*passed, }; f=${f%% failed}
 pass=$((pass + ${p:-0})); fail=$((fail + ${f:-1}))
-echo "INFO vhost-user crash ($daemon): $kills kills; resubmitted per restart: $(grep -o 'resubmit=[0-9]*' "$log" | tr '\n' ' ')"
+echo "INFO vhost-user crash ($name): $kills kills; resubmitted per restart: $(grep -o 'resubmit=[0-9]*' "$log" | tr '\n' ' ')"
 check "$tag-killed-at-least-5-times" [ "$kills" -ge 5 ]
 guest_sum=$(grep -Eo '^SUM [0-9a-f]{64}' "$guest_log" | cut -d' ' -f2 || true)
-same_sum() { [ -n "$guest_sum" ] && [ "$guest_sum" = "$(sha256sum < "$img" | cut -d' ' -f1)" ]; }
+image_sum() {
+    if [[ $backend == rbd ]]; then
+        timeout 120 rbd -c "$conf" export rbd/crash - 2>/dev/null | sha256sum | cut -d' ' -f1
+    else
+        sha256sum < "$img" | cut -d' ' -f1
+    fi
+}
+same_sum() { [ -n "$guest_sum" ] && [ "$guest_sum" = "$(image_sum)" ]; }
 check "$tag-image-equals-device" same_sum
 check "$tag-vudev-alive" kill -0 "$pid"
 kill -TERM "$pid"

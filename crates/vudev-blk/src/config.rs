@@ -25,6 +25,9 @@ pub struct BlockConfig {
     pub discard: bool,
     /// Offer WRITE_ZEROES.
     pub write_zeroes: bool,
+    /// The backend's unit of allocation in bytes (an RBD object), offered as the optimal
+    /// I/O size and the discard alignment; 0: none beyond the logical block.
+    pub granularity: u64,
 }
 
 impl BlockConfig {
@@ -40,6 +43,7 @@ impl BlockConfig {
             serial: String::new(),
             discard: true,
             write_zeroes: true,
+            granularity: 0,
         }
     }
 
@@ -75,14 +79,24 @@ impl BlockConfig {
         let put = |c: &mut Vec<u8>, off: usize, bytes: &[u8]| {
             c[off..off + bytes.len()].copy_from_slice(bytes)
         };
-        let align_sectors = self.logical_block_size / 512;
+        let block = u64::from(self.logical_block_size);
+        // A granularity that is a whole number of blocks (and fits the fields) is offered.
+        let unit = Some(self.granularity)
+            .filter(|&g| g > block && g.is_multiple_of(block) && g / 512 <= u64::from(u32::MAX))
+            .unwrap_or(block);
+        let align_sectors = (unit / 512) as u32;
+        let opt_io_blocks = if unit > block {
+            (unit / block) as u32
+        } else {
+            0
+        };
         put(&mut c, 0, &(size / 512).to_le_bytes()); // capacity
         put(&mut c, 12, &self.seg_max().to_le_bytes()); // seg_max
         put(&mut c, 20, &self.logical_block_size.to_le_bytes()); // blk_size
         c[24] = 0; // physical_block_exp
         c[25] = 0; // alignment_offset
         put(&mut c, 26, &1u16.to_le_bytes()); // min_io_size (logical blocks)
-        put(&mut c, 28, &0u32.to_le_bytes()); // opt_io_size
+        put(&mut c, 28, &opt_io_blocks.to_le_bytes()); // opt_io_size (logical blocks)
         put(&mut c, 34, &self.num_queues.to_le_bytes()); // num_queues
         put(&mut c, 36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
         put(&mut c, 40, &1u32.to_le_bytes()); // max_discard_seg
@@ -125,6 +139,26 @@ mod tests {
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
         assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 8);
         assert_eq!(c[56], 1);
+        assert_eq!(u32::from_le_bytes(c[28..32].try_into().unwrap()), 0);
+    }
+
+    #[test]
+    fn a_granularity_of_whole_blocks_sets_the_optimal_io_size_and_discard_alignment() {
+        let rbd = BlockConfig {
+            granularity: 4 << 20,
+            ..cfg()
+        };
+        let c = rbd.config_space(1 << 30);
+        assert_eq!(u32::from_le_bytes(c[28..32].try_into().unwrap()), 1024);
+        assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 8192);
+        // Not a whole number of 4096-byte blocks: ignored.
+        let odd = BlockConfig {
+            granularity: 6144,
+            ..cfg()
+        };
+        let c = odd.config_space(1 << 30);
+        assert_eq!(u32::from_le_bytes(c[28..32].try_into().unwrap()), 0);
+        assert_eq!(u32::from_le_bytes(c[44..48].try_into().unwrap()), 8);
     }
 
     #[test]

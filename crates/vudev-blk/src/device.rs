@@ -51,6 +51,16 @@ impl BlockDevice {
         &self.stats
     }
 
+    /// A size the backend's storage took by other hands (see
+    /// [`BlockBackend::changed_size`]), once, if it differs from the capacity: for the caller
+    /// to [`resize`](Self::resize) to (with `force`: the data beyond is gone already) and
+    /// tell the driver.
+    pub fn changed_size(&self) -> Option<u64> {
+        self.backend
+            .changed_size()
+            .filter(|&bytes| bytes != self.capacity.get())
+    }
+
     /// The backend's event counts (see [`BlockBackend::events`]).
     pub fn backend_events(&self) -> Vec<(&'static str, u64)> {
         self.backend.events()

@@ -5,11 +5,15 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use vudev_blk::{Aio, BlockBackend, FileBackend, MemoryBackend, NbdBackend, NullBackend};
+use vudev_blk::{
+    Aio, BlockBackend, FileBackend, MemoryBackend, NbdBackend, NullBackend, RbdBackend, RbdOptions,
+};
 
 use crate::size::parse_size;
 
-use crate::cli::{AioMode, BackendArgs, BackendOptions, DeviceArgs, DEFAULT_NBD_TIMEOUT};
+use crate::cli::{
+    AioMode, BackendArgs, BackendOptions, DeviceArgs, DEFAULT_NBD_TIMEOUT, DEFAULT_RBD_TIMEOUT,
+};
 
 /// Refuses options that mean nothing for the backend chosen (rather than ignore them).
 pub fn check_options(args: &BackendArgs, opts: &BackendOptions) -> Result<(), String> {
@@ -19,9 +23,12 @@ pub fn check_options(args: &BackendArgs, opts: &BackendOptions) -> Result<(), St
         "--memory"
     } else if args.null.is_some() {
         "--null"
-    } else {
+    } else if args.nbd.is_some() {
         "--nbd"
+    } else {
+        "--rbd"
     };
+    let not_rbd = args.rbd.is_none();
     let misplaced = [
         (opts.direct && args.file.is_none(), "--direct", "--file"),
         (opts.aio.is_some() && args.file.is_none(), "--aio", "--file"),
@@ -29,6 +36,13 @@ pub fn check_options(args: &BackendArgs, opts: &BackendOptions) -> Result<(), St
             opts.nbd_timeout.is_some() && args.nbd.is_none(),
             "--nbd-timeout",
             "--nbd",
+        ),
+        (opts.rbd_conf.is_some() && not_rbd, "--rbd-conf", "--rbd"),
+        (opts.rbd_id.is_some() && not_rbd, "--rbd-id", "--rbd"),
+        (
+            opts.rbd_timeout.is_some() && not_rbd,
+            "--rbd-timeout",
+            "--rbd",
         ),
     ];
     match misplaced.iter().find(|m| m.0) {
@@ -89,8 +103,18 @@ pub fn open(
             ));
         }
         Arc::new(b)
+    } else if let Some(image) = &args.rbd {
+        let rbd = RbdOptions {
+            conf: opts.rbd_conf.clone(),
+            id: opts.rbd_id.clone().unwrap_or_else(|| "admin".into()),
+            timeout: Duration::from_secs(opts.rbd_timeout.unwrap_or(DEFAULT_RBD_TIMEOUT)),
+        };
+        Arc::new(RbdBackend::open(image, read_only, &rbd).map_err(|e| e.to_string())?)
     } else {
-        return Err("no backend: pass --file PATH, --memory SIZE, --null SIZE or --nbd URI".into());
+        return Err(
+            "no backend: pass --file PATH, --memory SIZE, --null SIZE, --nbd URI or --rbd IMAGE"
+                .into(),
+        );
     };
     let size = backend.size();
     if size == 0 || !size.is_multiple_of(u64::from(block_size)) {

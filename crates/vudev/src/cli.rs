@@ -220,6 +220,9 @@ pub struct BackendArgs {
     /// An NBD export: nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH.
     #[arg(long, value_name = "URI")]
     pub nbd: Option<String>,
+    /// A Ceph RBD image: POOL[/NAMESPACE]/IMAGE, or POOL/IMAGE@SNAP for a snapshot (read-only).
+    #[arg(long, value_name = "IMAGE")]
+    pub rbd: Option<String>,
 }
 
 /// Options of one backend each: given with another backend, they are refused with the reason
@@ -238,10 +241,24 @@ pub struct BackendOptions {
     /// (default 30).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub nbd_timeout: Option<u64>,
+    /// The Ceph config that names the monitors and keyring of --rbd's cluster (default:
+    /// $CEPH_CONF, then /etc/ceph/ceph.conf; $CEPH_ARGS is honoured).
+    #[arg(long, value_name = "PATH")]
+    pub rbd_conf: Option<PathBuf>,
+    /// The Ceph client id --rbd connects as, without "client." (default admin).
+    #[arg(long, value_name = "NAME")]
+    pub rbd_id: Option<String>,
+    /// Seconds an RBD request (or a monitor call) may take before it fails with an I/O error
+    /// (default 30).
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub rbd_timeout: Option<u64>,
 }
 
 /// How long an NBD request waits for the server unless --nbd-timeout says otherwise.
 pub const DEFAULT_NBD_TIMEOUT: u64 = 30;
+
+/// How long an RBD request waits for the cluster unless --rbd-timeout says otherwise.
+pub const DEFAULT_RBD_TIMEOUT: u64 = 30;
 
 /// virtio-blk device options.
 #[derive(Clone, Debug, Args)]

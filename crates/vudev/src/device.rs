@@ -65,6 +65,7 @@ pub fn build(
         serial: dev.serial.clone(),
         discard: backend.supports_discard(),
         write_zeroes: true,
+        granularity: backend.optimal_io_size().unwrap_or(0),
     };
     Ok(Built {
         description: backend.describe(),

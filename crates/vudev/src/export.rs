@@ -1,6 +1,10 @@
 //! `vudev export vduse|vhost-user`: one export in the foreground, from the command line,
 //! until SIGINT/SIGTERM; then taken down cleanly.
 
+use std::time::Duration;
+
+use vudev_blk::BlockDevice;
+
 use crate::cli::{BackendArgs, BackendOptions, DeviceArgs, VduseArgs, VhostUserArgs};
 use crate::device::{self, Built};
 use crate::serving::{VduseServing, VhostUserServing};
@@ -25,10 +29,40 @@ fn build_unless_terminated(
     }
 }
 
-fn wait_for_signal() -> Result<(), String> {
-    let sig = signals::wait_termination().map_err(|e| format!("waiting for signals: {e}"))?;
-    tracing::info!("signal {sig} received: shutting down");
-    Ok(())
+/// How often an export looks whether its storage was resized by other hands.
+const FOLLOW_SIZE: Duration = Duration::from_secs(2);
+
+/// Waits for SIGINT/SIGTERM. Meanwhile, every [`FOLLOW_SIZE`], takes on a size the storage
+/// took by other hands (an `rbd resize`) and tells the driver with `tell`.
+fn wait_for_signal(
+    device: &BlockDevice,
+    tell: impl Fn() -> Result<String, String>,
+) -> Result<(), String> {
+    loop {
+        match signals::wait_termination_for(FOLLOW_SIZE) {
+            Ok(Some(sig)) => {
+                tracing::info!("signal {sig} received: shutting down");
+                return Ok(());
+            }
+            Ok(None) => {
+                let Some(bytes) = device.changed_size() else {
+                    continue;
+                };
+                let was = device.size();
+                let told = device
+                    .resize(bytes, true)
+                    .map_err(|e| format!("cannot take on the new size: {e}"))
+                    .and_then(|()| tell());
+                match told {
+                    Ok(told) => tracing::info!(
+                        "the storage was resized from {was} to {bytes} bytes: {told}"
+                    ),
+                    Err(e) => tracing::warn!("the storage was resized to {bytes} bytes, but {e}"),
+                }
+            }
+            Err(e) => return Err(format!("waiting for signals: {e}")),
+        }
+    }
 }
 
 /// Runs one vhost-user export in the foreground: frontends one after another until a signal.
@@ -44,7 +78,12 @@ pub fn run_vhost_user(args: VhostUserArgs) -> Result<(), String> {
         // SAFETY: kill(2) on our own process with a signal we have blocked.
         unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
     })?;
-    let waited = wait_for_signal();
+    let waited = wait_for_signal(&built.device, || {
+        serving.config_changed().map(|told| match told {
+            true => "the frontend was told".to_string(),
+            false => "no frontend to tell (the next one sees the new size)".to_string(),
+        })
+    });
     let failure = serving.failure();
     let stopped = serving.stop();
     match failure {
@@ -61,6 +100,10 @@ pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
         return Ok(());
     };
     let serving = VduseServing::start(&args, &built)?;
-    let waited = wait_for_signal();
+    let waited = wait_for_signal(&built.device, || {
+        serving
+            .config_changed()
+            .map(|()| "the driver was told".to_string())
+    });
     waited.and(serving.stop())
 }

@@ -26,18 +26,6 @@ pub fn block_termination() -> io::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM (which must be blocked) and returns its number.
-pub fn wait_termination() -> io::Result<i32> {
-    let set = term_set();
-    let mut sig = 0;
-    // SAFETY: `set` is initialised and `sig` is a valid out pointer.
-    let r = unsafe { libc::sigwait(&set, &mut sig) };
-    if r != 0 {
-        return Err(io::Error::from_raw_os_error(r));
-    }
-    Ok(sig)
-}
-
 /// Waits up to `timeout` for SIGINT or SIGTERM (which must be blocked): its number, or
 /// `None` if none came.
 pub fn wait_termination_for(timeout: Duration) -> io::Result<Option<i32>> {

@@ -72,6 +72,16 @@ pub trait BlockBackend: Send + Sync {
         let _ = bytes;
         true
     }
+    /// A size the storage took without vudev asking (an RBD image resized with `rbd
+    /// resize`), reported once: the export then changes its capacity to it.
+    fn changed_size(&self) -> Option<u64> {
+        None
+    }
+    /// The backend's unit of allocation in bytes, if it has one the driver should align to
+    /// (an RBD image's object size).
+    fn optimal_io_size(&self) -> Option<u64> {
+        None
+    }
     /// Counts of what happened to the backend, for metrics, by name (an NBD client's
     /// `reconnects` and `timeouts`); none unless the backend has some.
     fn events(&self) -> Vec<(&'static str, u64)> {

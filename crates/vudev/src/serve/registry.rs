@@ -385,8 +385,9 @@ impl Registry {
     }
 
     /// Grows the exports whose file has grown (`truncate -s`, a copy tool), as `resize`
-    /// without a size would; a file that shrank is left to `resize --force`. Called every
-    /// few seconds by the daemon: one stat per file export.
+    /// without a size would; a file that shrank is left to `resize --force`. Takes on the
+    /// size of storage resized elsewhere (an RBD image, seen by its watch). Called every few
+    /// seconds by the daemon: one stat per file export.
     pub fn follow_grown_files(&self) {
         // The files and sizes under the lock; the stats (which may be slow) outside it.
         let files: Vec<(String, PathBuf, u64, u64)> = {
@@ -413,6 +414,26 @@ impl Registry {
             tracing::info!("the file of {name} grew: resizing it");
             if let Err(e) = self.resize(&name, None, false) {
                 tracing::warn!("{}", e.message);
+            }
+        }
+        // Storage resized by other hands (`rbd resize`), as its backend saw it.
+        let devices: Vec<(String, Arc<BlockDevice>)> = {
+            let inner = self.lock();
+            inner
+                .slots
+                .iter()
+                .filter_map(|(n, s)| match &s.state {
+                    State::Serving(e) => Some((n.clone(), e.device.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
+        for (name, device) in devices {
+            if let Some(bytes) = device.changed_size() {
+                tracing::info!("the storage of {name} is now {bytes} bytes: resizing it");
+                if let Err(e) = self.resize(&name, Some(&bytes.to_string()), true) {
+                    tracing::warn!("{}", e.message);
+                }
             }
         }
     }

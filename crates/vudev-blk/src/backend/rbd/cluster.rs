@@ -1,0 +1,206 @@
+//! Connections to Ceph clusters: one per process for each (config, client id, timeout),
+//! shared by every export on that cluster and closed with the last of them.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::ptr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use super::error::{errno, RbdError};
+use super::ffi;
+use super::spec::c;
+
+/// What tells one cluster connection from another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Key {
+    conf: Option<PathBuf>,
+    id: String,
+    timeout: Duration,
+}
+
+/// The connections made so far; a dead `Weak` is a connection whose exports have all gone.
+static CLUSTERS: Mutex<Vec<(Key, Weak<Cluster>)>> = Mutex::new(Vec::new());
+
+/// A connected cluster handle.
+pub(super) struct Cluster {
+    handle: ffi::RadosT,
+    /// The client id (without `client.`), for messages.
+    pub(super) id: String,
+}
+
+// SAFETY: a connected rados_t may be used from any thread; librados locks internally.
+unsafe impl Send for Cluster {}
+// SAFETY: as above: librados' calls on one cluster handle are thread-safe.
+unsafe impl Sync for Cluster {}
+
+impl Cluster {
+    /// The process's connection to the cluster `conf` describes (librados' default search,
+    /// `CEPH_CONF` included, when `None`), as client `id`, made now if there is none.
+    /// Every request and monitor call is bounded by `timeout`.
+    pub(super) fn get(
+        conf: Option<&Path>,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Arc<Cluster>, RbdError> {
+        let key = Key {
+            conf: conf.map(Path::to_path_buf),
+            id: id.to_string(),
+            timeout,
+        };
+        // Held while connecting: two exports of one cluster starting together share one.
+        let mut all = CLUSTERS.lock().unwrap_or_else(|e| e.into_inner());
+        all.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(c) = all
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(c);
+        }
+        let cluster = Arc::new(Cluster::connect(&key)?);
+        all.push((key, Arc::downgrade(&cluster)));
+        Ok(cluster)
+    }
+
+    fn connect(key: &Key) -> Result<Cluster, RbdError> {
+        let conf_name = key.conf.as_ref().map_or_else(
+            || "(CEPH_CONF or /etc/ceph/ceph.conf)".to_string(),
+            |p| p.display().to_string(),
+        );
+        let mut handle: ffi::RadosT = ptr::null_mut();
+        let id = c(&key.id);
+        // SAFETY: `handle` is a valid out-pointer; `id` is a NUL-terminated string.
+        let ret = unsafe { ffi::rados_create(&mut handle, id.as_ptr()) };
+        if ret < 0 {
+            return Err(RbdError::Connect {
+                id: key.id.clone(),
+                conf: conf_name,
+                why: format!("rados_create: {}", errno(ret.into())),
+            });
+        }
+        // From here on, dropping `cluster` shuts the handle down.
+        let cluster = Cluster {
+            handle,
+            id: key.id.clone(),
+        };
+        let path = key
+            .conf
+            .as_ref()
+            .map(|p| CString::new(p.as_os_str().as_encoded_bytes()).unwrap_or_default());
+        // SAFETY: the handle is live and not connected; the path is NUL-terminated or NULL.
+        let ret = unsafe {
+            ffi::rados_conf_read_file(handle, path.as_ref().map_or(ptr::null(), |p| p.as_ptr()))
+        };
+        if ret < 0 {
+            return Err(RbdError::Config {
+                conf: conf_name,
+                source: errno(ret.into()),
+            });
+        }
+        // SAFETY: as above; NULL means CEPH_ARGS.
+        let ret = unsafe { ffi::rados_conf_parse_env(handle, ptr::null()) };
+        if ret < 0 {
+            return Err(RbdError::Option {
+                option: "CEPH_ARGS".into(),
+                source: errno(ret.into()),
+            });
+        }
+        let secs = key.timeout.as_secs().max(1).to_string();
+        for option in [
+            "rados_osd_op_timeout",
+            "rados_mon_op_timeout",
+            "client_mount_timeout",
+        ] {
+            cluster.set(option, &secs)?;
+        }
+        // SAFETY: the handle is live, configured and not connected yet.
+        let ret = unsafe { ffi::rados_connect(handle) };
+        if ret < 0 {
+            let e = errno(ret.into());
+            let why = match -ret {
+                libc::EACCES | libc::EPERM => format!(
+                    "{e}: the monitors refused client.{}'s key: check the keyring the config \
+                     names (or --rbd-id)",
+                    key.id
+                ),
+                libc::ENOENT => format!(
+                    "{e}: no key for client.{}: put its keyring where the config says",
+                    key.id
+                ),
+                libc::ETIMEDOUT | libc::EINTR => format!(
+                    "no monitor answered within {} s: is the cluster up, and is mon_host \
+                     in the config right?",
+                    key.timeout.as_secs()
+                ),
+                _ => e.to_string(),
+            };
+            return Err(RbdError::Connect {
+                id: key.id.clone(),
+                conf: conf_name,
+                why,
+            });
+        }
+        Ok(cluster)
+    }
+
+    fn set(&self, option: &str, value: &str) -> Result<(), RbdError> {
+        let (o, v) = (c(option), c(value));
+        // SAFETY: the handle is live; both strings are NUL-terminated.
+        let ret = unsafe { ffi::rados_conf_set(self.handle, o.as_ptr(), v.as_ptr()) };
+        if ret < 0 {
+            return Err(RbdError::Option {
+                option: format!("{option}={value}"),
+                source: errno(ret.into()),
+            });
+        }
+        Ok(())
+    }
+
+    /// An I/O context on `pool`, in `namespace` ("" for the default one).
+    pub(super) fn ioctx(self: &Arc<Self>, pool: &str, namespace: &str) -> Result<Ioctx, i32> {
+        let mut io: ffi::IoctxT = ptr::null_mut();
+        let p = c(pool);
+        // SAFETY: the handle is connected; `io` is a valid out-pointer.
+        let ret = unsafe { ffi::rados_ioctx_create(self.handle, p.as_ptr(), &mut io) };
+        if ret < 0 {
+            return Err(ret);
+        }
+        if !namespace.is_empty() {
+            let ns = c(namespace);
+            // SAFETY: `io` was just created; the string is NUL-terminated (copied by librados).
+            unsafe { ffi::rados_ioctx_set_namespace(io, ns.as_ptr()) };
+        }
+        Ok(Ioctx {
+            handle: io,
+            _cluster: self.clone(),
+        })
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from rados_create; every ioctx holds an Arc of us, so none
+        // is left.
+        unsafe { ffi::rados_shutdown(self.handle) };
+    }
+}
+
+/// A pool I/O context; keeps its cluster connected.
+pub(super) struct Ioctx {
+    pub(super) handle: ffi::IoctxT,
+    _cluster: Arc<Cluster>,
+}
+
+// SAFETY: librados I/O contexts are thread-safe for the calls made here (image opens).
+unsafe impl Send for Ioctx {}
+// SAFETY: as above.
+unsafe impl Sync for Ioctx {}
+
+impl Drop for Ioctx {
+    fn drop(&mut self) {
+        // SAFETY: created by rados_ioctx_create; images opened on it hold an Arc of it and
+        // are closed first.
+        unsafe { ffi::rados_ioctx_destroy(self.handle) };
+    }
+}

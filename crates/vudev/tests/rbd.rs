@@ -1,0 +1,452 @@
+//! The RBD backend against a real Ceph cluster that the test starts (tests/ceph/cluster.sh:
+//! one monitor, one OSD on 127.0.0.1), served over vhost-user to the `blkio` client.
+//! No scenario is skipped: a cluster that cannot start fails the test.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use blkio::ReqFlags;
+use common::{pattern, scratch, writable_suite, Client, Server, SIZE};
+
+/// A running cluster, stopped (its daemons killed, its directory removed) on drop.
+struct Cluster {
+    dir: PathBuf,
+    conf: String,
+}
+
+impl Cluster {
+    fn start(dir: &Path) -> Cluster {
+        Cluster::start_with(dir, 1)
+    }
+
+    /// A cluster of `osds` OSDs (pool size min(osds, 3)).
+    fn start_with(dir: &Path, osds: u32) -> Cluster {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/ceph/cluster.sh");
+        let out = Command::new(script)
+            .arg("start")
+            .arg(dir)
+            .arg(osds.to_string())
+            .output()
+            .expect("run tests/ceph/cluster.sh");
+        assert!(
+            out.status.success(),
+            "the Ceph cluster did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Cluster {
+            dir: dir.to_path_buf(),
+            conf: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+        }
+    }
+
+    /// Runs `rbd -c CONF ARGS` (bounded), panicking with its stderr if it fails.
+    fn rbd(&self, args: &[&str]) -> String {
+        let out = Command::new("timeout")
+            .args(["60", "rbd", "-c", &self.conf])
+            .args(args)
+            .output()
+            .expect("run rbd");
+        assert!(
+            out.status.success(),
+            "rbd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The pid of OSD `n`.
+    fn osd_pid(&self, n: u32) -> i32 {
+        std::fs::read_to_string(self.dir.join(format!("osd.{n}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Kills OSD `n` with SIGKILL and waits until it is gone.
+    fn kill_osd(&self, n: u32) {
+        let pid = self.osd_pid(n);
+        // SAFETY: kill(2) on a daemon the test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let t = Instant::now();
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|st| !st.contains(") Z "))
+        {
+            assert!(t.elapsed() < Duration::from_secs(10), "OSD {n} did not die");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts OSD `n` again (as tests/ceph/README.md says).
+    fn restart_osd(&self, n: u32) {
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(self.dir.join(format!("log/osd.{n}.out")))
+            .unwrap();
+        let child = Command::new("ceph-osd")
+            .args(["-c", &self.conf, "-f", "-i", &n.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        std::fs::write(
+            self.dir.join(format!("osd.{n}.pid")),
+            child.id().to_string(),
+        )
+        .unwrap();
+    }
+
+    /// The bytes `rbd du` says `image` uses.
+    fn used(&self, image: &str) -> u64 {
+        let out = self.rbd(&["du", "--format", "json", image]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["images"][0]["used_size"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/ceph/cluster.sh");
+        let _ = Command::new(script).arg("stop").arg(&self.dir).status();
+    }
+}
+
+/// vudev serving `image` over vhost-user with `extra` options.
+fn serve(dir: &Path, c: &Cluster, image: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["--rbd", image, "--rbd-conf", &c.conf];
+    args.extend_from_slice(extra);
+    Server::vudev(dir, &args)
+}
+
+/// What vudev says when it cannot open `image` with `extra` options.
+fn refusal(c: &Cluster, image: &str, extra: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["export", "vhost-user", "--socket", "/nonexistent/x.sock"])
+        .args(["--rbd", image, "--rbd-conf", &c.conf, "--rbd-timeout", "5"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{image} {extra:?} was served");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `vudev ctl ARGS` against the daemon at `control`: its stdout, or its stderr as the error.
+fn ctl(control: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .unwrap();
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// The size `vudev ctl show` gives for `name`.
+fn shown_size(control: &Path, name: &str) -> u64 {
+    let out = ctl(control, &["show", name, "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["size"].as_u64().unwrap()
+}
+
+/// An RBD export added to `vudev serve` at run time: resized through the API (the image
+/// grows in the cluster) and by `rbd resize` (the daemon follows).
+fn serve_daemon_follows_resizes(cluster: &Cluster) {
+    let dir = scratch("rbd-serve");
+    cluster.rbd(&["create", "rbd/vol2", "--size", "64M"]);
+    let control = dir.join("control.sock");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .arg("serve")
+        .arg("--control")
+        .arg(&control)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !control.exists() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let socket = dir.join("vol2.sock");
+    ctl(
+        &control,
+        &[
+            "add",
+            "vhost-user",
+            "--name",
+            "vol2",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--rbd",
+            "rbd/vol2",
+            "--rbd-conf",
+            &cluster.conf,
+        ],
+    )
+    .unwrap();
+    assert_eq!(Client::connect(&socket, 1).unwrap().capacity(), 64 << 20);
+    ctl(&control, &["resize", "vol2", "96M"]).unwrap();
+    let info = cluster.rbd(&["info", "--format", "json", "rbd/vol2"]);
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(
+        v["size"].as_u64(),
+        Some(96 << 20),
+        "the image in the cluster"
+    );
+    assert_eq!(Client::connect(&socket, 1).unwrap().capacity(), 96 << 20);
+    cluster.rbd(&["resize", "rbd/vol2", "--size", "128M"]);
+    let t = Instant::now();
+    while shown_size(&control, "vol2") != 128 << 20 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the daemon missed an rbd resize"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(Client::connect(&socket, 1).unwrap().capacity(), 128 << 20);
+    let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
+    assert!(
+        log.contains("the storage of vol2 is now 134217728 bytes"),
+        "{log}"
+    );
+    common::terminate(
+        &mut daemon,
+        Duration::from_secs(20),
+        "vudev serve did not stop",
+    );
+}
+
+#[test]
+fn rbd_images_are_served_on_a_real_cluster() {
+    let dir = scratch("rbd");
+    let cluster = Cluster::start(&dir.join("ceph"));
+    let size = format!("{}M", SIZE >> 20);
+    cluster.rbd(&["create", "rbd/vol1", "--size", &size]);
+
+    // Data, flush, discard, write-zeroes, past the end, on two queues.
+    let s = serve(&dir, &cluster, "rbd/vol1", &["--num-queues", "2"]);
+    writable_suite(&s.socket, 2);
+
+    // Discarded objects go away (the image's objects are 4 MiB).
+    let mut c = Client::connect(&s.socket, 1).unwrap();
+    pattern(&mut c.buf()[..1 << 20], 3);
+    for k in 0..8u64 {
+        assert_eq!(c.write(0, (16 << 20) + (k << 20), 1 << 20), 0);
+    }
+    assert_eq!(c.flush(0), 0);
+    let before = cluster.used("rbd/vol1");
+    c.queues[0].discard(16 << 20, 8 << 20, 0, ReqFlags::empty());
+    assert_eq!(c.wait(0), 0);
+    let after = cluster.used("rbd/vol1");
+    eprintln!("rbd du of vol1: {before} bytes used before the discard, {after} after");
+    assert!(
+        after + (8 << 20) <= before,
+        "discard freed nothing: {before} → {after} bytes"
+    );
+    // `rbd resize` by another client: the running queue takes I/O past the old end within
+    // a few seconds, and the next frontend reads the new size.
+    assert_ne!(c.read(0, SIZE, 4096), 0, "past the end before the resize");
+    cluster.rbd(&[
+        "resize",
+        "rbd/vol1",
+        "--size",
+        &format!("{}M", (SIZE >> 20) + 32),
+    ]);
+    let t = Instant::now();
+    while c.read(0, SIZE, 4096) != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the resize was not seen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "rbd resize seen by the running export after {:?}",
+        t.elapsed()
+    );
+    // A write-zeroes that must stay allocated reads back as zeros too.
+    pattern(&mut c.buf()[..65536], 9);
+    assert_eq!(c.write(0, 40 << 20, 65536), 0);
+    c.queues[0].write_zeroes(40 << 20, 65536, 0, ReqFlags::NO_UNMAP);
+    assert_eq!(c.wait(0), 0);
+    assert_eq!(c.read(0, 40 << 20, 65536), 0);
+    assert!(c.buf()[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0));
+
+    drop(c);
+    let c = Client::connect(&s.socket, 1).unwrap();
+    assert_eq!(
+        c.capacity(),
+        SIZE + (32 << 20),
+        "the next frontend's capacity"
+    );
+    let mut c = c;
+    // A snapshot is served read-only with the data it was taken with.
+    pattern(&mut c.buf()[..4096], 42);
+    assert_eq!(c.write(0, 0, 4096), 0);
+    let written = c.buf()[..4096].to_vec();
+    assert_eq!(c.flush(0), 0);
+    cluster.rbd(&["snap", "create", "rbd/vol1@s1"]);
+    pattern(&mut c.buf()[..4096], 43);
+    assert_eq!(c.write(0, 0, 4096), 0);
+    drop(c);
+    drop(s);
+    let snap_dir = scratch("rbd-snap");
+    let s = serve(&snap_dir, &cluster, "rbd/vol1@s1", &[]);
+    let err = Client::connect(&s.socket, 1)
+        .err()
+        .expect("a writable snapshot");
+    assert!(err.contains("read-only"), "{err}");
+    let mut c = Client::open(&s.socket, 1, true).unwrap();
+    assert_eq!(c.read(0, 0, 4096), 0);
+    assert!(
+        c.buf()[1 << 20..(1 << 20) + 4096] == written[..],
+        "snapshot data differs"
+    );
+    drop(c);
+    drop(s);
+
+    // A restricted client (caps for the rbd pool only) is served.
+    let user_dir = scratch("rbd-user");
+    let s = serve(&user_dir, &cluster, "rbd/vol1", &["--rbd-id", "vudev"]);
+    let mut c = Client::connect(&s.socket, 1).unwrap();
+    assert_eq!(c.read(0, 0, 4096), 0);
+    drop(c);
+    drop(s);
+
+    serve_daemon_follows_resizes(&cluster);
+
+    // What cannot be opened is refused with the fix.
+    let e = refusal(&cluster, "rbd/missing", &[]);
+    assert!(
+        e.contains("no such image: create it (rbd create rbd/missing"),
+        "{e}"
+    );
+    let e = refusal(&cluster, "nopool/vol1", &[]);
+    assert!(e.contains("pool 'nopool' does not exist"), "{e}");
+    let e = refusal(&cluster, "rbd/vol1@nosnap", &[]);
+    assert!(e.contains("no such image or snapshot"), "{e}");
+    let e = refusal(&cluster, "rbd/vol1", &["--rbd-id", "stranger"]);
+    assert!(e.contains("client.stranger"), "{e}");
+    let e = refusal(&cluster, "rbd", &[]);
+    assert!(e.contains("POOL/IMAGE"), "{e}");
+
+    // An OSD that stops answering: requests fail with an I/O error within the timeout (not
+    // a hang), vudev lives on, and once the OSD is back new requests work.
+    let fault_dir = scratch("rbd-fault");
+    let s = serve(&fault_dir, &cluster, "rbd/vol1", &["--rbd-timeout", "3"]);
+    let mut c = Client::connect(&s.socket, 1).unwrap();
+    assert_eq!(c.read(0, 0, 4096), 0);
+    let osd = cluster.osd_pid(0);
+    // SAFETY: kill(2) on the OSD the test started.
+    assert_eq!(unsafe { libc::kill(osd, libc::SIGSTOP) }, 0);
+    let t = Instant::now();
+    pattern(&mut c.buf()[..4096], 5);
+    let res = c.write(0, 8 << 20, 4096);
+    let took = t.elapsed();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(osd, libc::SIGCONT) }, 0);
+    eprintln!("a write to the stopped OSD: {res} after {took:?}");
+    assert_eq!(res, -libc::EIO, "a write to a stopped OSD");
+    assert!(took < Duration::from_secs(9), "the error took {took:?}");
+    let t = Instant::now();
+    loop {
+        let r = c.write(0, 8 << 20, 4096);
+        if r == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no write works after SIGCONT: {r}"
+        );
+    }
+    assert_eq!(c.read(0, 8 << 20, 4096), 0);
+    let b = c.buf();
+    assert!(b[..4096] == b[1 << 20..(1 << 20) + 4096]);
+    drop(c);
+    drop(s);
+
+    // The OSD killed and started again within the timeout: the guest sees no error.
+    let restart_dir = scratch("rbd-restart");
+    let s = serve(&restart_dir, &cluster, "rbd/vol1", &[]);
+    let mut c = Client::connect(&s.socket, 1).unwrap();
+    assert_eq!(c.read(0, 0, 4096), 0);
+    cluster.kill_osd(0);
+    pattern(&mut c.buf()[..65536], 11);
+    c.start_write(0, 0, 12 << 20, 65536);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    cluster.restart_osd(0);
+    assert_eq!(c.wait_all(0, 1), [0], "a write across an OSD restart");
+    eprintln!(
+        "a write across an OSD restart completed {:?} after the restart",
+        t.elapsed()
+    );
+    c.start_read(0, 1 << 20, 12 << 20, 65536);
+    assert_eq!(c.wait_all(0, 1), [0]);
+    let b = c.buf();
+    assert!(
+        b[..65536] == b[1 << 20..(1 << 20) + 65536],
+        "data across an OSD restart"
+    );
+}
+
+/// Three OSDs, pool size 3: one OSD killed under a write-and-verify load on two queues costs
+/// the client nothing (the cluster's replication, seen through vudev).
+#[test]
+fn an_osd_lost_under_load_costs_a_replicated_pool_nothing() {
+    let dir = scratch("rbd3");
+    let cluster = Cluster::start_with(&dir.join("ceph"), 3);
+    cluster.rbd(&["create", "rbd/vol3", "--size", "64M"]);
+    let s = serve(&dir, &cluster, "rbd/vol3", &["--num-queues", "2"]);
+    let mut c = Client::connect(&s.socket, 2).unwrap();
+    const N: usize = 16;
+    const LEN: usize = 16384;
+    let mut killed = false;
+    for round in 0..24u64 {
+        let q = (round % 2) as usize;
+        // N writes in flight at once, then N reads of them, compared.
+        for k in 0..N {
+            let at = k * LEN;
+            pattern(&mut c.buf()[at..at + LEN], round * 100 + k as u64);
+            c.start_write(
+                q,
+                at,
+                ((round * N as u64 + k as u64) * LEN as u64) % SIZE,
+                LEN,
+            );
+        }
+        if round == 8 {
+            // With the writes in flight.
+            cluster.kill_osd(1);
+            killed = true;
+        }
+        assert!(
+            c.wait_all(q, N).iter().all(|&r| r == 0),
+            "round {round}: a write failed"
+        );
+        for k in 0..N {
+            let off = ((round * N as u64 + k as u64) * LEN as u64) % SIZE;
+            c.start_read(q, (1 << 20) + k * LEN, off, LEN);
+        }
+        assert!(
+            c.wait_all(q, N).iter().all(|&r| r == 0),
+            "round {round}: a read failed"
+        );
+        let b = c.buf();
+        assert!(
+            b[..N * LEN] == b[1 << 20..(1 << 20) + N * LEN],
+            "round {round}: bad data"
+        );
+    }
+    assert!(killed);
+}
