@@ -4,10 +4,13 @@
 #   tests/ceph/cluster.sh start DIR [OSDS]   -> prints DIR/ceph.conf on stdout
 #   tests/ceph/cluster.sh stop DIR
 #
-# Everything lives under DIR; all daemons bind 127.0.0.1 only; no systemd,
+# Everything lives under DIR; all daemons bind one address (127.0.0.1 unless
+# CEPH_IP says otherwise); no systemd,
 # nothing under /etc/ceph or /var.  See tests/ceph/README.md.
 #
 # Environment (all optional):
+#   CEPH_IP             the one address the daemons bind and advertise (default
+#                       127.0.0.1; e.g. a tap's address a QEMU guest can reach).
 #   CEPH_MON_PORT       monitor port (msgr v2). Default: a free port picked at random.
 #   CEPH_OSD_STORE      bluestore (default) or memstore.
 #   CEPH_BLOCK_SIZE     size of the sparse BlueStore block file per OSD (default 10G).
@@ -20,6 +23,7 @@ umask 022
 PROG=${0##*/}
 MARKER=.vudev-ceph-cluster
 PHASE_TIMEOUT=${CEPH_START_TIMEOUT:-60}
+IP=${CEPH_IP:-127.0.0.1}
 CMD_TIMEOUT=20      # per ceph/rbd/rados CLI call
 
 err() { printf '%s: %s\n' "$PROG" "$*" >&2; }
@@ -239,10 +243,10 @@ write_conf() {
 # Throwaway test cluster made by tests/ceph/cluster.sh -- do not use for anything real.
 [global]
 fsid = $FSID
-mon host = [v2:127.0.0.1:$port]
+mon host = [v2:$IP:$port]
 mon initial members = a
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
+public addr = $IP
+cluster addr = $IP
 ms bind ipv4 = true
 ms bind ipv6 = false
 ms bind msgr1 = false
@@ -331,7 +335,7 @@ start_mon() {
     rm -rf "$DIR/mon.a" "$DIR/monmap" "$DIR/log/mon.a.log" "$DIR/log/mon.a.out"
     mkdir -p "$DIR/mon.a"
     run "monmaptool" 20 monmaptool --create --fsid "$FSID" \
-        --addv a "[v2:127.0.0.1:$port]" "$DIR/monmap"
+        --addv a "[v2:$IP:$port]" "$DIR/monmap"
     run "ceph-mon --mkfs" 60 ceph-mon -c "$CONF" --mkfs -i a \
         --monmap "$DIR/monmap" --keyring "$DIR/mon.keyring"
     ceph-mon -c "$CONF" -f -i a </dev/null >"$DIR/log/mon.a.out" 2>&1 &
@@ -354,7 +358,7 @@ start_mon() {
         fi
         sleep 0.05
     done
-    fail "ceph-mon did not listen on 127.0.0.1:$port within ${PHASE_TIMEOUT}s" \
+    fail "ceph-mon did not listen on $IP:$port within ${PHASE_TIMEOUT}s" \
         "$DIR/log/mon.a.out" "$DIR/log/mon.a.log"
 }
 

@@ -2,7 +2,8 @@
 # Runs every VM scenario on both VDUSE kernels: first the block suite against
 # qemu-storage-daemon (proves the suite and harness), then vudev's scenarios; then the
 # vhost-user export with a QEMU guest as its frontend (including a real reboot), a live
-# migration between two vudev processes, and vudev killed and restarted under guest I/O.
+# migration between two vudev processes, and vudev killed and restarted under guest I/O;
+# and RBD images on a Ceph cluster started for the test.
 # Prints one line per scenario and a final `N passed, M failed` over all checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -61,6 +62,11 @@ host_test vhost-user-crash "$here/vhost-user-crash.sh" 7.3
 host_test vhost-user-crash-serve env DAEMON=serve "$here/vhost-user-crash.sh" 7.3
 # the same with an RBD image on a Ceph cluster started for it
 host_test vhost-user-crash-rbd env BACKEND=rbd "$here/vhost-user-crash.sh" 7.3
+# VDUSE exports of an RBD image in guests of both kernels, the cluster on this host in a
+# network namespace that the guest joins through a tap device
+for ver in 6.12 7.3; do
+    host_test "vudev-rbd-$ver" "$here/vudev-rbd.sh" "$ver"
+done
 echo
 if [[ ${#failed_runs[@]} -gt 0 ]]; then
     echo "VM scenarios that failed: ${failed_runs[*]} (logs in target/vm/logs)"

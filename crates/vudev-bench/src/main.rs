@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Completion, ReqFlags};
 
 mod profile;
+mod rbd;
 
 const DISK: u64 = 1 << 30;
 const BS: usize = 4096;
@@ -35,6 +36,8 @@ enum Backend {
     Nbd,
     /// The same over TCP on the loopback address.
     NbdTcp,
+    /// An RBD image on a one-OSD Ceph cluster started for the run.
+    Rbd,
 }
 
 /// The loopback port of the qemu-nbd that serves the TCP rows (picked by `main`).
@@ -42,6 +45,13 @@ static NBD_TCP_PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
 
 fn nbd_tcp_port() -> u16 {
     *NBD_TCP_PORT.get().unwrap_or(&10809)
+}
+
+/// The config of the cluster that serves the RBD rows (started by `main`).
+static RBD_CONF: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn rbd_conf() -> &'static str {
+    RBD_CONF.get().map_or("/nonexistent", String::as_str)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -59,7 +69,7 @@ struct Workload {
     vudev_args: &'static str,
 }
 
-const WORKLOADS: [Workload; 12] = [
+const WORKLOADS: [Workload; 15] = [
     Workload {
         name: "null, random read, QD32",
         backend: Backend::Null,
@@ -142,6 +152,27 @@ const WORKLOADS: [Workload; 12] = [
     Workload {
         name: "NBD (qemu-nbd, TCP), random read, QD1",
         backend: Backend::NbdTcp,
+        pattern: Pattern::RandRead,
+        depth: 1,
+        vudev_args: "",
+    },
+    Workload {
+        name: "RBD (1 OSD), random read, QD32",
+        backend: Backend::Rbd,
+        pattern: Pattern::RandRead,
+        depth: 32,
+        vudev_args: "",
+    },
+    Workload {
+        name: "RBD (1 OSD), random write, QD32",
+        backend: Backend::Rbd,
+        pattern: Pattern::RandWrite,
+        depth: 32,
+        vudev_args: "",
+    },
+    Workload {
+        name: "RBD (1 OSD), random read, QD1",
+        backend: Backend::Rbd,
         pattern: Pattern::RandRead,
         depth: 1,
         vudev_args: "",
@@ -276,6 +307,9 @@ fn vudev_cmd(
         Backend::NbdTcp => cmd
             .arg("--nbd")
             .arg(format!("nbd://127.0.0.1:{}/", nbd_tcp_port())),
+        Backend::Rbd => cmd
+            .args(["--rbd", rbd::IMAGE, "--rbd-conf"])
+            .arg(rbd_conf()),
     };
     cmd.args(extra.split_whitespace());
     (cmd, socket)
@@ -305,6 +339,10 @@ fn qsd_cmd(dir: &Path, backend: Backend, image: &Path) -> (Command, PathBuf) {
         Backend::NbdTcp => format!(
             "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},node-name=d0",
             nbd_tcp_port()
+        ),
+        Backend::Rbd => format!(
+            "driver=rbd,pool=rbd,image=bench,conf={},user=admin,node-name=d0",
+            rbd_conf()
         ),
     };
     cmd.arg("--blockdev").arg(blockdev).arg("--export").arg(format!(
@@ -583,6 +621,48 @@ fn main() {
     let mut rows = Vec::new();
     let mut commands = vec![nbd_cmd.clone(), nbd_tcp_cmd.clone()];
     let chosen = |w: &&Workload| only.as_ref().is_none_or(|o| w.name.contains(o.as_str()));
+    // The RBD rows' cluster, and librbd's own figures on it (no virtio hop) as the limit.
+    let cluster = if WORKLOADS
+        .iter()
+        .filter(chosen)
+        .any(|w| w.backend == Backend::Rbd)
+    {
+        match rbd::Cluster::start(&dir.join("ceph")) {
+            Ok(c) => {
+                let _ = RBD_CONF.set(c.conf.clone());
+                Some(c)
+            }
+            Err(e) => {
+                eprintln!("{e}: the RBD rows will fail");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let rbd_limits: Vec<(String, Result<f64, String>)> = cluster
+        .as_ref()
+        .map(|c| {
+            [
+                ("random read, 32 in flight", false, 32, 40000),
+                ("random write, 32 in flight", true, 32, 20000),
+                ("random read, 1 in flight", false, 1, 5000),
+            ]
+            .into_iter()
+            .map(|(name, write, threads, ops)| {
+                let r = c.bench(write, threads, ops);
+                match &r {
+                    Ok(iops) => {
+                        println!("{:<36} rbd bench {iops:>9.0} IOPS", format!("RBD {name}"))
+                    }
+                    Err(e) => println!("RBD {name}: rbd bench failed: {e}"),
+                }
+                (name.to_string(), r)
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let ceph_version = cluster.as_ref().map(rbd::Cluster::version);
     for w in WORKLOADS.iter().filter(chosen) {
         // The peers take turns, `rounds` times each; the run with the median IOPS stands for
         // each, so one burst of noise on this shared machine does not decide a ratio.
@@ -671,6 +751,7 @@ fn main() {
             profiles.push((w, name, p));
         }
     }
+    drop(cluster);
     for pid_file in [&nbd_pid, &nbd_tcp_pid] {
         if let Some(pid) = std::fs::read_to_string(pid_file)
             .ok()
@@ -775,6 +856,24 @@ fn main() {
         Some(us) => format!("vudev runs with `--poll-us {us}` (each queue busy-polls for that long after its last activity; 0 = off)"),
     };
     let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set; its profile below still shows one large memset per request); vudev's null backend writes zeros into every read buffer. Timings on this shared 2-CPU machine drift by up to 2x between runs (the same plain io_uring row has ranged from 252k to 344k IOPS within minutes), hence the alternating rounds and medians. {polling}; qemu-storage-daemon's iothread polls by default (adaptively, up to 32 us). NBD rows: both keep many requests in flight on their connection to the same qemu-nbd. File rows: vudev's default `--aio auto` copies on the queue's own thread for a tmpfs file, because this kernel cannot read tmpfs without blocking (preadv2 with RWF_NOWAIT gives EOPNOTSUPP), so io_uring hands every request to a kernel worker thread; the `--aio io_uring` rows show what that costs. qemu-storage-daemon runs `aio=io_uring`, which the targets name; its `aio=threads` was not measured.");
+    if let Some(version) = &ceph_version {
+        let _ = writeln!(md, "\nRBD rows: one image of 1 GiB, written through once, on a one-OSD cluster (BlueStore on a sparse file, `tests/ceph/cluster.sh`) on this machine, {version}. vudev runs without librbd's cache (it sets `rbd_cache = false`: a cache in its memory would lose completed writes when it dies); qemu-storage-daemon runs its default, which here is librbd's writeback cache once the client flushes (this client does not). The limit, `rbd bench` on the same image with no virtio in between (librbd in the `rbd` tool, 4 KiB):\n");
+        let _ = writeln!(md, "| rbd bench | IOPS |\n|---|---|");
+        for (name, r) in &rbd_limits {
+            match r {
+                Ok(iops) => {
+                    let _ = writeln!(md, "| {name} | {iops:.0} |");
+                }
+                Err(e) => {
+                    let _ = writeln!(
+                        md,
+                        "| {name} | failed: {} |",
+                        e.lines().next().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
     let guest = vduse_log
         .as_ref()
         .and_then(|p| std::fs::read_to_string(p).ok())

@@ -87,6 +87,9 @@ impl Cluster {
             .create(true)
             .open(self.dir.join(format!("log/osd.{n}.out")))
             .unwrap();
+        // Stopped by cluster.sh (by its pid file), which takes a zombie for gone; the test
+        // process reaps it when it ends.
+        #[allow(clippy::zombie_processes)]
         let child = Command::new("ceph-osd")
             .args(["-c", &self.conf, "-f", "-i", &n.to_string()])
             .stdin(std::process::Stdio::null())
@@ -163,15 +166,17 @@ fn serve_daemon_follows_resizes(cluster: &Cluster) {
     let dir = scratch("rbd-serve");
     cluster.rbd(&["create", "rbd/vol2", "--size", "64M"]);
     let control = dir.join("control.sock");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vudev"))
-        .arg("serve")
-        .arg("--control")
-        .arg(&control)
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut daemon = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_vudev"))
+            .arg("serve")
+            .arg("--control")
+            .arg(&control)
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let t = Instant::now();
     while !control.exists() {
         assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
@@ -219,11 +224,68 @@ fn serve_daemon_follows_resizes(cluster: &Cluster) {
         log.contains("the storage of vol2 is now 134217728 bytes"),
         "{log}"
     );
-    common::terminate(
-        &mut daemon,
+    let status = common::terminate(
+        &mut daemon.0,
         Duration::from_secs(20),
         "vudev serve did not stop",
     );
+    assert!(status.success(), "vudev serve exited with {status}");
+}
+
+/// A child process killed (and reaped) on drop, so that a failing test leaves none behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A write completed after the driver's first flush is in the cluster, not in a cache that
+/// dies with vudev: SIGKILL, start again, read it back.
+fn completed_writes_survive_a_kill(cluster: &Cluster) {
+    let dir = scratch("rbd-kill");
+    let socket = dir.join("kill.sock");
+    let start = || {
+        Reaped(
+            Command::new(env!("CARGO_BIN_EXE_vudev"))
+                .args(["export", "vhost-user", "--socket"])
+                .arg(&socket)
+                .args(["--rbd", "rbd/vol1", "--rbd-conf", &cluster.conf])
+                .stderr(std::fs::File::create(dir.join("kill.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let wait_socket = || {
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed() < Duration::from_secs(20), "no socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let vudev = start();
+    wait_socket();
+    let mut c = Client::connect(&socket, 1).unwrap();
+    assert_eq!(c.flush(0), 0);
+    pattern(&mut c.buf()[..65536], 77);
+    let written = c.buf()[..65536].to_vec();
+    assert_eq!(c.write(0, 20 << 20, 65536), 0);
+    drop(vudev);
+    drop(c);
+    let _ = std::fs::remove_file(&socket);
+    let mut vudev = start();
+    wait_socket();
+    let mut c = Client::connect(&socket, 1).unwrap();
+    assert_eq!(c.read(0, 20 << 20, 65536), 0);
+    assert!(
+        c.buf()[1 << 20..(1 << 20) + 65536] == written[..],
+        "a completed write was lost with the process"
+    );
+    drop(c);
+    let status = common::terminate(&mut vudev.0, Duration::from_secs(20), "vudev did not stop");
+    assert!(status.success(), "vudev exited with {status}");
 }
 
 #[test]
@@ -325,6 +387,8 @@ fn rbd_images_are_served_on_a_real_cluster() {
 
     serve_daemon_follows_resizes(&cluster);
 
+    completed_writes_survive_a_kill(&cluster);
+
     // What cannot be opened is refused with the fix.
     let e = refusal(&cluster, "rbd/missing", &[]);
     assert!(
@@ -337,6 +401,26 @@ fn rbd_images_are_served_on_a_real_cluster() {
     assert!(e.contains("no such image or snapshot"), "{e}");
     let e = refusal(&cluster, "rbd/vol1", &["--rbd-id", "stranger"]);
     assert!(e.contains("client.stranger"), "{e}");
+    // CEPH_ARGS is honoured: a monitor address given there (where nothing listens) is used.
+    let out = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["export", "vhost-user", "--socket", "/nonexistent/x.sock"])
+        .args([
+            "--rbd",
+            "rbd/vol1",
+            "--rbd-conf",
+            &cluster.conf,
+            "--rbd-timeout",
+            "3",
+        ])
+        .env("CEPH_ARGS", "--mon-host=v2:127.0.0.1:9")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "served with a bad monitor from CEPH_ARGS"
+    );
+    assert!(e.contains("no monitor answered within 3 s"), "{e}");
     let e = refusal(&cluster, "rbd", &[]);
     assert!(e.contains("POOL/IMAGE"), "{e}");
 

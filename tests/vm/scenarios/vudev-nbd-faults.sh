@@ -81,7 +81,11 @@ echo "INFO reset with 2 queues stalled on a stopped NBD server answered after $(
 check nbdr-reset-in-seconds [ $((t1 - t0)) -le 12 ]
 check nbdr-reset-answered grep -q "driver reset the device" /tmp/nbdr0.log
 kill -CONT $qpid
-check nbdr-serves-after-reset blkio-verify --driver virtio-blk-vhost-vdpa --path "$node" --num-queues 2
+if blkio-verify --driver virtio-blk-vhost-vdpa --path "$node" --num-queues 2 >/tmp/after.log 2>&1; then
+    echo "CHECK PASS nbdr-serves-after-reset"
+else
+    echo "CHECK FAIL nbdr-serves-after-reset: $(tr '\n' ' ' </tmp/after.log); vudev: $(tail -15 /tmp/nbdr0.log | tr '\n' ' ')"
+fi
 check nbdr-vudev-alive kill -0 $rpid
 stop_export $rpid nbdr0
 kill $qpid; wait $qpid 2>/dev/null

@@ -106,6 +106,10 @@ impl Cluster {
                 source: errno(ret.into()),
             });
         }
+        // No write cache in our memory: it would acknowledge writes that die with vudev (a
+        // kill -9 after the driver's first flush lost them), and crash recovery relies on
+        // every completed write being in the cluster.
+        cluster.set("rbd_cache", "false")?;
         let secs = key.timeout.as_secs().max(1).to_string();
         for option in [
             "rados_osd_op_timeout",

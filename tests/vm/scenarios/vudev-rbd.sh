@@ -1,0 +1,73 @@
+# An RBD image through VDUSE: the Ceph cluster is on the host (MON_HOST, reached over
+# virtio-net), vudev here connects as the restricted client.vudev (KEY). The block suite,
+# an `rbd resize` by the host seen by the guest and by a mounted ext4 (resize2fs), vudev killed
+# and restarted under fio verify, and finally the whole disk discarded (the host checks that
+# the image's objects went away).
+. /lib.sh
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.77.0.2/24 dev eth0
+cat > /tmp/ceph.conf <<EOF
+[global]
+mon host = $MON_HOST
+keyring = /tmp/keyring
+EOF
+printf '[client.vudev]\n\tkey = %s\n' "$KEY" > /tmp/keyring
+start_vudev() {
+    vudev export vduse --name rbd0 --rbd rbd/vm --rbd-conf /tmp/ceph.conf --rbd-id vudev \
+        --num-queues 2 2>>/tmp/rbd0.log &
+    pid=$!
+}
+start_vudev
+if dev=$(wait_blkdev rbd0 90); then
+    echo "CHECK PASS rbd-attach"
+else
+    echo "CHECK FAIL rbd-attach: $(tail -5 /tmp/rbd0.log | tr '\n' ' ')"
+    echo SCENARIO DONE
+    exit 0
+fi
+blk_suite "$dev" rbd
+# The object size (4 MiB) is offered as the optimal I/O size and the discard granularity.
+check rbd-optimal-io-size [ "$(cat /sys/block/${dev#/dev/}/queue/optimal_io_size)" = 4194304 ]
+check rbd-discard-granularity [ "$(cat /sys/block/${dev#/dev/}/queue/discard_granularity)" = 4194304 ]
+
+# rbd resize by the host, with ext4 mounted: the guest sees it and grows the filesystem online.
+mkfs.ext4 -q -F "$dev"
+mount -t ext4 "$dev" /mnt/t
+before=$(cat /sys/block/${dev#/dev/}/size)
+echo "RESIZE NOW"
+i=0
+while [ "$(cat /sys/block/${dev#/dev/}/size)" = "$before" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+check rbd-resize-seen [ "$(cat /sys/block/${dev#/dev/}/size)" = $((320 << 11)) ]
+check rbd-resize2fs-online resize2fs "$dev"
+check rbd-fs-grown sh -c "[ \$(df -k /mnt/t | awk 'NR==2 {print \$2}') -gt 290000 ]"
+umount /mnt/t
+check rbd-fsck-after-resize e2fsck -fn "$dev"
+
+# vudev killed under fio verify and started again: the device is adopted, nothing is lost.
+fio --name=crash --filename="$dev" --rw=randwrite --bs=4k --iodepth=16 --ioengine=libaio \
+    --direct=1 --size=32m --time_based --runtime=30 --verify=crc32c --verify_backlog=256 \
+    --verify_fatal=1 --randrepeat=0 >/tmp/fio-crash.log 2>&1 &
+fio=$!
+kills=0
+for k in 1 2 3; do
+    sleep "$((2 + RANDOM % 3)).$((RANDOM % 10))"
+    kill -0 $fio 2>/dev/null || break
+    kill -KILL $pid && wait $pid 2>/dev/null
+    kills=$((kills + 1))
+    start_vudev
+done
+wait_exit $fio 240
+rc=$?
+echo "INFO rbd crash: $kills kills; adoptions: $(grep -c 'VDUSE device adopted' /tmp/rbd0.log)"
+check rbd-killed-3-times [ "$kills" -eq 3 ]
+if [ $rc -eq 0 ] && ! grep -qi 'verify.*fail\|bad magic\|crc32c.*mismatch' /tmp/fio-crash.log; then
+    echo "CHECK PASS rbd-fio-through-crashes"
+else
+    echo "CHECK FAIL rbd-fio-through-crashes: fio status $rc: $(grep -i 'err\|verify' /tmp/fio-crash.log | head -5 | tr '\n' ' '); vudev: $(grep -v INFO /tmp/rbd0.log | tail -8 | tr '\n' ' ')"
+fi
+
+# Everything discarded: the host then finds the image's objects gone.
+check rbd-discard-all $BLKDISCARD -f "$dev"
+stop_export $pid rbd0
+echo SCENARIO DONE
