@@ -22,6 +22,8 @@ check() { # name, command...
 cleanup() {
     [[ -z $guest ]] || kill -9 "$guest" 2>/dev/null || true
     ip netns exec "$ns" "$root/tests/ceph/cluster.sh" stop "$work/ceph" || true
+    # Whatever still runs in the namespace is this script's (QEMU under run.sh's timeout).
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
     rm -rf "$work"
 }
@@ -68,6 +70,6 @@ pass=$((pass + ${p:-0})); fail=$((fail + ${f:-1}))
 # The guest discarded the whole disk last: the image's objects are gone in the cluster.
 used=$(rbdc du --format json rbd/vm | sed -n 's/.*"used_size":\([0-9]*\).*/\1/p')
 echo "INFO rbd du after the guest's final discard: ${used:-?} bytes used"
-check rbd-vm-discard-freed-objects [ -n "$used" ] && [ "${used:-1}" -lt $((16 << 20)) ]
+check rbd-vm-discard-freed-objects sh -c '[ -n "$1" ] && [ "$1" -lt $((16 << 20)) ]' _ "$used"
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]

@@ -51,14 +51,19 @@ impl BlockDevice {
         &self.stats
     }
 
-    /// A size the backend's storage took by other hands (see
-    /// [`BlockBackend::changed_size`]), once, if it differs from the capacity: for the caller
-    /// to [`resize`](Self::resize) to (with `force`: the data beyond is gone already) and
-    /// tell the driver.
-    pub fn changed_size(&self) -> Option<u64> {
-        self.backend
-            .changed_size()
-            .filter(|&bytes| bytes != self.capacity.get())
+    /// Takes on a size the backend's storage took by other hands (see
+    /// [`BlockBackend::changed_size`]), rounded down to whole blocks, without asking the
+    /// backend to resize anything (that could undo a second resize made meanwhile): the new
+    /// capacity if it changed, for the caller to tell the driver. A shrink is taken as it is:
+    /// the data beyond is gone already.
+    pub fn adopt_changed_size(&self) -> Option<u64> {
+        let block = u64::from(self.cfg.logical_block_size);
+        let bytes = self.backend.changed_size()? / block * block;
+        if bytes == 0 || bytes == self.capacity.get() {
+            return None;
+        }
+        self.capacity.set(bytes);
+        Some(bytes)
     }
 
     /// The backend's event counts (see [`BlockBackend::events`]).

@@ -45,15 +45,11 @@ fn wait_for_signal(
                 return Ok(());
             }
             Ok(None) => {
-                let Some(bytes) = device.changed_size() else {
+                let was = device.size();
+                let Some(bytes) = device.adopt_changed_size() else {
                     continue;
                 };
-                let was = device.size();
-                let told = device
-                    .resize(bytes, true)
-                    .map_err(|e| format!("cannot take on the new size: {e}"))
-                    .and_then(|()| tell());
-                match told {
+                match tell() {
                     Ok(told) => tracing::info!(
                         "the storage was resized from {was} to {bytes} bytes: {told}"
                     ),

@@ -221,7 +221,7 @@ fn serve_daemon_follows_resizes(cluster: &Cluster) {
     assert_eq!(Client::connect(&socket, 1).unwrap().capacity(), 128 << 20);
     let log = std::fs::read_to_string(dir.join("serve.log")).unwrap();
     assert!(
-        log.contains("the storage of vol2 is now 134217728 bytes"),
+        log.contains("the storage of vol2 was resized from 100663296 to 134217728 bytes"),
         "{log}"
     );
     let status = common::terminate(
@@ -246,13 +246,15 @@ impl Drop for Reaped {
 /// dies with vudev: SIGKILL, start again, read it back.
 fn completed_writes_survive_a_kill(cluster: &Cluster) {
     let dir = scratch("rbd-kill");
+    // An image of its own: the killed vudev's lock and watch linger on it for a while.
+    cluster.rbd(&["create", "rbd/killed", "--size", "64M"]);
     let socket = dir.join("kill.sock");
     let start = || {
         Reaped(
             Command::new(env!("CARGO_BIN_EXE_vudev"))
                 .args(["export", "vhost-user", "--socket"])
                 .arg(&socket)
-                .args(["--rbd", "rbd/vol1", "--rbd-conf", &cluster.conf])
+                .args(["--rbd", "rbd/killed", "--rbd-conf", &cluster.conf])
                 .stderr(std::fs::File::create(dir.join("kill.log")).unwrap())
                 .spawn()
                 .unwrap(),

@@ -73,7 +73,8 @@ pub trait BlockBackend: Send + Sync {
         true
     }
     /// A size the storage took without vudev asking (an RBD image resized with `rbd
-    /// resize`), reported once: the export then changes its capacity to it.
+    /// resize`), reported once, and already taken on by the backend (its queues use it); the
+    /// device then takes it on too. Never a request to resize the storage.
     fn changed_size(&self) -> Option<u64> {
         None
     }

@@ -11,10 +11,12 @@ mod registry;
 pub mod spec;
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
+use vudev_core::readiness::{poll, pollfd};
 
 use crate::cli::ServeArgs;
 use crate::signals;
@@ -69,6 +71,20 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     let result = std::thread::scope(|s| {
         let (registry2, control, stop) = (&registry, &control, &stop);
         s.spawn(move || control.serve(registry2, stop));
+        // Storage resized elsewhere is followed on a thread of its own, not on the one that
+        // answers the watchdog: a slow stat or cluster call cannot get the daemon killed.
+        s.spawn(move || loop {
+            let mut fds = [pollfd(stop.as_raw_fd())];
+            match poll(&mut fds, Some(FOLLOW_FILES)) {
+                Ok(_) if fds[0].revents != 0 => break,
+                Ok(_) => registry2.follow_grown_files(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::error!("poll: {e}: resized storage is no longer followed");
+                    break;
+                }
+            }
+        });
         let status = |n: usize| format!("STATUS=serving {n} export(s)");
         tracing::info!(
             control = %args.control.display(),
@@ -88,7 +104,6 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                     if watchdog.is_some() {
                         notify::notify("WATCHDOG=1");
                     }
-                    registry.follow_grown_files();
                 }
                 Err(e) => break Err(format!("waiting for signals: {e}")),
             }

@@ -338,15 +338,7 @@ impl Registry {
             };
             ApiError::new(code, format!("cannot resize {name}: {e}"))
         })?;
-        let told = match &export.serving {
-            Serving::Vduse(v) => v
-                .config_changed()
-                .map(|()| "the driver was told".to_string()),
-            Serving::VhostUser(v) => v.config_changed().map(|told| match told {
-                true => "the frontend was told".to_string(),
-                false => "no frontend to tell (the next one sees the new size)".to_string(),
-            }),
-        };
+        let told = tell(export);
         tracing::info!(
             "resized {name} from {was} to {bytes} bytes: {}",
             told.as_deref().unwrap_or("but the driver was not told")
@@ -429,10 +421,22 @@ impl Registry {
                 .collect()
         };
         for (name, device) in devices {
-            if let Some(bytes) = device.changed_size() {
-                tracing::info!("the storage of {name} is now {bytes} bytes: resizing it");
-                if let Err(e) = self.resize(&name, Some(&bytes.to_string()), true) {
-                    tracing::warn!("{}", e.message);
+            let was = device.size();
+            // Outside the lock: the backend may ask its storage (a network round trip).
+            let Some(bytes) = device.adopt_changed_size() else {
+                continue;
+            };
+            let inner = self.lock();
+            let told = match inner.slots.get(&name).map(|s| &s.state) {
+                Some(State::Serving(e)) if Arc::ptr_eq(&e.device, &device) => tell(e),
+                _ => continue, // removed meanwhile
+            };
+            match told {
+                Ok(told) => tracing::info!(
+                    "the storage of {name} was resized from {was} to {bytes} bytes: {told}"
+                ),
+                Err(e) => {
+                    tracing::warn!("the storage of {name} was resized to {bytes} bytes, but {e}")
                 }
             }
         }
@@ -621,4 +625,18 @@ fn not_found(name: &str) -> ApiError {
 
 fn shutting_down() -> ApiError {
     ApiError::new(Code::ShuttingDown, "the daemon is shutting down")
+}
+
+/// Tells an export's driver (or vhost-user frontend) that its capacity changed: what was
+/// done, or why it could not be.
+fn tell(export: &Export) -> Result<String, String> {
+    match &export.serving {
+        Serving::Vduse(v) => v
+            .config_changed()
+            .map(|()| "the driver was told".to_string()),
+        Serving::VhostUser(v) => v.config_changed().map(|told| match told {
+            true => "the frontend was told".to_string(),
+            false => "no frontend to tell (the next one sees the new size)".to_string(),
+        }),
+    }
 }

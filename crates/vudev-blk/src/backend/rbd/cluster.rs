@@ -110,6 +110,9 @@ impl Cluster {
         // kill -9 after the driver's first flush lost them), and crash recovery relies on
         // every completed write being in the cluster.
         cluster.set("rbd_cache", "false")?;
+        // librbd copies a write's data when it starts (queue.rs relies on it: the driver's
+        // buffers are not read after a reset). This is librbd's default; it is set, not assumed.
+        cluster.set("rbd_disable_zero_copy_writes", "true")?;
         let secs = key.timeout.as_secs().max(1).to_string();
         for option in [
             "rados_osd_op_timeout",

@@ -81,11 +81,11 @@ extern "C" {
     ) -> c_int;
     pub fn rbd_aio_get_return_value(completion: CompletionT) -> isize;
     pub fn rbd_aio_release(completion: CompletionT);
-    pub fn rbd_aio_readv(
+    pub fn rbd_aio_read(
         image: ImageT,
-        iov: *const libc::iovec,
-        iovcnt: c_int,
         off: u64,
+        len: usize,
+        buf: *mut c_char,
         completion: CompletionT,
     ) -> c_int;
     pub fn rbd_aio_writev(

@@ -128,13 +128,27 @@ impl RbdBackend {
         let mut handle: ffi::ImageT = ptr::null_mut();
         // SAFETY: `io` is a live I/O context; the strings are NUL-terminated; `handle` is a
         // valid out-pointer. A snapshot opens read-only (no header watch: it cannot change).
-        let ret = unsafe {
+        let mut ret = unsafe {
             if spec.snapshot.is_some() {
                 ffi::rbd_open_read_only(io.handle, name.as_ptr(), &mut handle, snap_ptr)
             } else {
                 ffi::rbd_open(io.handle, name.as_ptr(), &mut handle, ptr::null())
             }
         };
+        if read_only && spec.snapshot.is_none() && matches!(-ret, libc::EPERM | libc::EACCES) {
+            // A client with read-only caps cannot set the header watch an ordinary open sets;
+            // a read-only open needs none (and then a resize by others goes unseen).
+            tracing::warn!(
+                spec = %spec,
+                "client.{} may not watch the image: opened read-only, without following \
+                 resizes",
+                cluster.id
+            );
+            // SAFETY: as above.
+            ret = unsafe {
+                ffi::rbd_open_read_only(io.handle, name.as_ptr(), &mut handle, ptr::null())
+            };
+        }
         if ret < 0 {
             let why = match -ret {
                 libc::ENOENT if spec.snapshot.is_some() => format!(
@@ -265,14 +279,20 @@ impl BlockBackend for RbdBackend {
         Ok(())
     }
     fn changed_size(&self) -> Option<u64> {
-        if !self.changed.as_ref()?.swap(false, Ordering::AcqRel) {
+        let changed = self.changed.as_ref()?;
+        if !changed.swap(false, Ordering::AcqRel) {
             return None;
         }
         match self.current_size() {
-            Ok(size) if size != self.capacity.get() => Some(size),
+            Ok(size) if size != self.capacity.get() => {
+                self.capacity.set(size);
+                Some(size)
+            }
             Ok(_) => None,
             Err(e) => {
                 tracing::warn!(spec = %self.spec, "cannot read the image size: {e}");
+                // Looked at again next time.
+                changed.store(true, Ordering::Release);
                 None
             }
         }

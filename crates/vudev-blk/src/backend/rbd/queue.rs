@@ -6,6 +6,12 @@
 //! an image's completions on one event fd, and all of a device's queues share the image
 //! (one handle per export: two handles of one image would pass its exclusive lock back and
 //! forth on every write). A callback knows its queue, so each worker sees only its own.
+//!
+//! Driver memory is only touched on the worker's thread: a read lands in a buffer of the
+//! request's own and is copied into the driver's buffers when the worker reaps it, so a read
+//! that completes after the queue went away (a device reset, which librbd cannot be told
+//! about) writes nothing the driver could have reused. Writes are copied by librbd when they
+//! are started (`rbd_disable_zero_copy_writes`, which `cluster.rs` sets).
 
 use std::ffi::c_void;
 use std::fs::File;
@@ -16,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_memory::VolatileSlice;
+use vm_memory::{Bytes, VolatileSlice};
 
 use super::super::interface::{IoDone, IoOp, QueueBackend};
 use super::super::kit::{check_range, eventfd, total_len, Capacity};
@@ -27,11 +33,26 @@ use super::Image;
 /// librbd's flag for a write-zeroes that must leave the range allocated.
 const WRITE_ZEROES_THICK: i32 = 1;
 
+/// A finished request, waiting to be reaped.
+struct Finished {
+    cookie: u64,
+    res: io::Result<()>,
+    /// A read's data, to be copied into the driver's buffers on reaping.
+    read: Option<ReadBack>,
+}
+
+/// A read's own buffer and where its data goes.
+struct ReadBack {
+    data: Vec<u8>,
+    /// The driver's buffers (pointer, length), valid until the request is reaped.
+    dest: Vec<(usize, usize)>,
+}
+
 /// What a queue and its completion callbacks share.
 struct Shared {
     /// Results not yet reaped.
-    done: Mutex<Vec<IoDone>>,
-    /// Requests started and not yet called back (the callbacks' count; waits on drop).
+    done: Mutex<Vec<Finished>>,
+    /// Requests started and not yet called back.
     pending: Mutex<usize>,
     settled: Condvar,
     /// Readable when `done` has results.
@@ -43,10 +64,14 @@ struct Shared {
 }
 
 impl Shared {
-    fn push(&self, cookie: u64, res: io::Result<()>) {
+    fn started(&self) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    fn push(&self, f: Finished) {
         let first = {
             let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
-            done.push((cookie, res));
+            done.push(f);
             self.ready.store(done.len(), Ordering::Release);
             done.len() == 1
         };
@@ -61,17 +86,16 @@ impl Shared {
     }
 }
 
-/// A request in librbd's hands: given to the callback, which frees it.
+/// A request in librbd's hands: given to the callback, which takes it back.
 struct Pending {
     cookie: u64,
     shared: Arc<Shared>,
-    /// Bytes a read must return.
-    read_len: Option<u64>,
-    /// The buffers of a read or write: librbd keeps a pointer to this array until done.
+    read: Option<ReadBack>,
+    /// A write's buffers: librbd reads this array while it starts the request.
     _iov: Vec<libc::iovec>,
 }
 
-/// Called by librbd, once per request, on one of its threads.
+/// Called by librbd, once per request, on one of its threads. Touches no driver memory.
 extern "C" fn completed(c: ffi::CompletionT, arg: *mut c_void) {
     // SAFETY: `arg` is the Box<Pending> leaked when the request was started; librbd calls
     // back exactly once, so it is taken back exactly once.
@@ -82,19 +106,24 @@ extern "C" fn completed(c: ffi::CompletionT, arg: *mut c_void) {
         ffi::rbd_aio_release(c);
         ret
     };
-    let res = if ret < 0 {
-        Err(errno(ret as i64))
-    } else {
-        match p.read_len {
-            // A short read would leave the rest of the buffers as they were: an error, never
-            // a "successful" read of stale or zeroed memory.
-            Some(want) if ret as u64 != want => Err(io::Error::other(format!(
-                "RBD returned {ret} of {want} bytes"
-            ))),
-            _ => Ok(()),
-        }
+    let Pending {
+        cookie,
+        shared,
+        read,
+        ..
+    } = *p;
+    let res = match (&read, ret) {
+        (_, r) if r < 0 => Err(errno(r as i64)),
+        // A short read would leave part of the driver's buffers as they were: an error,
+        // never a "successful" read of stale or zeroed memory.
+        (Some(rb), r) if r as usize != rb.data.len() => Err(io::Error::other(format!(
+            "RBD returned {r} of {} bytes",
+            rb.data.len()
+        ))),
+        _ => Ok(()),
     };
-    p.shared.push(p.cookie, res);
+    let read = read.filter(|_| res.is_ok());
+    shared.push(Finished { cookie, res, read });
 }
 
 /// A queue's context.
@@ -130,17 +159,42 @@ impl RbdQueue {
         })
     }
 
+    /// Answers `cookie` at once (through the shared results, like the others).
+    fn answer(&self, cookie: u64, res: io::Result<()>) {
+        self.shared.started();
+        self.shared.push(Finished {
+            cookie,
+            res,
+            read: None,
+        });
+    }
+
     fn start(&mut self, cookie: u64, op: IoOp<'_>) -> io::Result<()> {
         let size = self.capacity.get();
         let writes = !matches!(op, IoOp::Read { .. } | IoOp::Flush);
         if writes && self.read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
-        let (read_len, iov) = match &op {
+        let (read, iov) = match &op {
             IoOp::Read { offset, bufs } | IoOp::Write { offset, bufs } => {
-                check_range(*offset, total_len(bufs), size)?;
-                let is_read = matches!(op, IoOp::Read { .. });
-                (is_read.then(|| total_len(bufs)), iovecs(bufs))
+                let len = total_len(bufs);
+                check_range(*offset, len, size)?;
+                if len == 0 {
+                    // Nothing to move (librbd refuses empty transfers): done at once.
+                    self.answer(cookie, Ok(()));
+                    return Ok(());
+                }
+                match op {
+                    IoOp::Read { .. } => {
+                        let data = vec![0u8; usize::try_from(len).map_err(io::Error::other)?];
+                        let dest = bufs
+                            .iter()
+                            .map(|b| (b.ptr_guard_mut().as_ptr() as usize, b.len()))
+                            .collect();
+                        (Some(ReadBack { data, dest }), Vec::new())
+                    }
+                    _ => (None, iovecs(bufs)),
+                }
             }
             IoOp::Discard { offset, len } | IoOp::WriteZeroes { offset, len, .. } => {
                 check_range(*offset, *len, size)?;
@@ -148,25 +202,20 @@ impl RbdQueue {
             }
             IoOp::Flush => (None, Vec::new()),
         };
-        if iov.is_empty() && matches!(op, IoOp::Read { .. } | IoOp::Write { .. }) {
-            // Nothing to move (librbd refuses an empty vector): done at once.
-            *self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) += 1;
-            self.shared.push(cookie, Ok(()));
-            return Ok(());
-        }
         let iovcnt = i32::try_from(iov.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many segments"))?;
         let iov_ptr = iov.as_ptr();
-        let pending = Box::into_raw(Box::new(Pending {
+        let mut pending = Box::new(Pending {
             cookie,
             shared: self.shared.clone(),
-            read_len,
+            read,
             _iov: iov,
-        }));
+        });
+        // The read's own buffer: its heap block stays put when the Box moves.
+        let read_buf = pending.read.as_mut().map_or((ptr::null_mut(), 0), |r| {
+            (r.data.as_mut_ptr(), r.data.len())
+        });
+        let pending = Box::into_raw(pending);
         let mut c: ffi::CompletionT = ptr::null_mut();
         // SAFETY: `c` is a valid out-pointer; `pending` is passed through to `completed`.
         let ret = unsafe { ffi::rbd_aio_create_completion(pending.cast(), completed, &mut c) };
@@ -175,19 +224,18 @@ impl RbdQueue {
             drop(unsafe { Box::from_raw(pending) });
             return Err(errno(ret.into()));
         }
-        *self
-            .shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) += 1;
+        self.shared.started();
         let img = self.image.handle;
-        // SAFETY: the image is open for as long as `self.image` lives, which outlasts every
-        // request (drop waits for them). The iovec array lives in `pending` until the
-        // callback; the buffers it points at are driver memory that the QueueBackend
-        // contract keeps valid until the result is reaped.
+        // SAFETY: the image is open for as long as `self.image` lives, and drop keeps it open
+        // while requests are in flight. A read goes into its own buffer, owned by `pending`
+        // until the callback; a write's iovec array (in `pending`) points at driver memory
+        // that the QueueBackend contract keeps valid until the result is reaped, and librbd
+        // copies it when the request starts.
         let ret = unsafe {
             match op {
-                IoOp::Read { offset, .. } => ffi::rbd_aio_readv(img, iov_ptr, iovcnt, offset, c),
+                IoOp::Read { offset, .. } => {
+                    ffi::rbd_aio_read(img, offset, read_buf.1, read_buf.0.cast(), c)
+                }
                 IoOp::Write { offset, .. } => ffi::rbd_aio_writev(img, iov_ptr, iovcnt, offset, c),
                 IoOp::Flush => ffi::rbd_aio_flush(img, c),
                 IoOp::Discard { offset, len } => ffi::rbd_aio_discard(img, offset, len, c),
@@ -229,16 +277,26 @@ fn iovecs(bufs: &[VolatileSlice<'_>]) -> Vec<libc::iovec> {
         .collect()
 }
 
+/// Copies a finished read into the driver's buffers.
+fn copy_back(rb: &ReadBack) -> io::Result<()> {
+    let mut at = 0;
+    for &(addr, len) in &rb.dest {
+        // SAFETY: (addr, len) is one of the driver buffers the request was submitted with;
+        // the QueueBackend contract keeps it mapped and ours until this result is reaped,
+        // which is now, on the worker's thread.
+        let slice = unsafe { VolatileSlice::new(addr as *mut u8, len) };
+        slice
+            .write_slice(&rb.data[at..at + len], 0)
+            .map_err(io::Error::other)?;
+        at += len;
+    }
+    Ok(())
+}
+
 impl QueueBackend for RbdQueue {
     fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
         if let Err(e) = self.start(cookie, op) {
-            // Answered like the others, through the shared results.
-            *self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) += 1;
-            self.shared.push(cookie, Err(e));
+            self.answer(cookie, Err(e));
         }
     }
 
@@ -250,9 +308,18 @@ impl QueueBackend for RbdQueue {
         // Clear the wakeup first: a result pushed after this wakes the worker again.
         let mut buf = [0u8; 8];
         let _ = (&self.shared.wake).read(&mut buf);
-        let mut done = self.shared.done.lock().unwrap_or_else(|e| e.into_inner());
-        out.append(&mut done);
-        self.shared.ready.store(0, Ordering::Release);
+        let finished = {
+            let mut done = self.shared.done.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.ready.store(0, Ordering::Release);
+            std::mem::take(&mut *done)
+        };
+        out.extend(finished.into_iter().map(|f| {
+            let res = match (&f.read, f.res) {
+                (Some(rb), Ok(())) => copy_back(rb),
+                (_, res) => res,
+            };
+            (f.cookie, res)
+        }));
     }
 
     fn in_flight(&self) -> usize {
@@ -275,8 +342,9 @@ impl QueueBackend for RbdQueue {
 
 impl Drop for RbdQueue {
     fn drop(&mut self) {
-        // librbd writes into driver memory until it calls back: wait for that (every request
-        // is bounded by the op timeout) before the memory can go.
+        // Late completions touch no driver memory (see above), but the image must not be
+        // closed under them: wait (every request is bounded by the op timeout), and if they
+        // still have not come, keep the image open for good rather than close it under them.
         let deadline = Instant::now() + self.settle;
         let mut pending = self
             .shared
@@ -288,8 +356,10 @@ impl Drop for RbdQueue {
             if left.is_zero() {
                 tracing::error!(
                     in_flight = *pending,
-                    "RBD requests still unanswered at queue stop; leaving them"
+                    "RBD requests still unanswered at queue stop: leaving them, and the image \
+                     open"
                 );
+                std::mem::forget(self.image.clone());
                 return;
             }
             pending = match self.shared.settled.wait_timeout(pending, left) {
