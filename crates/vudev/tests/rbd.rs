@@ -182,6 +182,38 @@ fn serve_daemon_follows_resizes(cluster: &Cluster) {
         assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A cluster that never answers (its monitor address has no one behind it) is being
+    // connected to while another export is added: that one must not wait for it.
+    let silent = dir.join("silent.conf");
+    std::fs::write(
+        &silent,
+        "[global]\nmon host = v2:127.0.0.1:9\nauth client required = none\n",
+    )
+    .unwrap();
+    let (control2, silent_conf) = (control.clone(), silent.to_str().unwrap().to_string());
+    let silent_sock = dir.join("silent.sock").to_str().unwrap().to_string();
+    let stuck = std::thread::spawn(move || {
+        ctl(
+            &control2,
+            &[
+                "add",
+                "vhost-user",
+                "--name",
+                "silent",
+                "--socket",
+                &silent_sock,
+                "--rbd",
+                "rbd/x",
+                "--rbd-conf",
+                &silent_conf,
+                "--rbd-timeout",
+                "8",
+            ],
+        )
+    });
+    // Let its request reach the daemon first.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
     let socket = dir.join("vol2.sock");
     ctl(
         &control,
@@ -199,6 +231,14 @@ fn serve_daemon_follows_resizes(cluster: &Cluster) {
         ],
     )
     .unwrap();
+    let took = t.elapsed();
+    assert!(!stuck.is_finished(), "the silent cluster's add ended early");
+    assert!(
+        took < Duration::from_secs(5),
+        "an add waited {took:?} for another cluster"
+    );
+    let e = stuck.join().unwrap().unwrap_err();
+    assert!(e.contains("no monitor answered within 8 s"), "{e}");
     assert_eq!(Client::connect(&socket, 1).unwrap().capacity(), 64 << 20);
     ctl(&control, &["resize", "vol2", "96M"]).unwrap();
     let info = cluster.rbd(&["info", "--format", "json", "rbd/vol2"]);

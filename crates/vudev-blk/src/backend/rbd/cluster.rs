@@ -48,17 +48,25 @@ impl Cluster {
             id: id.to_string(),
             timeout,
         };
-        // Held while connecting: two exports of one cluster starting together share one.
-        let mut all = CLUSTERS.lock().unwrap_or_else(|e| e.into_inner());
-        all.retain(|(_, w)| w.strong_count() > 0);
-        if let Some(c) = all
-            .iter()
-            .find(|(k, _)| *k == key)
-            .and_then(|(_, w)| w.upgrade())
-        {
+        let known = |all: &mut Vec<(Key, Weak<Cluster>)>| {
+            all.retain(|(_, w)| w.strong_count() > 0);
+            all.iter()
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, w)| w.upgrade())
+        };
+        let lock = || CLUSTERS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = known(&mut lock()) {
             return Ok(c);
         }
+        // Not under the lock: a cluster that does not answer (for up to the timeout) must
+        // not hold up the exports of other clusters.
         let cluster = Arc::new(Cluster::connect(&key)?);
+        let mut all = lock();
+        // Two exports of one cluster that connected at the same time: the first one kept
+        // serves both, the other connection is shut down.
+        if let Some(c) = known(&mut all) {
+            return Ok(c);
+        }
         all.push((key, Arc::downgrade(&cluster)));
         Ok(cluster)
     }
