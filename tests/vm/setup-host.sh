@@ -26,9 +26,10 @@ have flock || need+=(util-linux)
 have socat || need+=(socat)
 # scripts/test checks dist/vudev.service with systemd-analyze.
 have systemd-analyze || need+=(systemd)
-# The RBD backend links librbd/librados; its tests start a real Ceph cluster (tests/ceph).
+# The RBD backend loads librbd/librados when an RBD export opens; its tests start a real
+# Ceph cluster (tests/ceph).
 ceph=()
-for p in ceph-mon ceph-osd ceph-common librbd-dev librados-dev; do
+for p in ceph-mon ceph-osd ceph-common librbd1; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || ceph+=("$p")
 done
 # fetch-kernel.sh verifies trixie-backports against the keyring: it needs trixie's keys.

@@ -3,8 +3,8 @@
 //! - [`config`]: feature bits and configuration space;
 //! - [`request`]: parsing and validating a request from a descriptor chain;
 //! - [`device`]: [`BlockDevice`] (a runtime `Device`) and its per-queue handler;
-//! - [`backend`]: the asynchronous [`BlockBackend`] trait and the file, memory, null and NBD
-//!   backends, and with the `rbd` feature (on by default) the Ceph RBD backend.
+//! - [`backend`]: the asynchronous [`BlockBackend`] trait and the file, memory, null, NBD
+//!   and Ceph RBD backends (librbd is loaded when the first RBD image opens).
 #![deny(missing_docs)]
 
 pub mod backend;
@@ -17,7 +17,6 @@ pub use backend::{
     check_range, eventfd, total_len, zero_fill, Aio, BlockBackend, FileBackend, Immediate, IoDone,
     IoOp, MemoryBackend, NbdBackend, NbdError, NullBackend, QueueBackend, RunNow,
 };
-#[cfg(feature = "rbd")]
 pub use backend::{RbdBackend, RbdError, RbdOptions, RbdSpec};
 pub use config::BlockConfig;
 pub use device::BlockDevice;

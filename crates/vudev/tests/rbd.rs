@@ -228,6 +228,8 @@ fn serve_daemon_follows_resizes(cluster: &Cluster) {
             "rbd/vol2",
             "--rbd-conf",
             &cluster.conf,
+            "--rbd-timeout",
+            "5",
         ],
     )
     .unwrap();
@@ -264,12 +266,59 @@ fn serve_daemon_follows_resizes(cluster: &Cluster) {
         log.contains("the storage of vol2 was resized from 100663296 to 134217728 bytes"),
         "{log}"
     );
+
+    // A resize the cluster does not answer (its OSD stopped) holds up no other call to the
+    // daemon; a second resize of the same export meanwhile is told to wait.
+    let stopped = Stopped::new(cluster.osd_pid(0));
+    let control2 = control.clone();
+    let stuck = std::thread::spawn(move || ctl(&control2, &["resize", "vol2", "160M"]));
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let list = ctl(&control, &["list"]).unwrap();
+    let took = t.elapsed();
+    assert!(list.contains("vol2"), "{list}");
+    assert!(
+        !stuck.is_finished(),
+        "the resize ended early: {:?}",
+        stuck.join()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "a list waited {took:?} for a resize"
+    );
+    let e = ctl(&control, &["resize", "vol2", "192M"]).unwrap_err();
+    assert!(e.contains("vol2 is being resized"), "{e}");
+    drop(stopped);
+    let t = Instant::now();
+    let r = stuck.join().unwrap();
+    eprintln!(
+        "a resize across a stopped OSD: {r:?}, {:?} after SIGCONT",
+        t.elapsed()
+    );
     let status = common::terminate(
         &mut daemon.0,
         Duration::from_secs(20),
         "vudev serve did not stop",
     );
     assert!(status.success(), "vudev serve exited with {status}");
+}
+
+/// A daemon stopped with SIGSTOP, continued on drop (so a failing test leaves it running).
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Stopped {
+        // SAFETY: kill(2) on a daemon the test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
 }
 
 /// A child process killed (and reaped) on drop, so that a failing test leaves none behind.
@@ -325,9 +374,88 @@ fn completed_writes_survive_a_kill(cluster: &Cluster) {
         c.buf()[1 << 20..(1 << 20) + 65536] == written[..],
         "a completed write was lost with the process"
     );
+    // The dead vudev's lock is broken at once (this host recorded it as vudev's): the first
+    // write does not wait for the cluster to give up on the dead client (10 s here).
+    let t = Instant::now();
+    assert_eq!(c.write(0, 24 << 20, 4096), 0);
+    let took = t.elapsed();
+    let log = std::fs::read_to_string(dir.join("kill.log")).unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "the first write after a restart took {took:?}"
+    );
+    assert!(log.contains("broke the image's lock"), "{log}");
     drop(c);
     let status = common::terminate(&mut vudev.0, Duration::from_secs(20), "vudev did not stop");
     assert!(status.success(), "vudev exited with {status}");
+}
+
+/// Another client writing to the image takes the lock cooperatively and hands it back: no
+/// error either way. A client that breaks vudev's lock (`rbd lock rm`) has it blocklisted:
+/// vudev's requests then fail with an error that says so, and vudev lives on.
+fn a_broken_lock_fences_the_export_with_a_clear_error(cluster: &Cluster) {
+    let dir = scratch("rbd-fenced");
+    cluster.rbd(&["create", "rbd/fenced", "--size", "64M"]);
+    let s = serve(&dir, cluster, "rbd/fenced", &["--rbd-timeout", "5"]);
+    let mut c = Client::connect(&s.socket, 1).unwrap();
+    pattern(&mut c.buf()[..4096], 21);
+    assert_eq!(c.write(0, 0, 4096), 0);
+    // Another writer in between: `rbd bench` takes the lock, vudev takes it back.
+    cluster.rbd(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "4K",
+        "--io-total",
+        "64K",
+        "rbd/fenced",
+    ]);
+    assert_eq!(c.write(0, 4096, 4096), 0, "a write after another client's");
+    // vudev's lock broken by hand: its connection is blocklisted.
+    let locks: serde_json::Value =
+        serde_json::from_str(&cluster.rbd(&["lock", "ls", "--format", "json", "rbd/fenced"]))
+            .unwrap();
+    let lock = &locks[0];
+    let (id, locker) = (
+        lock["id"].as_str().unwrap(),
+        lock["locker"].as_str().unwrap(),
+    );
+    cluster.rbd(&["lock", "rm", "rbd/fenced", id, locker]);
+    let t = Instant::now();
+    let res = c.write(0, 8192, 4096);
+    assert_eq!(res, -libc::EIO, "a write after the lock was broken");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
+    let log = std::fs::read_to_string(dir.join("vudev.log")).unwrap();
+    assert!(
+        log.contains("the cluster blocklisted rbd/fenced (client.")
+            && log.contains("another client broke its lock"),
+        "{log}"
+    );
+    drop(c);
+    let mut c = Client::connect(&s.socket, 1).expect("vudev went away after being fenced");
+    assert_eq!(c.read(0, 0, 4096), -libc::EIO);
+}
+
+/// A pool or image setting that turns librbd's write cache back on makes a writable export
+/// unsafe: refused, with the command that undoes it; a read-only export is fine.
+fn a_write_cache_set_on_the_image_is_refused(cluster: &Cluster) {
+    cluster.rbd(&["create", "rbd/cached", "--size", "16M"]);
+    cluster.rbd(&["config", "image", "set", "rbd/cached", "rbd_cache", "true"]);
+    let e = refusal(cluster, "rbd/cached", &[]);
+    assert!(
+        e.contains("turns librbd's write cache on")
+            && e.contains("rbd config image remove rbd/cached rbd_cache"),
+        "{e}"
+    );
+    let dir = scratch("rbd-cached");
+    let s = serve(&dir, cluster, "rbd/cached", &["--readonly"]);
+    let mut c = Client::open(&s.socket, 1, true).unwrap();
+    assert_eq!(c.read(0, 0, 4096), 0);
 }
 
 #[test]
@@ -430,6 +558,10 @@ fn rbd_images_are_served_on_a_real_cluster() {
     serve_daemon_follows_resizes(&cluster);
 
     completed_writes_survive_a_kill(&cluster);
+
+    a_broken_lock_fences_the_export_with_a_clear_error(&cluster);
+
+    a_write_cache_set_on_the_image_is_refused(&cluster);
 
     // What cannot be opened is refused with the fix.
     let e = refusal(&cluster, "rbd/missing", &[]);
@@ -575,4 +707,41 @@ fn an_osd_lost_under_load_costs_a_replicated_pool_nothing() {
         );
     }
     assert!(killed);
+}
+
+/// Where Ceph's libraries are missing (hidden here in a mount namespace of vudev's own),
+/// vudev still serves other backends, and an RBD export is refused with what to install.
+#[test]
+fn vudev_runs_where_librbd_is_missing() {
+    let hide = r#"set -e
+for so in librbd.so.1 librados.so.2; do
+    p=$(ldconfig -p | awk -v n="$so" '$1 == n && /x86-64/ {print $NF; exit}')
+    [ -n "$p" ] || { echo "$so is not installed here: nothing to hide" >&2; exit 1; }
+    mount --bind /dev/null "$p"
+done
+exec "$0" "$@""#;
+    let without_librbd = || {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["-m", "--propagation", "private", "sh", "-c", hide])
+            .arg(env!("CARGO_BIN_EXE_vudev"));
+        cmd
+    };
+    let dir = scratch("no-librbd");
+    let s = Server::vudev_with(&dir, &["--memory", "16M"], without_librbd());
+    let mut c = Client::connect(&s.socket, 1).unwrap();
+    pattern(&mut c.buf()[..4096], 8);
+    assert_eq!(c.write(0, 0, 4096), 0);
+    drop(c);
+    drop(s);
+    let out = without_librbd()
+        .args(["export", "vhost-user", "--socket", "/nonexistent/x.sock"])
+        .args(["--rbd", "rbd/vol1"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an RBD export without librbd: {e}");
+    assert!(
+        e.contains("cannot load librados.so.2") && e.contains("apt install librbd1"),
+        "{e}"
+    );
 }

@@ -61,6 +61,11 @@ wait_exit $fio 240
 rc=$?
 echo "INFO rbd crash: $kills kills; adoptions: $(grep -c 'VDUSE device adopted' /tmp/rbd0.log)"
 check rbd-killed-3-times [ "$kills" -eq 3 ]
+# A restarted vudev breaks the lock its dead predecessor held (if it had written since it
+# started), instead of waiting for the cluster to give up on the dead client.
+broken=$(grep -c "broke the image's lock" /tmp/rbd0.log)
+echo "INFO rbd crash: a dead predecessor's lock broken $broken times"
+check rbd-dead-lock-broken [ "$broken" -ge 1 ]
 if [ $rc -eq 0 ] && ! grep -qi 'verify.*fail\|bad magic\|crc32c.*mismatch' /tmp/fio-crash.log; then
     echo "CHECK PASS rbd-fio-through-crashes"
 else

@@ -12,7 +12,6 @@ mod kit;
 mod memory;
 mod nbd;
 mod null;
-#[cfg(feature = "rbd")]
 mod rbd;
 
 pub use file::{Aio, FileBackend};
@@ -21,5 +20,4 @@ pub use kit::{check_range, eventfd, total_len, zero_fill, Capacity, Immediate, R
 pub use memory::MemoryBackend;
 pub use nbd::{NbdAddress, NbdBackend, NbdError, NbdTls, NbdUri};
 pub use null::NullBackend;
-#[cfg(feature = "rbd")]
 pub use rbd::{RbdBackend, RbdError, RbdOptions, RbdSpec};

@@ -89,6 +89,8 @@ struct Slot {
     socket: Option<PathBuf>,
     runtime: bool,
     state: State,
+    /// A resize is under way (outside the lock: the storage may take its time).
+    resizing: bool,
 }
 
 struct Inner {
@@ -167,6 +169,7 @@ impl Registry {
                             socket: args.socket().map(Path::to_path_buf),
                             spec,
                             runtime,
+                            resizing: false,
                             state: State::Failed(e.message),
                         },
                     );
@@ -216,6 +219,7 @@ impl Registry {
                     transport: args.transport(),
                     socket,
                     runtime,
+                    resizing: false,
                     state: State::Starting,
                 },
             );
@@ -308,37 +312,69 @@ impl Registry {
         size: Option<&str>,
         force: bool,
     ) -> Result<ExportInfo, ApiError> {
-        let mut inner = self.lock();
-        let slot = inner.slots.get_mut(name).ok_or_else(|| not_found(name))?;
-        let State::Serving(export) = &slot.state else {
-            return Err(ApiError::new(
-                Code::Busy,
-                format!("{name} is not serving: resize it once `vudev ctl show` says it is"),
-            ));
-        };
-        let args = ExportArgs::parse(&slot.spec)
-            .map_err(|e| ApiError::new(Code::InvalidParams, e.message))?;
-        let (backend, _, _) = args.parts();
-        let bytes = match (size, &backend.file) {
-            (Some(s), _) => parse_size(s).map_err(|e| ApiError::new(Code::InvalidParams, e))?,
-            (None, Some(path)) => file_size(path)
-                .map_err(|e| ApiError::new(Code::Backend, format!("{}: {e}", path.display())))?,
-            (None, None) => {
+        let (device, bytes) = {
+            let mut inner = self.lock();
+            let slot = inner.slots.get_mut(name).ok_or_else(|| not_found(name))?;
+            let State::Serving(export) = &slot.state else {
                 return Err(ApiError::new(
-                    Code::InvalidParams,
-                    "give the new size: only a file backend can be asked for its own",
-                ))
+                    Code::Busy,
+                    format!("{name} is not serving: resize it once `vudev ctl show` says it is"),
+                ));
+            };
+            if slot.resizing {
+                return Err(ApiError::new(
+                    Code::Busy,
+                    format!("{name} is being resized: try again once that is done"),
+                ));
             }
+            let args = ExportArgs::parse(&slot.spec)
+                .map_err(|e| ApiError::new(Code::InvalidParams, e.message))?;
+            let (backend, _, _) = args.parts();
+            let bytes = match (size, &backend.file) {
+                (Some(s), _) => parse_size(s).map_err(|e| ApiError::new(Code::InvalidParams, e))?,
+                (None, Some(path)) => file_size(path).map_err(|e| {
+                    ApiError::new(Code::Backend, format!("{}: {e}", path.display()))
+                })?,
+                (None, None) => {
+                    return Err(ApiError::new(
+                        Code::InvalidParams,
+                        "give the new size: only a file backend can be asked for its own",
+                    ))
+                }
+            };
+            slot.resizing = true;
+            (export.device.clone(), bytes)
         };
-        let was = export.device.size();
-        export.device.resize(bytes, force).map_err(|e| {
+        // Outside the lock: the storage may take its time (an RBD image: up to its timeout),
+        // and the other exports' calls must not wait for it.
+        let was = device.size();
+        let resized = device.resize(bytes, force);
+        let mut inner = self.lock();
+        // The export resized, if it is still there (not removed, nor removed and added again).
+        let mut slot = inner
+            .slots
+            .get_mut(name)
+            .filter(|s| matches!(&s.state, State::Serving(e) if Arc::ptr_eq(&e.device, &device)));
+        if let Some(s) = slot.as_mut() {
+            s.resizing = false;
+        }
+        resized.map_err(|e| {
             let code = match e.kind() {
                 std::io::ErrorKind::InvalidInput => Code::InvalidParams,
                 _ => Code::Backend,
             };
             ApiError::new(code, format!("cannot resize {name}: {e}"))
         })?;
-        let told = tell(export);
+        let Some(slot) = slot else {
+            return Err(ApiError::new(
+                Code::Busy,
+                format!("{name} was removed while it was being resized"),
+            ));
+        };
+        let told = match &slot.state {
+            State::Serving(export) => tell(export),
+            _ => Err("it stopped serving".into()),
+        };
         tracing::info!(
             "resized {name} from {was} to {bytes} bytes: {}",
             told.as_deref().unwrap_or("but the driver was not told")

@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::error::{errno, RbdError};
 use super::ffi;
 use super::spec::c;
+use super::takeover::ClientRecord;
 
 /// What tells one cluster connection from another.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +28,13 @@ pub(super) struct Cluster {
     handle: ffi::RadosT,
     /// The client id (without `client.`), for messages.
     pub(super) id: String,
+    /// The cluster's fsid, once connected.
+    pub(super) fsid: String,
+    /// The number the monitors gave this connection (it is `client.GID` to the cluster).
+    pub(super) gid: u64,
+    /// This host's record that this process is the client at this connection's address
+    /// (see `takeover.rs`).
+    _record: Option<ClientRecord>,
 }
 
 // SAFETY: a connected rados_t may be used from any thread; librados locks internally.
@@ -43,6 +51,7 @@ impl Cluster {
         id: &str,
         timeout: Duration,
     ) -> Result<Arc<Cluster>, RbdError> {
+        ffi::load().map_err(RbdError::Library)?;
         let key = Key {
             conf: conf.map(Path::to_path_buf),
             id: id.to_string(),
@@ -88,9 +97,12 @@ impl Cluster {
             });
         }
         // From here on, dropping `cluster` shuts the handle down.
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             handle,
             id: key.id.clone(),
+            fsid: String::new(),
+            gid: 0,
+            _record: None,
         };
         let path = key
             .conf
@@ -156,7 +168,39 @@ impl Cluster {
                 why,
             });
         }
+        let mut fsid = [0u8; 64];
+        // SAFETY: the handle is connected; `fsid` is writable for the length passed.
+        let len = unsafe { ffi::rados_cluster_fsid(handle, fsid.as_mut_ptr().cast(), fsid.len()) };
+        let len = usize::try_from(len).unwrap_or(0).min(fsid.len());
+        cluster.fsid = String::from_utf8_lossy(&fsid[..len])
+            .trim_end_matches('\0')
+            .to_string();
+        // SAFETY: the handle is connected.
+        cluster.gid = unsafe { ffi::rados_get_instance_id(handle) };
+        cluster._record = cluster
+            .address()
+            .and_then(|a| ClientRecord::write(&cluster.fsid, &a));
         Ok(cluster)
+    }
+
+    /// This connection's address, as the cluster names it in locks and blocklists
+    /// (`IP:PORT/NONCE`).
+    fn address(&self) -> Option<String> {
+        let mut addrs: *mut std::ffi::c_char = ptr::null_mut();
+        // SAFETY: the handle is connected; `addrs` is a valid out-pointer.
+        let ret = unsafe { ffi::rados_getaddrs(self.handle, &mut addrs) };
+        if ret < 0 || addrs.is_null() {
+            return None;
+        }
+        // SAFETY: librados returned a NUL-terminated string of its own (strdup'ed), freed
+        // once here.
+        unsafe {
+            let a = std::ffi::CStr::from_ptr(addrs)
+                .to_string_lossy()
+                .into_owned();
+            libc::free(addrs.cast());
+            Some(a)
+        }
     }
 
     fn set(&self, option: &str, value: &str) -> Result<(), RbdError> {

@@ -8,6 +8,9 @@ pub enum RbdError {
     /// The spec is malformed.
     #[error("{0}")]
     Spec(String),
+    /// librados or librbd could not be loaded.
+    #[error("{0}")]
+    Library(String),
     /// No configuration file.
     #[error("cannot read the Ceph config {conf}: {source}: pass --rbd-conf PATH or set CEPH_CONF")]
     Config {

@@ -1,8 +1,86 @@
 //! The few librados and librbd calls the RBD backend makes, declared by hand from Debian's
 //! `rados/librados.h` and `rbd/librbd.h` (librbd 1.16, Ceph 16.2). No maintained crate binds
 //! librbd's asynchronous API; binding only what is used keeps the unsafe surface small.
+//!
+//! The libraries are loaded when the first RBD export opens ([`load`]), not linked: vudev
+//! runs where Ceph's client libraries are not installed, and a process without an RBD export
+//! does not carry them (their static constructors alone took an idle `vudev serve` from
+//! 7 to 23 MiB resident). Each function below forwards to the loaded library.
 
 use std::ffi::{c_char, c_int, c_void};
+use std::sync::OnceLock;
+
+/// Declares a library's functions: a table of them, filled by `dlopen`/`dlsym` from the
+/// library `$soname`, and a function of the same name and signature for each, which calls
+/// through the table.
+macro_rules! library {
+    (
+        $(#[$doc:meta])* $table:ident, $slot:ident, $soname:literal;
+        $(pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*
+    ) => {
+        $(#[$doc])*
+        struct $table {
+            $($name: unsafe extern "C" fn($($ty),*) $(-> $ret)?,)*
+            /// Keeps the library mapped (for good: the table lives in a static).
+            _lib: libloading::Library,
+        }
+
+        static $slot: OnceLock<Result<$table, String>> = OnceLock::new();
+
+        impl $table {
+            fn open() -> Result<$table, String> {
+                let failed = |e: libloading::Error| {
+                    format!(
+                        "cannot load {} ({e}): the RBD backend needs Ceph's client libraries \
+                         (Debian: apt install librbd1)",
+                        $soname
+                    )
+                };
+                // SAFETY: loading the library runs its initialisers, which need nothing
+                // from us; Debian's Ceph 16.2 libraries are what the declarations follow.
+                let lib = unsafe { libloading::Library::new($soname) }.map_err(failed)?;
+                Ok($table {
+                    // SAFETY: each symbol has the C signature declared for it (from the
+                    // library's header); the pointers stay valid while `_lib` is loaded.
+                    $($name: *unsafe { lib.get(concat!(stringify!($name), "\0").as_bytes()) }
+                        .map_err(failed)?,)*
+                    _lib: lib,
+                })
+            }
+
+            fn get() -> &'static $table {
+                match $slot.get() {
+                    Some(Ok(table)) => table,
+                    // Every path to these calls goes through `load` first (the cluster
+                    // connection does), so this is a bug, not a missing library.
+                    _ => panic!("{} used before it was loaded", $soname),
+                }
+            }
+        }
+
+        $(
+            /// Calls the library's function of this name.
+            ///
+            /// # Safety
+            /// As for the C function: the caller meets its header's contract.
+            pub unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+                // SAFETY: forwarded as it is; the caller meets the function's contract.
+                unsafe { ($table::get().$name)($($arg),*) }
+            }
+        )*
+    };
+}
+
+/// Loads librados and librbd, once per process; later calls give the first outcome.
+pub fn load() -> Result<(), String> {
+    for result in [
+        RADOS.get_or_init(Rados::open).as_ref().map(|_| ()),
+        RBD.get_or_init(Rbd::open).as_ref().map(|_| ()),
+    ] {
+        result.map_err(Clone::clone)?;
+    }
+    Ok(())
+}
 
 /// A cluster handle (`rados_t`).
 pub type RadosT = *mut c_void;
@@ -30,8 +108,21 @@ pub struct ImageInfo {
     pub parent_name: [c_char; 96],
 }
 
-#[link(name = "rados")]
-extern "C" {
+/// `RBD_LOCK_MODE_EXCLUSIVE` (`rbd_lock_mode_t`).
+pub const LOCK_MODE_EXCLUSIVE: c_int = 0;
+
+/// `rbd_config_option_t`: one option of an image's effective configuration.
+#[repr(C)]
+pub struct ConfigOption {
+    pub name: *mut c_char,
+    pub value: *mut c_char,
+    /// `rbd_config_source_t`: 0 the client's config, 1 the pool, 2 the image.
+    pub source: c_int,
+}
+
+library! {
+    /// librados: cluster connections and pool contexts.
+    Rados, RADOS, "librados.so.2";
     pub fn rados_create(cluster: *mut RadosT, id: *const c_char) -> c_int;
     pub fn rados_conf_read_file(cluster: RadosT, path: *const c_char) -> c_int;
     pub fn rados_conf_parse_env(cluster: RadosT, var: *const c_char) -> c_int;
@@ -41,10 +132,14 @@ extern "C" {
     pub fn rados_ioctx_create(cluster: RadosT, pool: *const c_char, io: *mut IoctxT) -> c_int;
     pub fn rados_ioctx_set_namespace(io: IoctxT, nspace: *const c_char);
     pub fn rados_ioctx_destroy(io: IoctxT);
+    pub fn rados_cluster_fsid(cluster: RadosT, buf: *mut c_char, len: usize) -> c_int;
+    pub fn rados_get_instance_id(cluster: RadosT) -> u64;
+    pub fn rados_getaddrs(cluster: RadosT, addrs: *mut *mut c_char) -> c_int;
 }
 
-#[link(name = "rbd")]
-extern "C" {
+library! {
+    /// librbd: images and their asynchronous requests.
+    Rbd, RBD, "librbd.so.1";
     pub fn rbd_open(
         io: IoctxT,
         name: *const c_char,
@@ -74,6 +169,20 @@ extern "C" {
         arg: *mut c_void,
     ) -> c_int;
     pub fn rbd_update_unwatch(image: ImageT, handle: u64) -> c_int;
+    pub fn rbd_lock_get_owners(
+        image: ImageT,
+        mode: *mut c_int,
+        owners: *mut *mut c_char,
+        max_owners: *mut usize,
+    ) -> c_int;
+    pub fn rbd_lock_get_owners_cleanup(owners: *mut *mut c_char, count: usize);
+    pub fn rbd_lock_break(image: ImageT, mode: c_int, owner: *const c_char) -> c_int;
+    pub fn rbd_config_image_list(
+        image: ImageT,
+        options: *mut ConfigOption,
+        max_options: *mut c_int,
+    ) -> c_int;
+    pub fn rbd_config_image_list_cleanup(options: *mut ConfigOption, count: c_int);
     pub fn rbd_aio_create_completion(
         arg: *mut c_void,
         cb: Callback,

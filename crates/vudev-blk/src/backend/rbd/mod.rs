@@ -24,11 +24,13 @@ use std::time::Duration;
 use super::interface::{BlockBackend, QueueBackend};
 use super::kit::Capacity;
 
+mod cache;
 mod cluster;
 mod error;
 mod ffi;
 mod queue;
 mod spec;
+mod takeover;
 
 use cluster::{Cluster, Ioctx};
 use error::errno;
@@ -94,6 +96,8 @@ pub struct RbdBackend {
     object_size: u64,
     read_only: bool,
     timeout: Duration,
+    /// This connection's name to the cluster (`client.GID`), for messages.
+    client: String,
     /// Set by the header watch; `None` for a snapshot (it cannot change).
     changed: Option<Arc<AtomicBool>>,
 }
@@ -176,6 +180,10 @@ impl RbdBackend {
             watch: None,
             _io: io,
         };
+        if !read_only {
+            cache::check_off(handle, &spec).map_err(failed)?;
+            takeover::from_dead_vudev(handle, &cluster.fsid, &spec.to_string());
+        }
         let changed = if spec.snapshot.is_none() {
             let flag = Arc::new(AtomicBool::new(false));
             let arg = Arc::into_raw(flag.clone());
@@ -228,6 +236,7 @@ impl RbdBackend {
             object_size: info.obj_size,
             read_only,
             timeout: opts.timeout,
+            client: format!("client.{}", cluster.gid),
             changed,
         })
     }
@@ -308,6 +317,7 @@ impl BlockBackend for RbdBackend {
             self.capacity.clone(),
             self.read_only,
             settle,
+            format!("{} ({})", self.spec, self.client),
         )?))
     }
     fn describe(&self) -> String {

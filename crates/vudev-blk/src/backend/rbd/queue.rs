@@ -61,6 +61,8 @@ struct Shared {
     polling: AtomicBool,
     /// `done.len()`, readable without the lock.
     ready: AtomicUsize,
+    /// The image and this connection's client name, for messages.
+    label: String,
 }
 
 impl Shared {
@@ -113,6 +115,12 @@ extern "C" fn completed(c: ffi::CompletionT, arg: *mut c_void) {
         ..
     } = *p;
     let res = match (&read, ret) {
+        (_, r) if r == -(libc::ESHUTDOWN as isize) => Err(io::Error::other(format!(
+            "the cluster blocklisted {}: another client broke its lock on the image (rbd lock \
+             rm, or a client that took it for dead), and nothing more is done through this \
+             connection; make sure only one client uses the image, then restart the export",
+            shared.label
+        ))),
         (_, r) if r < 0 => Err(errno(r as i64)),
         // A short read would leave part of the driver's buffers as they were: an error,
         // never a "successful" read of stale or zeroed memory.
@@ -142,6 +150,7 @@ impl RbdQueue {
         capacity: Capacity,
         read_only: bool,
         settle: Duration,
+        label: String,
     ) -> io::Result<RbdQueue> {
         Ok(RbdQueue {
             image,
@@ -154,6 +163,7 @@ impl RbdQueue {
                 wake: eventfd()?,
                 polling: AtomicBool::new(false),
                 ready: AtomicUsize::new(0),
+                label,
             }),
             settle,
         })
