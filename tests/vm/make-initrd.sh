@@ -45,7 +45,7 @@ for b in "${bins[@]}"; do
     copy_libs "$b"
     # and the libraries it loads at run time (dlopen: vudev's librbd.so.1), which it names
     for so in $(grep -aoE 'lib[A-Za-z0-9_+-]+\.so\.[0-9]+' "$b" | sort -u); do
-        lib=$(ldconfig -p | awk -v n="$so" '$1 == n && /x86-64/ {print $NF; exit}')
+        lib=$(ldconfig -p | awk -v n="$so" '$1 == n && /x86-64/ && !found {print $NF; found = 1}')
         [[ -n $lib ]] || continue
         mkdir -p "$stage/overlay$(dirname "$lib")"
         cp -L "$lib" "$stage/overlay$lib"

@@ -432,7 +432,7 @@ fn a_broken_lock_fences_the_export_with_a_clear_error(cluster: &Cluster) {
     );
     let log = std::fs::read_to_string(dir.join("vudev.log")).unwrap();
     assert!(
-        log.contains("the cluster blocklisted rbd/fenced (client.")
+        log.contains("the cluster fenced (blocklisted) rbd/fenced (client.")
             && log.contains("another client broke its lock"),
         "{log}"
     );
@@ -452,10 +452,58 @@ fn a_write_cache_set_on_the_image_is_refused(cluster: &Cluster) {
             && e.contains("rbd config image remove rbd/cached rbd_cache"),
         "{e}"
     );
+    // As Ceph reads a boolean: any case, or a non-zero number.
+    for on in ["TRUE", "1"] {
+        cluster.rbd(&["config", "image", "set", "rbd/cached", "rbd_cache", on]);
+        let e = refusal(cluster, "rbd/cached", &[]);
+        assert!(e.contains("turns librbd's write cache on"), "{on}: {e}");
+    }
     let dir = scratch("rbd-cached");
     let s = serve(&dir, cluster, "rbd/cached", &["--readonly"]);
     let mut c = Client::open(&s.socket, 1, true).unwrap();
     assert_eq!(c.read(0, 0, 4096), 0);
+    drop(c);
+    drop(s);
+    // Set on the pool: every image in it (removed again at once: the pool is shared).
+    cluster.rbd(&["config", "pool", "set", "rbd", "rbd_cache", "true"]);
+    let e = refusal(cluster, "rbd/vol1", &[]);
+    cluster.rbd(&["config", "pool", "remove", "rbd", "rbd_cache"]);
+    assert!(
+        e.contains("the pool's configuration turns librbd's write cache on")
+            && e.contains("rbd config pool remove rbd rbd_cache"),
+        "{e}"
+    );
+    cluster.rbd(&["config", "image", "set", "rbd/cached", "rbd_cache", "false"]);
+    let s = serve(&dir, cluster, "rbd/cached", &[]);
+    let mut c = Client::connect(&s.socket, 1).unwrap();
+    assert_eq!(
+        c.write(0, 0, 4096),
+        0,
+        "a write with the cache set off again"
+    );
+}
+
+/// Two live vudevs exporting one image (as during a migration) pass its lock back and forth:
+/// neither takes the other for dead, and both write.
+fn two_live_vudevs_share_an_image(cluster: &Cluster) {
+    cluster.rbd(&["create", "rbd/shared", "--size", "16M"]);
+    let (da, db) = (scratch("rbd-share-a"), scratch("rbd-share-b"));
+    let a = serve(&da, cluster, "rbd/shared", &[]);
+    let mut ca = Client::connect(&a.socket, 1).unwrap();
+    assert_eq!(ca.write(0, 0, 4096), 0);
+    let b = serve(&db, cluster, "rbd/shared", &[]);
+    let mut cb = Client::connect(&b.socket, 1).unwrap();
+    for round in 0..3 {
+        assert_eq!(cb.write(0, 4096, 4096), 0, "b's write, round {round}");
+        assert_eq!(ca.write(0, 8192, 4096), 0, "a's write, round {round}");
+    }
+    for d in [&da, &db] {
+        let log = std::fs::read_to_string(d.join("vudev.log")).unwrap();
+        assert!(
+            !log.contains("broke"),
+            "a live vudev's lock was broken: {log}"
+        );
+    }
 }
 
 #[test]
@@ -563,6 +611,8 @@ fn rbd_images_are_served_on_a_real_cluster() {
 
     a_write_cache_set_on_the_image_is_refused(&cluster);
 
+    two_live_vudevs_share_an_image(&cluster);
+
     // What cannot be opened is refused with the fix.
     let e = refusal(&cluster, "rbd/missing", &[]);
     assert!(
@@ -618,7 +668,10 @@ fn rbd_images_are_served_on_a_real_cluster() {
     assert!(took < Duration::from_secs(9), "the error took {took:?}");
     let t = Instant::now();
     loop {
-        let r = c.write(0, 8 << 20, 4096);
+        // The OSD catching up may hold a request past the client's usual 10 s wait; what
+        // counts is that writes work again, within a minute.
+        c.start_write(0, 0, 8 << 20, 4096);
+        let r = c.wait_within(0, Duration::from_secs(60));
         if r == 0 {
             break;
         }
@@ -715,7 +768,7 @@ fn an_osd_lost_under_load_costs_a_replicated_pool_nothing() {
 fn vudev_runs_where_librbd_is_missing() {
     let hide = r#"set -e
 for so in librbd.so.1 librados.so.2; do
-    p=$(ldconfig -p | awk -v n="$so" '$1 == n && /x86-64/ {print $NF; exit}')
+    p=$(ldconfig -p | awk -v n="$so" '$1 == n && /x86-64/ && !f {print $NF; f = 1}')
     [ -n "$p" ] || { echo "$so is not installed here: nothing to hide" >&2; exit 1; }
     mount --bind /dev/null "$p"
 done
@@ -726,6 +779,16 @@ exec "$0" "$@""#;
             .arg(env!("CARGO_BIN_EXE_vudev"));
         cmd
     };
+    // An export of another kind does not load librbd at all.
+    let dir = scratch("no-librbd-loaded");
+    let s = Server::vudev(&dir, &["--memory", "16M"]);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", s.pid())).unwrap();
+    assert!(maps.contains("libc.so"), "{maps}");
+    assert!(
+        !maps.contains("librbd") && !maps.contains("librados"),
+        "{maps}"
+    );
+    drop(s);
     let dir = scratch("no-librbd");
     let s = Server::vudev_with(&dir, &["--memory", "16M"], without_librbd());
     let mut c = Client::connect(&s.socket, 1).unwrap();

@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::OpenOptionsExt;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -102,6 +104,8 @@ struct Inner {
 pub struct Registry {
     inner: Mutex<Inner>,
     record: Record,
+    /// Resizes running outside the lock; shutdown waits for them.
+    resizes: AtomicUsize,
 }
 
 impl Registry {
@@ -113,6 +117,7 @@ impl Registry {
                 closing: false,
             }),
             record: Record::new(state_dir),
+            resizes: AtomicUsize::new(0),
         }
     }
 
@@ -255,6 +260,12 @@ impl Registry {
     pub fn remove(&self, name: &str, force: bool) -> Result<(), ApiError> {
         let mut inner = self.lock();
         let slot = inner.slots.get_mut(name).ok_or_else(|| not_found(name))?;
+        if slot.resizing {
+            return Err(ApiError::new(
+                Code::Busy,
+                format!("{name} is being resized: remove it once that is done"),
+            ));
+        }
         let export = match std::mem::replace(&mut slot.state, State::Stopping) {
             State::Serving(export) => {
                 let busy = match (&export.serving, force) {
@@ -343,13 +354,21 @@ impl Registry {
                 }
             };
             slot.resizing = true;
+            self.resizes.fetch_add(1, Ordering::SeqCst);
             (export.device.clone(), bytes)
         };
         // Outside the lock: the storage may take its time (an RBD image: up to its timeout),
-        // and the other exports' calls must not wait for it.
+        // and the other exports' calls must not wait for it. A panic must not leave the
+        // export marked as resizing for good.
         let was = device.size();
-        let resized = device.resize(bytes, force);
+        let resized = std::panic::catch_unwind(AssertUnwindSafe(|| device.resize(bytes, force)))
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::other(
+                    "the resize failed (a bug: see the log)",
+                ))
+            });
         let mut inner = self.lock();
+        self.resizes.fetch_sub(1, Ordering::SeqCst);
         // The export resized, if it is still there (not removed, nor removed and added again).
         let mut slot = inner
             .slots
@@ -367,8 +386,8 @@ impl Registry {
         })?;
         let Some(slot) = slot else {
             return Err(ApiError::new(
-                Code::Busy,
-                format!("{name} was removed while it was being resized"),
+                Code::ShuttingDown,
+                format!("{name} was resized ({bytes} bytes), but it stopped meanwhile"),
             ));
         };
         let told = match &slot.state {
@@ -525,18 +544,20 @@ impl Registry {
                 });
             }
         });
-        // An add or a remove still under way (on a control client's thread) finishes first:
-        // a VDUSE device half taken down would be left in the kernel.
+        // An add, a remove or a resize still under way (on a control client's thread)
+        // finishes first: a VDUSE device half taken down would be left in the kernel, and a
+        // storage call still running when the process exits races its library's teardown.
         let deadline = Instant::now() + IN_PROGRESS_WAIT;
         let busy = |inner: &Inner| {
-            inner
-                .slots
-                .values()
-                .any(|s| matches!(s.state, State::Starting | State::Stopping))
+            self.resizes.load(Ordering::SeqCst) > 0
+                || inner
+                    .slots
+                    .values()
+                    .any(|s| matches!(s.state, State::Starting | State::Stopping))
         };
         while busy(&self.lock()) {
             if Instant::now() > deadline {
-                tracing::warn!("exiting with an add or a remove still under way");
+                tracing::warn!("exiting with an add, a remove or a resize still under way");
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));

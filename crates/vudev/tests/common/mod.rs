@@ -207,11 +207,16 @@ impl Client {
     }
 
     pub fn wait(&mut self, q: usize) -> i32 {
+        self.wait_within(q, Duration::from_secs(10))
+    }
+
+    /// The result of the next request to complete on queue `q`, which must come `within`.
+    pub fn wait_within(&mut self, q: usize, within: Duration) -> i32 {
         let mut c = [MaybeUninit::<Completion>::uninit()];
         let n = self.queues[q]
-            .do_io(&mut c, 1, Some(&mut Duration::from_secs(10)), None)
+            .do_io(&mut c, 1, Some(&mut within.clone()), None)
             .expect("do_io");
-        assert_eq!(n, 1, "no completion within 10 s");
+        assert_eq!(n, 1, "no completion within {within:?}");
         // SAFETY: do_io initialised one completion.
         unsafe { c[0].assume_init_read() }.ret
     }

@@ -21,13 +21,22 @@ pub(super) fn check_off(image: ffi::ImageT, spec: &RbdSpec) -> Result<(), String
         Ok(Some(found)) => found,
         Ok(None) => return Ok(()),
         Err(e) => {
-            // The connection's own setting (off) stands unless a pool or image overrides it.
-            tracing::warn!(spec = %spec, "cannot check the image's rbd_cache setting: {e}");
-            return Ok(());
+            return Err(format!(
+                "cannot read the image's configuration to check that librbd's write cache is \
+                 off ({e}): the client's caps must let it read the pool's and the image's \
+                 settings, or export the image --readonly"
+            ))
         }
     };
-    if value != "true" {
-        return Ok(());
+    match ceph_bool(&value) {
+        Some(false) => return Ok(()),
+        Some(true) => {}
+        None => {
+            return Err(format!(
+                "rbd_cache is set to '{value}', which is not a yes or no: set it to false, \
+                 or export the image --readonly"
+            ))
+        }
     }
     let undo = match source {
         FROM_IMAGE => format!(
@@ -49,6 +58,19 @@ pub(super) fn check_off(image: ffi::ImageT, spec: &RbdSpec) -> Result<(), String
             _ => "Ceph config",
         }
     ))
+}
+
+/// A boolean as Ceph reads one: `true` or `false` in any case, or a whole number (non-zero
+/// is true).
+fn ceph_bool(value: &str) -> Option<bool> {
+    let v = value.trim();
+    if v.eq_ignore_ascii_case("true") {
+        Some(true)
+    } else if v.eq_ignore_ascii_case("false") {
+        Some(false)
+    } else {
+        v.parse::<i64>().ok().map(|n| n != 0)
+    }
 }
 
 /// The effective value of option `name` for `image`, and where it comes from.
@@ -78,4 +100,22 @@ fn option(image: ffi::ImageT, name: &str) -> std::io::Result<Option<(String, i32
     // drops its (plain-data) storage afterwards.
     unsafe { ffi::rbd_config_image_list_cleanup(options.as_mut_ptr(), count) };
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ceph_bool;
+
+    #[test]
+    fn booleans_read_as_ceph_reads_them() {
+        for on in ["true", "TRUE", "True", "1", "-1", "7"] {
+            assert_eq!(ceph_bool(on), Some(true), "{on}");
+        }
+        for off in ["false", "FALSE", "0"] {
+            assert_eq!(ceph_bool(off), Some(false), "{off}");
+        }
+        for neither in ["yes", "", "on", "1.5"] {
+            assert_eq!(ceph_bool(neither), None, "{neither}");
+        }
+    }
 }

@@ -4,6 +4,7 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::ptr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub(super) struct Cluster {
     pub(super) fsid: String,
     /// The number the monitors gave this connection (it is `client.GID` to the cluster).
     pub(super) gid: u64,
+    /// Set once the cluster has fenced (blocklisted) this connection: no new export uses it.
+    pub(super) fenced: Arc<AtomicBool>,
     /// This host's record that this process is the client at this connection's address
     /// (see `takeover.rs`).
     _record: Option<ClientRecord>,
@@ -60,8 +63,9 @@ impl Cluster {
         let known = |all: &mut Vec<(Key, Weak<Cluster>)>| {
             all.retain(|(_, w)| w.strong_count() > 0);
             all.iter()
-                .find(|(k, _)| *k == key)
-                .and_then(|(_, w)| w.upgrade())
+                .filter(|(k, _)| *k == key)
+                .filter_map(|(_, w)| w.upgrade())
+                .find(|c| !c.fenced.load(Ordering::Acquire))
         };
         let lock = || CLUSTERS.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = known(&mut lock()) {
@@ -102,6 +106,7 @@ impl Cluster {
             id: key.id.clone(),
             fsid: String::new(),
             gid: 0,
+            fenced: Arc::new(AtomicBool::new(false)),
             _record: None,
         };
         let path = key

@@ -25,7 +25,7 @@ macro_rules! library {
             _lib: libloading::Library,
         }
 
-        static $slot: OnceLock<Result<$table, String>> = OnceLock::new();
+        static $slot: OnceLock<$table> = OnceLock::new();
 
         impl $table {
             fn open() -> Result<$table, String> {
@@ -48,13 +48,22 @@ macro_rules! library {
                 })
             }
 
-            fn get() -> &'static $table {
-                match $slot.get() {
-                    Some(Ok(table)) => table,
-                    // Every path to these calls goes through `load` first (the cluster
-                    // connection does), so this is a bug, not a missing library.
-                    _ => panic!("{} used before it was loaded", $soname),
+            /// Loads the library unless it is already (a failure is tried again next time:
+            /// the library may have been installed since).
+            fn load() -> Result<(), String> {
+                if $slot.get().is_none() {
+                    // Two threads loading at once: one table is kept, the other dropped.
+                    let _ = $slot.set($table::open()?);
                 }
+                Ok(())
+            }
+
+            fn get() -> &'static $table {
+                // Every path to these calls goes through `load` first (the cluster
+                // connection does), so this is a bug, not a missing library.
+                $slot
+                    .get()
+                    .unwrap_or_else(|| panic!("{} used before it was loaded", $soname))
             }
         }
 
@@ -71,15 +80,10 @@ macro_rules! library {
     };
 }
 
-/// Loads librados and librbd, once per process; later calls give the first outcome.
+/// Loads librados and librbd (once per process, once it works).
 pub fn load() -> Result<(), String> {
-    for result in [
-        RADOS.get_or_init(Rados::open).as_ref().map(|_| ()),
-        RBD.get_or_init(Rbd::open).as_ref().map(|_| ()),
-    ] {
-        result.map_err(Clone::clone)?;
-    }
-    Ok(())
+    Rados::load()?;
+    Rbd::load()
 }
 
 /// A cluster handle (`rados_t`).

@@ -98,6 +98,8 @@ pub struct RbdBackend {
     timeout: Duration,
     /// This connection's name to the cluster (`client.GID`), for messages.
     client: String,
+    /// Set when the cluster fences the connection (see `cluster.rs`).
+    fenced: Arc<AtomicBool>,
     /// Set by the header watch; `None` for a snapshot (it cannot change).
     changed: Option<Arc<AtomicBool>>,
 }
@@ -171,6 +173,14 @@ impl RbdBackend {
                      (ceph auth caps client.{0} mon 'profile rbd' osd 'profile rbd pool={}')",
                     cluster.id, spec.pool
                 ),
+                libc::ESHUTDOWN => {
+                    // No use any more: the next open makes a new connection.
+                    cluster.fenced.store(true, Ordering::Release);
+                    "the cluster has fenced (blocklisted) this process's connection to it: try \
+                     again, which makes a new one (if that is fenced too, see `ceph osd \
+                     blocklist ls`)"
+                        .to_string()
+                }
                 _ => format!("cannot open: {}", errno(ret.into())),
             };
             return Err(failed(why));
@@ -237,6 +247,7 @@ impl RbdBackend {
             read_only,
             timeout: opts.timeout,
             client: format!("client.{}", cluster.gid),
+            fenced: cluster.fenced.clone(),
             changed,
         })
     }
@@ -318,6 +329,7 @@ impl BlockBackend for RbdBackend {
             self.read_only,
             settle,
             format!("{} ({})", self.spec, self.client),
+            self.fenced.clone(),
         )?))
     }
     fn describe(&self) -> String {

@@ -63,6 +63,8 @@ struct Shared {
     ready: AtomicUsize,
     /// The image and this connection's client name, for messages.
     label: String,
+    /// Set when the cluster has fenced this connection (shared with the connection).
+    fenced: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -115,12 +117,17 @@ extern "C" fn completed(c: ffi::CompletionT, arg: *mut c_void) {
         ..
     } = *p;
     let res = match (&read, ret) {
-        (_, r) if r == -(libc::ESHUTDOWN as isize) => Err(io::Error::other(format!(
-            "the cluster blocklisted {}: another client broke its lock on the image (rbd lock \
-             rm, or a client that took it for dead), and nothing more is done through this \
-             connection; make sure only one client uses the image, then restart the export",
-            shared.label
-        ))),
+        (_, r) if r == -(libc::ESHUTDOWN as isize) => {
+            // The connection is no use any more: the next export opened makes a new one.
+            shared.fenced.store(true, Ordering::Release);
+            Err(io::Error::other(format!(
+                "the cluster fenced (blocklisted) {}, typically because another client broke \
+                 its lock on the image (rbd lock rm, or a client that took it for dead): \
+                 nothing more is done through this connection; make sure only one client \
+                 uses the image, then restart the export",
+                shared.label
+            )))
+        }
         (_, r) if r < 0 => Err(errno(r as i64)),
         // A short read would leave part of the driver's buffers as they were: an error,
         // never a "successful" read of stale or zeroed memory.
@@ -151,6 +158,7 @@ impl RbdQueue {
         read_only: bool,
         settle: Duration,
         label: String,
+        fenced: Arc<AtomicBool>,
     ) -> io::Result<RbdQueue> {
         Ok(RbdQueue {
             image,
@@ -164,6 +172,7 @@ impl RbdQueue {
                 polling: AtomicBool::new(false),
                 ready: AtomicUsize::new(0),
                 label,
+                fenced,
             }),
             settle,
         })

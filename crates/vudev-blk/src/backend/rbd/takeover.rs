@@ -3,14 +3,21 @@
 //! vudev's first write waits that long: a stall its driver would see after every crash.
 //!
 //! So every cluster connection leaves a record on this host, [`RECORDS`]`/FSID.NONCE`
-//! (NONCE: the random part of the connection's address, `IP:PORT/NONCE`, which is how the
-//! cluster names a lock's owner), naming its process: pid, start time and boot. A vudev that opens an image locked by a client whose record names a
-//! process that is gone breaks that lock at once; librbd blocklists the dead client, so
-//! nothing it might still have had on the wire can land later. A lock held by any other
-//! client, or by a process still alive, is left alone: librbd hands it over cooperatively.
+//! (NONCE: the random part of the connection's address `IP:PORT/NONCE`, which is how the
+//! cluster names a lock's owner). The record holds the full address and the pid, and the
+//! process keeps it open under an exclusive `flock` for as long as the connection lives:
+//! the kernel drops that lock when the process dies, whatever its pid namespace, so a free
+//! lock is proof that the recorder is gone. A vudev that opens an image locked by a client
+//! whose record is free (and names exactly that address) breaks the lock at once; librbd
+//! blocklists the dead client, so nothing it might still have had on the wire can land
+//! later. A lock held by any other client, or by a process still alive, is left alone:
+//! librbd hands it over cooperatively.
 
 use std::ffi::CStr;
-use std::fs;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,27 +29,34 @@ use super::spec::c;
 /// Where the records live (tmpfs: a reboot clears them).
 pub(super) const RECORDS: &str = "/run/vudev/rbd";
 
-/// This process's record of one cluster connection, removed when the connection closes.
+/// How long the record of a process seen gone is kept: far longer than the cluster keeps
+/// a dead client's watch (after that, librbd breaks its locks without our help).
+const KEEP_GONE: Duration = Duration::from_secs(3600);
+
+/// This process's record of one cluster connection: held open under an exclusive flock,
+/// removed when the connection closes.
 pub(super) struct ClientRecord {
     path: PathBuf,
+    _file: File,
 }
 
 impl ClientRecord {
     /// Records that the client at `address` in cluster `fsid` is this process. Without a
     /// writable record directory there is no record (and a restart waits for the cluster).
     pub(super) fn write(fsid: &str, address: &str) -> Option<ClientRecord> {
-        let path = record_path(Path::new(RECORDS), fsid, address)?;
-        let me = process(std::process::id())?;
-        clean_up(Path::new(RECORDS));
-        let written = fs::create_dir_all(RECORDS).and_then(|()| fs::write(&path, me));
-        if let Err(e) = written {
-            tracing::debug!(
-                "cannot record this RBD client in {RECORDS} ({e}): after a crash, the next \
-                 vudev waits for the cluster to drop this one's locks"
-            );
-            return None;
+        let dir = Path::new(RECORDS);
+        let path = record_path(dir, fsid, address)?;
+        clean_up(dir);
+        match create(dir, &path, address) {
+            Ok(file) => Some(ClientRecord { path, _file: file }),
+            Err(e) => {
+                tracing::debug!(
+                    "cannot record this RBD client in {RECORDS} ({e}): after a crash, the next \
+                     vudev waits for the cluster to drop this one's locks"
+                );
+                None
+            }
         }
-        Some(ClientRecord { path })
     }
 }
 
@@ -50,6 +64,33 @@ impl Drop for ClientRecord {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// Creates the record at `path` (replacing a stale one), locked for as long as it is open.
+fn create(dir: &Path, path: &Path, address: &str) -> io::Result<File> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let _ = fs::remove_file(path);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    // Blocking: a vudev looking at records holds its shared lock for a moment only.
+    flock(&file, libc::LOCK_EX)?;
+    write!(file, "{address} {}", std::process::id())?;
+    Ok(file)
+}
+
+fn flock(file: &File, how: i32) -> io::Result<()> {
+    // SAFETY: flock(2) on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), how) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `DIR/FSID.NONCE` for a client address `IP:PORT/NONCE` (perhaps in brackets, with a
@@ -66,57 +107,60 @@ fn record_path(dir: &Path, fsid: &str, address: &str) -> Option<PathBuf> {
     Some(dir.join(format!("{fsid}.{nonce}")))
 }
 
-/// "PID START BOOT": a process, told apart from a later one that reuses its pid.
-fn process(pid: u32) -> Option<String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (start time); the command name (field 2) may hold spaces, so count from
-    // the parenthesis that closes it.
-    let start = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?;
-    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    Some(format!("{pid} {start} {}", boot.trim()))
+/// What a record says: its address and pid, and when it was first seen gone.
+struct Record {
+    address: String,
+    pid: u32,
+    gone_since: Option<u64>,
 }
 
-/// How long the record of a process seen gone is kept: far longer than the cluster keeps
-/// a dead client's watch (after that, librbd breaks its locks without our help).
-const KEEP_GONE: Duration = Duration::from_secs(3600);
-
-/// The pid of the process that left the record at `path`, if that process is gone. The
-/// first look that finds it gone marks the record with the time, for [`clean_up`].
-fn gone_recorder(path: &Path) -> Option<u32> {
-    let record = fs::read_to_string(path).ok()?;
-    let mut words = record.split_whitespace();
-    let (pid, start, boot) = (words.next()?, words.next()?, words.next()?);
-    let who = format!("{pid} {start} {boot}");
-    let pid: u32 = pid.parse().ok()?;
-    if process(pid).as_deref() == Some(who.as_str()) {
-        return None;
-    }
-    if words.next() != Some("gone") {
-        let _ = fs::write(path, format!("{who} gone {}", unix_now()));
-    }
-    Some(pid)
+/// Reads the record at `path` if its process is gone (its flock is free); `None` if it is
+/// alive, or the record cannot be read (then nobody is taken for dead). The first look
+/// that finds it gone marks it with the time, for [`clean_up`].
+fn gone(path: &Path) -> Option<Record> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?;
+    // Held by a live process (in any pid namespace): not ours to take over. Shared, so
+    // two vudevs looking at once both see the dead one.
+    flock(&file, libc::LOCK_SH | libc::LOCK_NB).ok()?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    let mut words = text.split_whitespace();
+    let (address, pid) = (words.next()?.to_string(), words.next()?.parse().ok()?);
+    let gone_since = match (words.next(), words.next()) {
+        (Some("gone"), Some(at)) => at.parse().ok(),
+        _ => {
+            let _ = write!(file, " gone {}", unix_now());
+            None
+        }
+    };
+    Some(Record {
+        address,
+        pid,
+        gone_since,
+    })
 }
 
 /// Removes the records of processes seen gone over [`KEEP_GONE`] ago, and marks those
-/// that are newly gone. Only crashes leave records behind (a connection that closes
-/// removes its own), so this keeps the directory small under a crash loop.
+/// newly gone. Only crashes leave records behind (a connection that closes removes its
+/// own), so this keeps the directory small under a crash loop.
 fn clean_up(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for path in entries.flatten().map(|e| e.path()) {
-        let gone_at = fs::read_to_string(&path).ok().and_then(|r| {
-            let (_, at) = r.split_once(" gone ")?;
-            at.trim().parse::<u64>().ok()
-        });
-        match gone_at {
-            Some(at) if unix_now().saturating_sub(at) > KEEP_GONE.as_secs() => {
-                let _ = fs::remove_file(&path);
-            }
-            Some(_) => {}
-            None => {
-                gone_recorder(&path);
-            }
+        let Some(record) = gone(&path) else {
+            continue;
+        };
+        if record
+            .gone_since
+            .is_some_and(|at| unix_now().saturating_sub(at) > KEEP_GONE.as_secs())
+        {
+            let _ = fs::remove_file(&path);
         }
     }
 }
@@ -127,8 +171,8 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The clients holding `image`'s exclusive lock (none: empty).
-fn lock_owners(image: ffi::ImageT) -> Result<Vec<String>, std::io::Error> {
+/// The clients holding `image`'s exclusive lock (none: empty), by address.
+fn lock_owners(image: ffi::ImageT) -> io::Result<Vec<String>> {
     let mut mode = 0;
     let mut owners = [ptr::null_mut(); 4];
     let mut count = owners.len();
@@ -164,9 +208,13 @@ pub(super) fn from_dead_vudev(image: ffi::ImageT, fsid: &str, spec: &str) {
     };
     for owner in owners {
         let recorded = record_path(Path::new(RECORDS), fsid, &owner);
-        let Some(pid) = recorded.as_deref().and_then(gone_recorder) else {
+        let Some(record) = recorded.as_deref().and_then(gone) else {
             continue;
         };
+        if record.address != owner {
+            continue;
+        }
+        let pid = record.pid;
         let name = c(&owner);
         // SAFETY: the image is open; `name` is NUL-terminated.
         let ret = unsafe { ffi::rbd_lock_break(image, ffi::LOCK_MODE_EXCLUSIVE, name.as_ptr()) };
@@ -191,32 +239,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_record_names_this_process_until_it_is_gone() {
+    fn a_record_is_gone_once_its_holder_is() {
         let dir = std::env::temp_dir().join(format!("vudev-takeover-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
         let fsid = "0b7a33e2-5c9e-4f43-9d57-1c1a7e2d1f00";
-        let path = |n: u32| record_path(&dir, fsid, &format!("127.0.0.1:0/{n}")).unwrap();
-        // This process is alive: its record is not a gone one's.
-        let me = process(std::process::id()).unwrap();
-        fs::write(path(41), &me).unwrap();
-        assert_eq!(gone_recorder(&path(41)), None);
-        // The same pid with another start time: a process that is gone, seen so twice (a
-        // second export of the same dead process takes over too).
-        let (pid, rest) = me.split_once(' ').unwrap();
-        let (_, boot) = rest.split_once(' ').unwrap();
-        fs::write(path(42), format!("{pid} 1 {boot}")).unwrap();
-        let pid: u32 = pid.parse().unwrap();
-        assert_eq!(gone_recorder(&path(42)), Some(pid));
-        assert_eq!(gone_recorder(&path(42)), Some(pid));
+        let addr = |n: u32| format!("127.0.0.1:0/{n}");
+        let path = |n: u32| record_path(&dir, fsid, &addr(n)).unwrap();
+        // Held open (as a live connection holds its own): not gone.
+        let held = create(&dir, &path(41), &addr(41)).unwrap();
+        assert!(gone(&path(41)).is_none());
+        // Closed (as the kernel closes a dead process's files): gone, with its address and
+        // pid, and still so on a second look (a second export of the same dead process).
+        drop(held);
+        let r = gone(&path(41)).unwrap();
+        assert_eq!(
+            (r.address.as_str(), r.pid),
+            (addr(41).as_str(), std::process::id())
+        );
+        assert!(r.gone_since.is_none());
+        assert!(gone(&path(41)).unwrap().gone_since.is_some());
         // Cleaning up keeps what was seen gone lately, and the living.
+        let live = create(&dir, &path(42), &addr(42)).unwrap();
         clean_up(&dir);
         assert!(path(41).exists() && path(42).exists());
         let old = unix_now() - KEEP_GONE.as_secs() - 1;
-        fs::write(path(42), format!("{pid} 1 {boot} gone {old}")).unwrap();
+        fs::write(path(41), format!("{} 7 gone {old}", addr(41))).unwrap();
         clean_up(&dir);
-        assert!(path(41).exists() && !path(42).exists());
+        assert!(!path(41).exists() && path(42).exists());
+        drop(live);
         // No record, or an owner that is not an address: nobody to take over from.
-        assert_eq!(gone_recorder(&path(43)), None);
+        assert!(gone(&path(43)).is_none());
         assert_eq!(
             record_path(&dir, fsid, "[v2:10.0.0.1:0/77]"),
             Some(dir.join(format!("{fsid}.77")))
