@@ -3,7 +3,8 @@
 # qemu-storage-daemon (proves the suite and harness), then vudev's scenarios; then the
 # vhost-user export with a QEMU guest as its frontend (including a real reboot), a live
 # migration between two vudev processes, and vudev killed and restarted under guest I/O;
-# and RBD images on a Ceph cluster started for the test.
+# and RBD images on a Ceph cluster started for the test (one with 3 OSDs, one of them killed
+# under the guest's I/O).
 # Prints one line per scenario and a final `N passed, M failed` over all checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -67,6 +68,9 @@ host_test vhost-user-crash-rbd env BACKEND=rbd "$here/vhost-user-crash.sh" 7.3
 for ver in 6.12 7.3; do
     host_test "vudev-rbd-$ver" "$here/vudev-rbd.sh" "$ver"
 done
+# the same with 3 OSDs (pool size 3): one OSD killed under the guest's fio verify and restarted
+# (one kernel: what is tested is the cluster's replication seen through vudev)
+host_test vudev-rbd-replicated env OSDS=3 "$here/vudev-rbd.sh" 7.3
 echo
 if [[ ${#failed_runs[@]} -gt 0 ]]; then
     echo "VM scenarios that failed: ${failed_runs[*]} (logs in target/vm/logs)"

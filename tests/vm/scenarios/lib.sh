@@ -112,3 +112,44 @@ stop_export() {
         echo "CHECK FAIL $2-removed: device still present"
     fi
 }
+
+# fio_verdict NAME STATUS LOG DETAIL : PASS when fio exited with STATUS 0 and LOG shows no
+# verify failure; else FAIL with fio's errors and DETAIL (e.g. the end of the daemon's log).
+fio_verdict() {
+    if [ "$2" -eq 0 ] && ! grep -qi 'verify.*fail\|bad magic\|crc32c.*mismatch' "$3"; then
+        echo "CHECK PASS $1"
+    else
+        echo "CHECK FAIL $1: fio status $2: $(grep -i 'err\|verify' "$3" | head -5 | tr '\n' ' '); $4"
+    fi
+}
+
+# The guest end of vudev-rbd.sh: eth0 joins the host's tap (10.77.0.2), and /tmp/ceph.conf
+# names the monitor ($MON_HOST) with client.vudev's key ($KEY).
+rbd_client_setup() {
+    ip link set lo up
+    ip link set eth0 up
+    ip addr add 10.77.0.2/24 dev eth0
+    printf '[global]\nmon host = %s\nkeyring = /tmp/keyring\n' "$MON_HOST" > /tmp/ceph.conf
+    printf '[client.vudev]\n\tkey = %s\n' "$KEY" > /tmp/keyring
+}
+
+# start_rbd_export : vudev exports rbd/vm over VDUSE as rbd0 (2 queues, as client.vudev),
+# stderr appended to /tmp/rbd0.log; sets pid.
+start_rbd_export() {
+    vudev export vduse --name rbd0 --rbd rbd/vm --rbd-conf /tmp/ceph.conf --rbd-id vudev \
+        --num-queues 2 2>>/tmp/rbd0.log &
+    pid=$!
+}
+
+# rbd_attach TAG : start_rbd_export and wait for its block device (sets dev): CHECK TAG-attach;
+# the scenario ends there if it does not come.
+rbd_attach() {
+    start_rbd_export
+    if dev=$(wait_blkdev rbd0 90); then
+        echo "CHECK PASS $1-attach"
+    else
+        echo "CHECK FAIL $1-attach: $(tail -5 /tmp/rbd0.log | tr '\n' ' ')"
+        echo SCENARIO DONE
+        exit 0
+    fi
+}

@@ -4,28 +4,8 @@
 # and restarted under fio verify, and finally the whole disk discarded (the host checks that
 # the image's objects went away).
 . /lib.sh
-ip link set lo up
-ip link set eth0 up
-ip addr add 10.77.0.2/24 dev eth0
-cat > /tmp/ceph.conf <<EOF
-[global]
-mon host = $MON_HOST
-keyring = /tmp/keyring
-EOF
-printf '[client.vudev]\n\tkey = %s\n' "$KEY" > /tmp/keyring
-start_vudev() {
-    vudev export vduse --name rbd0 --rbd rbd/vm --rbd-conf /tmp/ceph.conf --rbd-id vudev \
-        --num-queues 2 2>>/tmp/rbd0.log &
-    pid=$!
-}
-start_vudev
-if dev=$(wait_blkdev rbd0 90); then
-    echo "CHECK PASS rbd-attach"
-else
-    echo "CHECK FAIL rbd-attach: $(tail -5 /tmp/rbd0.log | tr '\n' ' ')"
-    echo SCENARIO DONE
-    exit 0
-fi
+rbd_client_setup
+rbd_attach rbd
 blk_suite "$dev" rbd
 # The object size (4 MiB) is offered as the optimal I/O size and the discard granularity.
 check rbd-optimal-io-size [ "$(cat /sys/block/${dev#/dev/}/queue/optimal_io_size)" = 4194304 ]
@@ -55,7 +35,7 @@ for k in 1 2 3; do
     kill -0 $fio 2>/dev/null || break
     kill -KILL $pid && wait $pid 2>/dev/null
     kills=$((kills + 1))
-    start_vudev
+    start_rbd_export
 done
 wait_exit $fio 240
 rc=$?
@@ -66,11 +46,8 @@ check rbd-killed-3-times [ "$kills" -eq 3 ]
 broken=$(grep -c "broke the image's lock" /tmp/rbd0.log)
 echo "INFO rbd crash: a dead predecessor's lock broken $broken times"
 check rbd-dead-lock-broken [ "$broken" -ge 1 ]
-if [ $rc -eq 0 ] && ! grep -qi 'verify.*fail\|bad magic\|crc32c.*mismatch' /tmp/fio-crash.log; then
-    echo "CHECK PASS rbd-fio-through-crashes"
-else
-    echo "CHECK FAIL rbd-fio-through-crashes: fio status $rc: $(grep -i 'err\|verify' /tmp/fio-crash.log | head -5 | tr '\n' ' '); vudev: $(grep -v INFO /tmp/rbd0.log | tail -8 | tr '\n' ' ')"
-fi
+fio_verdict rbd-fio-through-crashes $rc /tmp/fio-crash.log \
+    "vudev: $(grep -v INFO /tmp/rbd0.log | tail -8 | tr '\n' ' ')"
 
 # Everything discarded: the host then finds the image's objects gone.
 check rbd-discard-all $BLKDISCARD -f "$dev"
