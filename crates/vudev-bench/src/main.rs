@@ -715,16 +715,19 @@ fn main() {
         }
         rows.push((w, ours, theirs, plain));
     }
-    // Instructions per request under callgrind, for the null rows (the daemons' own cost).
+    // Instructions per request under callgrind, for the null rows (the daemons' own cost)
+    // and for RBD random reads at QD32 (where librbd's cost, the same in both, shows).
     let mut profiles = Vec::new();
     let valgrind = Command::new("valgrind")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    for w in WORKLOADS
-        .iter()
-        .filter(|w| valgrind && w.backend == Backend::Null)
-    {
+    for w in WORKLOADS.iter().filter(|w| {
+        valgrind
+            && chosen(w)
+            && (w.backend == Backend::Null
+                || (w.backend == Backend::Rbd && w.depth == 32 && w.pattern == Pattern::RandRead))
+    }) {
         let peers = [
             // No polling here: spinning would count as cost per request.
             (
@@ -912,7 +915,7 @@ fn main() {
             let _ = writeln!(md, "\n{line}.");
         }
     }
-    let _ = writeln!(md, "\n## Where the time goes\n\nInstructions per request, counted by callgrind (`valgrind --tool=callgrind --instr-atstart=no`, switched on with `callgrind_control` only while the client runs 3 s of steady I/O, so start-up and connection set-up are left out), null backend, 4 KiB random read. Instruction counts are stable here where timings are not; they leave out time in the kernel and waiting.\n");
+    let _ = writeln!(md, "\n## Where the time goes\n\nInstructions per request, counted by callgrind (`valgrind --tool=callgrind --instr-atstart=no`, switched on with `callgrind_control` only while the client runs 3 s of steady I/O, so start-up and connection set-up are left out), 4 KiB random read, on the null backend (the daemons' own cost) and on RBD (where librbd's and librados' cost is the same for both daemons: compare their share with the null rows'). Instruction counts are stable here where timings are not; they leave out time in the kernel and waiting.\n");
     if profiles.is_empty() {
         let _ = writeln!(md, "Not measured in this run (valgrind missing).");
     }
