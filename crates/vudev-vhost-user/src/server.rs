@@ -12,7 +12,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 use vmm_sys_util::eventfd::EventFd;
 
 use vudev_core::readiness::{poll, pollfd};
-use vudev_core::socket::bind_listener;
+use vudev_core::socket::{bind_listener, Access};
 use vudev_core::{Device, WorkerOptions};
 
 use crate::backend_channel::take_channel;
@@ -25,8 +25,8 @@ use crate::status::status_message;
 pub struct VhostUserOptions {
     /// Socket path.
     pub socket: PathBuf,
-    /// Mode of the socket file (e.g. 0o600).
-    pub socket_mode: u32,
+    /// Mode, owner and group of the socket file.
+    pub socket_access: Access,
     /// Largest queue size accepted.
     pub queue_size: u16,
     /// How the queue workers run (polling, pinning).
@@ -48,7 +48,7 @@ impl VhostUserServer {
     /// requested mode.
     pub fn bind(device: Arc<dyn Device>, opts: &VhostUserOptions) -> io::Result<Self> {
         let path = opts.socket.clone();
-        let listener = bind_listener(&path, opts.socket_mode)?;
+        let listener = bind_listener(&path, opts.socket_access)?;
         Ok(VhostUserServer {
             listener,
             path,

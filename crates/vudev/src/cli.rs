@@ -151,6 +151,13 @@ pub struct VhostUserArgs {
     /// Permissions of the socket file, in octal.
     #[arg(long, default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    /// Give the socket file to this user (a name or a uid), e.g. the one QEMU runs as.
+    #[arg(long, value_name = "USER")]
+    pub socket_user: Option<String>,
+    /// Give the socket file to this group (a name or a gid); with --socket-mode 0660 its
+    /// members may connect.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     #[command(flatten)]
     pub backend: BackendArgs,
     #[command(flatten)]

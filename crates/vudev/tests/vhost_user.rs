@@ -134,6 +134,86 @@ fn the_socket_mode_is_applied() {
     assert_eq!(mode, 0o660);
 }
 
+/// vudev (root here) gives its socket to a user and group: a client running as a member of
+/// the group may connect with mode 0660, and not with the default 0600. A user that does not
+/// exist is refused before anything listens.
+#[test]
+fn the_socket_is_given_to_a_user_and_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = scratch("owner");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // This test run again as nobody:nogroup (through setpriv) is the client: it exits 0 if
+    // it connected and read, 3 if it could not connect.
+    if let Ok(socket) = std::env::var("VUDEV_TEST_CLIENT_OF") {
+        let read = Client::connect(Path::new(&socket), 1).map(|mut c| c.read(0, 0, 4096));
+        std::process::exit(match read {
+            Ok(0) => 0,
+            Ok(_) => 4,
+            Err(_) => 3,
+        });
+    }
+    let as_nobody = |socket: &Path| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "the_socket_is_given_to_a_user_and_group",
+                "--nocapture",
+            ])
+            .env("VUDEV_TEST_CLIENT_OF", socket)
+            .output()
+            .unwrap()
+    };
+    let s = Server::vudev(&dir, &["--null", "64M"]);
+    let out = as_nobody(&s.socket);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "nobody and a 0600 root socket: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(s);
+    let s = Server::vudev(
+        &dir,
+        &[
+            "--null",
+            "64M",
+            "--socket-mode",
+            "0660",
+            "--socket-user",
+            "0",
+            "--socket-group",
+            "nogroup",
+        ],
+    );
+    let meta = std::fs::metadata(&s.socket).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o777),
+        (0, 65534, 0o660)
+    );
+    let out = as_nobody(&s.socket);
+    assert!(
+        out.status.code() == Some(0),
+        "a member of the socket's group: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(s);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["export", "vhost-user", "--null", "1M", "--socket"])
+        .arg(dir.join("x.sock"))
+        .args(["--socket-user", "no-such-user-here"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !dir.join("x.sock").exists(), "{e}");
+    assert!(
+        e.contains("--socket-user: no such user 'no-such-user-here'"),
+        "{e}"
+    );
+}
+
 #[test]
 fn the_suite_passes_against_qemu_storage_daemon() {
     let dir = scratch("qsd");

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use vmm_sys_util::eventfd::EventFd;
 use vudev_core::readiness::{poll, pollfd};
+use vudev_core::socket::{group_id, Access};
 
 use super::registry::Registry;
 use crate::rpc::{failure, success, ApiError, Code, MAX_REQUEST};
@@ -40,9 +41,15 @@ pub struct Control {
 impl Control {
     /// Listens on `path`, mode 0600, or 0660 and owned by `group` if one is given.
     pub fn bind(path: &Path, group: Option<&str>) -> Result<Control, String> {
-        let gid = group.map(group_id).transpose()?;
-        let mode = if gid.is_some() { 0o660 } else { 0o600 };
-        let listener = vudev_core::socket::bind_listener(path, mode).map_err(|e| {
+        let gid = group
+            .map(|g| group_id(g).map_err(|e| format!("--control-group: {e}")))
+            .transpose()?;
+        let access = Access {
+            mode: if gid.is_some() { 0o660 } else { 0o600 },
+            uid: None,
+            gid,
+        };
+        let listener = vudev_core::socket::bind_listener(path, access).map_err(|e| {
             if e.kind() == io::ErrorKind::AddrInUse {
                 format!(
                     "{}: another vudev serve is running there: stop it, or pass another --control",
@@ -56,10 +63,6 @@ impl Control {
             listener,
             path: path.to_path_buf(),
         };
-        if let Some(gid) = gid {
-            std::os::unix::fs::chown(path, None, Some(gid))
-                .map_err(|e| format!("cannot give {} to group {gid}: {e}", path.display()))?;
-        }
         Ok(control)
     }
 
@@ -340,32 +343,4 @@ fn string(params: &Map<String, Value>, key: &str) -> Result<String, ApiError> {
             format!("{key} is missing"),
         )),
     }
-}
-
-/// A group's id, by name or number.
-fn group_id(group: &str) -> Result<u32, String> {
-    if let Ok(gid) = group.parse::<u32>() {
-        return Ok(gid);
-    }
-    let name = std::ffi::CString::new(group).map_err(|_| format!("invalid group '{group}'"))?;
-    // SAFETY: a zeroed `group` is a valid out value for getgrnam_r to fill.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0u8; 16384];
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; `buf` outlives the use of `grp`.
-    let r = unsafe {
-        libc::getgrnam_r(
-            name.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if r != 0 || found.is_null() {
-        return Err(format!(
-            "--control-group {group}: no such group: create it (groupadd {group}) or name another"
-        ));
-    }
-    Ok(grp.gr_gid)
 }

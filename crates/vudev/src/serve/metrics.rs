@@ -233,7 +233,11 @@ impl Endpoint {
     /// Listens on `addr`: `host:port`, or a path (one with a `/`) for a unix socket.
     pub fn bind(addr: &str) -> Result<Endpoint, String> {
         let bound = if addr.contains('/') {
-            vudev_core::socket::bind_listener(std::path::Path::new(addr), 0o600).map(Endpoint::Unix)
+            vudev_core::socket::bind_listener(
+                std::path::Path::new(addr),
+                vudev_core::socket::Access::mode(0o600),
+            )
+            .map(Endpoint::Unix)
         } else {
             TcpListener::bind(addr).map(Endpoint::Tcp)
         };
