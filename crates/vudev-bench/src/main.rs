@@ -737,7 +737,12 @@ fn main() {
             ("qemu-storage-daemon", qsd_cmd(&dir, w.backend, &image)),
         ];
         for (name, (cmd, socket)) in peers {
-            let out = dir.join(format!("callgrind-{name}-{}.out", w.depth));
+            let slug: String = w
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            let out = dir.join(format!("callgrind-{name}-{slug}.out"));
             let p = profile::profile(&cmd, &socket, &out, w, 3.0);
             if let Some(k) = &keep {
                 // For a closer look: callgrind_annotate --inclusive=yes, or kcachegrind.
@@ -917,7 +922,12 @@ fn main() {
     }
     let _ = writeln!(md, "\n## Where the time goes\n\nInstructions per request, counted by callgrind (`valgrind --tool=callgrind --instr-atstart=no`, switched on with `callgrind_control` only while the client runs 3 s of steady I/O, so start-up and connection set-up are left out), 4 KiB random read, on the null backend (the daemons' own cost) and on RBD (where librbd's and librados' cost is the same for both daemons: compare their share with the null rows'). Instruction counts are stable here where timings are not; they leave out time in the kernel and waiting.\n");
     if profiles.is_empty() {
-        let _ = writeln!(md, "Not measured in this run (valgrind missing).");
+        let why = if valgrind {
+            "no profiled workload was chosen"
+        } else {
+            "valgrind missing"
+        };
+        let _ = writeln!(md, "Not measured in this run ({why}).");
     }
     for (w, name, p) in &profiles {
         match p {

@@ -6,7 +6,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 /// Who may connect to a listening socket: its file mode and, if given, its owner and group.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Access {
     /// The file mode (0600: the owner only).
     pub mode: u32,
@@ -21,7 +21,8 @@ impl Access {
     pub fn mode(mode: u32) -> Access {
         Access {
             mode,
-            ..Access::default()
+            uid: None,
+            gid: None,
         }
     }
 }
@@ -63,79 +64,132 @@ pub fn bind_listener(path: &Path, access: Access) -> io::Result<UnixListener> {
             tracing::info!("created {} for the socket", dir.display());
         }
     }
-    // Bind under a temporary name, set the owner and mode, then rename into place.
-    let mut tmp = path.to_path_buf().into_os_string();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
+    // Bind inside a private directory (0700, ours) next to it, set the owner and mode
+    // there, then rename into place: nobody can connect before the final mode is set, nor
+    // swap the socket for a symlink that chmod would follow.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let private = PrivateDir::new(dir)?;
+    let tmp = private.0.join("s");
     let listener = UnixListener::bind(&tmp)?;
-    let owned = match (access.uid, access.gid) {
-        (None, None) => Ok(()),
-        (uid, gid) => std::os::unix::fs::lchown(&tmp, uid, gid),
-    };
-    let placed = owned
-        .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(access.mode)))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    if access.uid.is_some() || access.gid.is_some() {
+        std::os::unix::fs::lchown(&tmp, access.uid, access.gid).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot give it to {}{}: {e}: run vudev as root (CAP_CHOWN), or name a \
+                     group vudev's user is in",
+                    access.uid.map_or(String::new(), |u| format!("uid {u} ")),
+                    access.gid.map_or(String::new(), |g| format!("gid {g}")),
+                ),
+            )
+        })?;
     }
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(access.mode))?;
+    std::fs::rename(&tmp, path)?;
     Ok(listener)
+}
+
+/// A directory of our own (mkdtemp: mode 0700), removed with what is left in it on drop.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn new(parent: &Path) -> io::Result<PrivateDir> {
+        let template = parent.join(".vuXXXXXX");
+        let mut bytes = template.into_os_string().into_encoded_bytes();
+        bytes.push(0);
+        // SAFETY: `bytes` is a NUL-terminated template ending in XXXXXX, which mkdtemp
+        // rewrites in place.
+        if unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) }.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        bytes.pop();
+        // SAFETY: the bytes came from an OsString, with ASCII replaced by ASCII.
+        let path = unsafe { std::ffi::OsString::from_encoded_bytes_unchecked(bytes) };
+        Ok(PrivateDir(PathBuf::from(path)))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0.join("s"));
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Looks a name up with a getpwnam_r-style call, growing the buffer while it is too small.
+/// `Ok(None)`: no such entry.
+fn lookup<T>(
+    name: &str,
+    call: impl Fn(*const libc::c_char, *mut T, *mut libc::c_char, usize, *mut *mut T) -> i32,
+    id: impl Fn(&T) -> u32,
+) -> io::Result<Option<u32>> {
+    let c = std::ffi::CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the name"))?;
+    let mut len = 16 << 10;
+    loop {
+        // SAFETY: a zeroed passwd or group is a valid out value for the call to fill.
+        let mut entry: T = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0u8; len];
+        let mut found: *mut T = std::ptr::null_mut();
+        let r = call(
+            c.as_ptr(),
+            &mut entry,
+            buf.as_mut_ptr().cast(),
+            len,
+            &mut found,
+        );
+        match r {
+            0 if found.is_null() => return Ok(None),
+            0 => return Ok(Some(id(&entry))),
+            libc::ERANGE if len < 4 << 20 => len *= 4,
+            r => return Err(io::Error::from_raw_os_error(r)),
+        }
+    }
+}
+
+/// An id given as a number: any but the -1 that chown takes as "leave it".
+fn number(s: &str) -> Option<u32> {
+    s.parse::<u32>().ok().filter(|&n| n != u32::MAX)
 }
 
 /// A user's id, by name or number.
 pub fn user_id(user: &str) -> Result<u32, String> {
-    if let Ok(uid) = user.parse::<u32>() {
-        return Ok(uid);
+    let found = lookup(
+        user,
+        |n, e, b, l, f| {
+            // SAFETY: `lookup` passes pointers valid for the call, and a buffer that
+            // outlives the entry it fills.
+            unsafe { libc::getpwnam_r(n, e, b, l, f) }
+        },
+        |p: &libc::passwd| p.pw_uid,
+    );
+    match found {
+        Ok(Some(uid)) => Ok(uid),
+        Ok(None) => number(user).ok_or_else(|| {
+            format!("no such user '{user}': create it (useradd --system '{user}') or name another")
+        }),
+        Err(e) => Err(format!("cannot look up user '{user}': {e}")),
     }
-    let name = std::ffi::CString::new(user).map_err(|_| format!("invalid user name '{user}'"))?;
-    // SAFETY: a zeroed `passwd` is a valid out value for getpwnam_r to fill.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0u8; 16384];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; `buf` outlives the use of `pwd`.
-    let r = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if r != 0 || found.is_null() {
-        return Err(format!(
-            "no such user '{user}': create it (useradd --system {user}) or name another"
-        ));
-    }
-    Ok(pwd.pw_uid)
 }
 
 /// A group's id, by name or number.
 pub fn group_id(group: &str) -> Result<u32, String> {
-    if let Ok(gid) = group.parse::<u32>() {
-        return Ok(gid);
+    let found = lookup(
+        group,
+        |n, e, b, l, f| {
+            // SAFETY: as in `user_id`.
+            unsafe { libc::getgrnam_r(n, e, b, l, f) }
+        },
+        |g: &libc::group| g.gr_gid,
+    );
+    match found {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => number(group).ok_or_else(|| {
+            format!("no such group '{group}': create it (groupadd '{group}') or name another")
+        }),
+        Err(e) => Err(format!("cannot look up group '{group}': {e}")),
     }
-    let name =
-        std::ffi::CString::new(group).map_err(|_| format!("invalid group name '{group}'"))?;
-    // SAFETY: a zeroed `group` is a valid out value for getgrnam_r to fill.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0u8; 16384];
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; `buf` outlives the use of `grp`.
-    let r = unsafe {
-        libc::getgrnam_r(
-            name.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if r != 0 || found.is_null() {
-        return Err(format!(
-            "no such group '{group}': create it (groupadd {group}) or name another"
-        ));
-    }
-    Ok(grp.gr_gid)
 }

@@ -1,6 +1,7 @@
 //! The command line.
 
 use std::path::PathBuf;
+use vudev_core::socket::{group_id, user_id};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -152,12 +153,12 @@ pub struct VhostUserArgs {
     #[arg(long, default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
     /// Give the socket file to this user (a name or a uid), e.g. the one QEMU runs as.
-    #[arg(long, value_name = "USER")]
-    pub socket_user: Option<String>,
+    #[arg(long, value_name = "USER", value_parser = user_id)]
+    pub socket_user: Option<u32>,
     /// Give the socket file to this group (a name or a gid); with --socket-mode 0660 its
     /// members may connect.
-    #[arg(long, value_name = "GROUP")]
-    pub socket_group: Option<String>,
+    #[arg(long, value_name = "GROUP", value_parser = group_id)]
+    pub socket_group: Option<u32>,
     #[command(flatten)]
     pub backend: BackendArgs,
     #[command(flatten)]

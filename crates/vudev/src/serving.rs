@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
-use vudev_core::socket::{group_id, user_id, Access};
+use vudev_core::socket::Access;
 use vudev_vduse::lifecycle::Attached;
 use vudev_vduse::{MessageLoop, VduseExport, VduseOptions};
 use vudev_vhost_user::{VhostUserOptions, VhostUserServer};
@@ -129,18 +129,8 @@ impl VhostUserServing {
                 socket: args.socket.clone(),
                 socket_access: Access {
                     mode: args.socket_mode,
-                    uid: args
-                        .socket_user
-                        .as_deref()
-                        .map(user_id)
-                        .transpose()
-                        .map_err(|e| format!("--socket-user: {e}"))?,
-                    gid: args
-                        .socket_group
-                        .as_deref()
-                        .map(group_id)
-                        .transpose()
-                        .map_err(|e| format!("--socket-group: {e}"))?,
+                    uid: args.socket_user,
+                    gid: args.socket_group,
                 },
                 queue_size: args.device.queue_size,
                 workers: worker_options(&args.device),

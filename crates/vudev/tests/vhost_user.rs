@@ -140,10 +140,8 @@ fn the_socket_mode_is_applied() {
 #[test]
 fn the_socket_is_given_to_a_user_and_group() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let dir = scratch("owner");
-    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     // This test run again as nobody:nogroup (through setpriv) is the client: it exits 0 if
-    // it connected and read, 3 if it could not connect.
+    // it connected and read, 3 if it could not connect. First thing: it makes nothing.
     if let Ok(socket) = std::env::var("VUDEV_TEST_CLIENT_OF") {
         let read = Client::connect(Path::new(&socket), 1).map(|mut c| c.read(0, 0, 4096));
         std::process::exit(match read {
@@ -152,6 +150,14 @@ fn the_socket_is_given_to_a_user_and_group() {
             Err(_) => 3,
         });
     }
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test gives sockets away: run it as root"
+    );
+    let dir = scratch("owner");
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let as_nobody = |socket: &Path| {
         std::process::Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
@@ -165,41 +171,29 @@ fn the_socket_is_given_to_a_user_and_group() {
             .output()
             .unwrap()
     };
-    let s = Server::vudev(&dir, &["--null", "64M"]);
-    let out = as_nobody(&s.socket);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "nobody and a 0600 root socket: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    drop(s);
-    let s = Server::vudev(
-        &dir,
-        &[
-            "--null",
-            "64M",
-            "--socket-mode",
-            "0660",
-            "--socket-user",
-            "0",
-            "--socket-group",
-            "nogroup",
-        ],
-    );
-    let meta = std::fs::metadata(&s.socket).unwrap();
-    assert_eq!(
-        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o777),
-        (0, 65534, 0o660)
-    );
-    let out = as_nobody(&s.socket);
-    assert!(
-        out.status.code() == Some(0),
-        "a member of the socket's group: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    drop(s);
+    let serve = |access: &[&str]| {
+        let mut args = vec!["--null", "64M"];
+        args.extend_from_slice(access);
+        let s = Server::vudev(&dir, &args);
+        let meta = std::fs::metadata(&s.socket).unwrap();
+        let got = (meta.uid(), meta.gid(), meta.permissions().mode() & 0o777);
+        let client = as_nobody(&s.socket);
+        (
+            got,
+            client.status.code(),
+            String::from_utf8_lossy(&client.stderr).into_owned(),
+        )
+    };
+    // Root's own, 0600: nobody may not connect.
+    let (got, code, e) = serve(&[]);
+    assert_eq!((got, code), ((0, 0, 0o600), Some(3)), "{e}");
+    // Given to nobody's group, 0660: it may.
+    let (got, code, e) = serve(&["--socket-mode", "0660", "--socket-group", "nogroup"]);
+    assert_eq!((got, code), ((0, 65534, 0o660), Some(0)), "{e}");
+    // Given to nobody, 0600: it may, as the owner.
+    let (got, code, e) = serve(&["--socket-user", "nobody"]);
+    assert_eq!((got, code), ((65534, 0, 0o600), Some(0)), "{e}");
+    // A user that does not exist: refused before anything listens.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vudev"))
         .args(["export", "vhost-user", "--null", "1M", "--socket"])
         .arg(dir.join("x.sock"))
@@ -209,9 +203,17 @@ fn the_socket_is_given_to_a_user_and_group() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && !dir.join("x.sock").exists(), "{e}");
     assert!(
-        e.contains("--socket-user: no such user 'no-such-user-here'"),
+        e.contains("--socket-user") && e.contains("no such user 'no-such-user-here'"),
         "{e}"
     );
+    // Nothing of the private directory the socket was made in is left behind.
+    let left: Vec<_> = std::fs::read_dir(&*dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".vu"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

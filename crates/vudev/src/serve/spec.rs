@@ -321,6 +321,28 @@ mod tests {
     }
 
     #[test]
+    fn a_socket_owner_that_does_not_exist_is_refused_when_parsed() {
+        let s = spec(
+            json!({"transport": "vhost-user", "socket": "/run/x/a.sock", "null": "1G",
+                            "socket-group": "no-such-group-here"}),
+        );
+        let e = ExportArgs::parse(&s).unwrap_err();
+        assert!(
+            e.message.contains("no such group 'no-such-group-here'"),
+            "{}",
+            e.message
+        );
+        let s = spec(
+            json!({"transport": "vhost-user", "socket": "/run/x/a.sock", "null": "1G",
+                            "socket-user": "root", "socket-group": "0"}),
+        );
+        let ExportArgs::VhostUser(a) = ExportArgs::parse(&s).unwrap() else {
+            panic!("not vhost-user")
+        };
+        assert_eq!((a.socket_user, a.socket_group), (Some(0), Some(0)));
+    }
+
+    #[test]
     fn refuses_with_the_key_at_fault() {
         let cases = [
             (json!({"name": "d", "null": "1G"}), None, "no transport"),

@@ -45,7 +45,8 @@ struct Finished {
 /// A read's own buffer and where its data goes.
 struct ReadBack {
     /// Not zeroed first (that cost 4000 instructions per 4 KiB read): only librbd writes
-    /// it, and it is read only once librbd said it wrote all of it.
+    /// it, and it is read only once librbd said it wrote all of it ([`outcome`]; librbd
+    /// returns a read's length only when it filled the buffer, holes with zeros).
     data: Box<[MaybeUninit<u8>]>,
     /// The driver's buffers (pointer, length), valid until the request is reaped.
     dest: Vec<(usize, usize)>,
@@ -102,6 +103,31 @@ struct Pending {
     _iov: Vec<libc::iovec>,
 }
 
+/// Why a request failed, from librbd's return value.
+#[derive(Debug, PartialEq)]
+enum Failure {
+    /// `-ESHUTDOWN`: the cluster blocklisted this connection.
+    Fenced,
+    /// Another negative errno.
+    Errno(i64),
+    /// A read that returned another length than asked (got, wanted).
+    Length(isize, usize),
+}
+
+/// What librbd's return value `ret` means for a request; `read`: the length a read asked
+/// for. A read succeeds only if librbd returned exactly that: anything shorter would leave
+/// part of the driver's buffers as they were (stale or zeroed memory passed off as data),
+/// and it is also what keeps the read's unzeroed buffer from being copied before librbd
+/// wrote all of it.
+fn outcome(ret: isize, read: Option<usize>) -> Result<(), Failure> {
+    match (ret, read) {
+        (r, _) if r == -(libc::ESHUTDOWN as isize) => Err(Failure::Fenced),
+        (r, _) if r < 0 => Err(Failure::Errno(r as i64)),
+        (r, Some(wanted)) if r as usize != wanted => Err(Failure::Length(r, wanted)),
+        _ => Ok(()),
+    }
+}
+
 /// Called by librbd, once per request, on one of its threads. Touches no driver memory.
 extern "C" fn completed(c: ffi::CompletionT, arg: *mut c_void) {
     // SAFETY: `arg` is the Box<Pending> leaked when the request was started; librbd calls
@@ -119,8 +145,9 @@ extern "C" fn completed(c: ffi::CompletionT, arg: *mut c_void) {
         read,
         ..
     } = *p;
-    let res = match (&read, ret) {
-        (_, r) if r == -(libc::ESHUTDOWN as isize) => {
+    let res = match outcome(ret, read.as_ref().map(|rb| rb.data.len())) {
+        Ok(()) => Ok(()),
+        Err(Failure::Fenced) => {
             // The connection is no use any more: the next export opened makes a new one.
             shared.fenced.store(true, Ordering::Release);
             Err(io::Error::other(format!(
@@ -131,14 +158,10 @@ extern "C" fn completed(c: ffi::CompletionT, arg: *mut c_void) {
                 shared.label
             )))
         }
-        (_, r) if r < 0 => Err(errno(r as i64)),
-        // A short read would leave part of the driver's buffers as they were: an error,
-        // never a "successful" read of stale or zeroed memory.
-        (Some(rb), r) if r as usize != rb.data.len() => Err(io::Error::other(format!(
-            "RBD returned {r} of {} bytes",
-            rb.data.len()
+        Err(Failure::Errno(r)) => Err(errno(r)),
+        Err(Failure::Length(got, wanted)) => Err(io::Error::other(format!(
+            "RBD returned {got} of {wanted} bytes"
         ))),
-        _ => Ok(()),
     };
     let read = read.filter(|_| res.is_ok());
     shared.push(Finished { cookie, res, read });
@@ -393,5 +416,31 @@ impl Drop for RbdQueue {
                 Err(e) => e.into_inner().0,
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{outcome, Failure};
+
+    #[test]
+    fn a_read_succeeds_only_with_its_whole_length() {
+        assert_eq!(outcome(4096, Some(4096)), Ok(()));
+        assert_eq!(outcome(4095, Some(4096)), Err(Failure::Length(4095, 4096)));
+        assert_eq!(outcome(0, Some(4096)), Err(Failure::Length(0, 4096)));
+        assert_eq!(outcome(8192, Some(4096)), Err(Failure::Length(8192, 4096)));
+        assert_eq!(outcome(-5, Some(4096)), Err(Failure::Errno(-5)));
+        assert_eq!(
+            outcome(-(libc::ESHUTDOWN as isize), Some(4096)),
+            Err(Failure::Fenced)
+        );
+        // Other requests: any non-negative result is a success.
+        assert_eq!(outcome(0, None), Ok(()));
+        assert_eq!(outcome(4096, None), Ok(()));
+        assert_eq!(
+            outcome(-(libc::ESHUTDOWN as isize), None),
+            Err(Failure::Fenced)
+        );
+        assert_eq!(outcome(-110, None), Err(Failure::Errno(-110)));
     }
 }
