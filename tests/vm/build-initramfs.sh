@@ -13,7 +13,7 @@ out=$root/target/vm/initramfs-$ver.cpio.gz
 exec 9>"$out.lock"
 flock 9
 
-tools=(fio mke2fs mkfs.ext4 e2fsck resize2fs blkdiscard blockdev vdpa qemu-storage-daemon truncate)
+tools=(fio mke2fs mkfs.ext4 e2fsck resize2fs blkdiscard blockdev vdpa qemu-storage-daemon truncate setpriv)
 wanted_modules=(vhost_iotlb vdpa vduse virtio_vdpa virtio_blk irqbypass vhost vhost_vdpa ext4 crc32c_generic
     virtio_net)
 
@@ -75,7 +75,9 @@ printf '%s\n' "${order[@]}" > "$stage/lib/modules/order"
 
 cp "$here/init.sh" "$stage/init"
 chmod +x "$stage/init"
-echo "root:x:0:0:root:/root:/bin/sh" > "$stage/etc/passwd"
+printf '%s\n' "root:x:0:0:root:/root:/bin/sh" "nobody:x:65534:65534:nobody:/nonexistent:/bin/false" \
+    > "$stage/etc/passwd"
+printf '%s\n' "root:x:0:" "nogroup:x:65534:" > "$stage/etc/group"
 
 (cd "$stage" && find . | cpio -o -H newc --quiet | gzip -1) > "$out.tmp"
 mv "$out.tmp" "$out"

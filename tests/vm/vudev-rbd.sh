@@ -50,11 +50,14 @@ rbdc create rbd/vm --size "$size"
 mon_host=$(sed -n 's/^mon host = //p' "$conf")
 key=$(awk '/^\[client.vudev\]/ {on=1; next} /^\[/ {on=0} on && $1 == "key" {print $3}' "$work/ceph/keyring")
 [[ -n $mon_host && -n $key ]] || { echo "CHECK FAIL rbd-vm-cluster: no monitor address or key"; exit 1; }
+# As in run-all.sh: on 7.3 the exports serve as nobody.
+as=()
+[[ $ver == 7.3 ]] && as=(--env "AS=--user nobody")
 guest_log=$root/target/vm/logs/$scenario-$ver.log
 rm -f "$guest_log"
 in_ns "$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/$scenario.sh" \
     --bin "$root/target/release/vudev" --timeout "$timeout" \
-    --env "MON_HOST=$mon_host" --env "KEY=$key" \
+    --env "MON_HOST=$mon_host" --env "KEY=$key" "${as[@]}" \
     --qemu-arg -netdev --qemu-arg tap,id=n0,ifname=tap0,script=no,downscript=no \
     --qemu-arg -device --qemu-arg virtio-net-pci,netdev=n0 \
     > "$work/guest.out" 2>&1 &

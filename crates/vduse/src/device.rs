@@ -253,6 +253,20 @@ impl VduseDevice {
         })
     }
 
+    /// A device node opened by someone else (handed over as an fd): `file` must be
+    /// `/dev/vduse/NAME`, open read-write.
+    pub fn from_file(name: &str, file: File) -> Self {
+        VduseDevice {
+            file,
+            name: name.into(),
+        }
+    }
+
+    /// The open node, to hand to another process.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// Device name.
     pub fn name(&self) -> &str {
         &self.name

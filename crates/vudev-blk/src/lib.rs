@@ -17,6 +17,6 @@ pub use backend::{
     check_range, eventfd, total_len, zero_fill, Aio, BlockBackend, FileBackend, Immediate, IoDone,
     IoOp, MemoryBackend, NbdBackend, NbdError, NullBackend, QueueBackend, RunNow,
 };
-pub use backend::{RbdBackend, RbdError, RbdOptions, RbdSpec};
+pub use backend::{rbd_records_dir, RbdBackend, RbdError, RbdOptions, RbdSpec};
 pub use config::BlockConfig;
 pub use device::BlockDevice;

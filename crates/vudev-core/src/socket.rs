@@ -121,11 +121,11 @@ impl Drop for PrivateDir {
 
 /// Looks a name up with a getpwnam_r-style call, growing the buffer while it is too small.
 /// `Ok(None)`: no such entry.
-fn lookup<T>(
+fn lookup<T, I>(
     name: &str,
     call: impl Fn(*const libc::c_char, *mut T, *mut libc::c_char, usize, *mut *mut T) -> i32,
-    id: impl Fn(&T) -> u32,
-) -> io::Result<Option<u32>> {
+    id: impl Fn(&T) -> I,
+) -> io::Result<Option<I>> {
     let c = std::ffi::CString::new(name)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the name"))?;
     let mut len = 16 << 10;
@@ -157,6 +157,11 @@ fn number(s: &str) -> Option<u32> {
 
 /// A user's id, by name or number.
 pub fn user_id(user: &str) -> Result<u32, String> {
+    user_and_group(user).map(|(uid, _)| uid)
+}
+
+/// A user's id and, if the user has an entry in the user database, its primary group.
+pub fn user_and_group(user: &str) -> Result<(u32, Option<u32>), String> {
     let found = lookup(
         user,
         |n, e, b, l, f| {
@@ -164,14 +169,38 @@ pub fn user_id(user: &str) -> Result<u32, String> {
             // outlives the entry it fills.
             unsafe { libc::getpwnam_r(n, e, b, l, f) }
         },
-        |p: &libc::passwd| p.pw_uid,
+        |p: &libc::passwd| (p.pw_uid, Some(p.pw_gid)),
     );
     match found {
-        Ok(Some(uid)) => Ok(uid),
-        Ok(None) => number(user).ok_or_else(|| {
-            format!("no such user '{user}': create it (useradd --system '{user}') or name another")
-        }),
+        Ok(Some(ids)) => Ok(ids),
+        Ok(None) => match number(user) {
+            // A uid: its entry, if it has one, gives the primary group.
+            Some(uid) => Ok((uid, primary_group_of(uid))),
+            None => Err(format!(
+                "no such user '{user}': create it (useradd --system '{user}') or name another"
+            )),
+        },
         Err(e) => Err(format!("cannot look up user '{user}': {e}")),
+    }
+}
+
+/// The primary group of the user with id `uid`, if the user database has it.
+fn primary_group_of(uid: u32) -> Option<u32> {
+    let mut len = 16 << 10;
+    loop {
+        // SAFETY: a zeroed passwd is a valid out value for getpwuid_r to fill.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut buf = vec![0u8; len];
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call, and `buf` outlives `entry`'s use.
+        let r =
+            unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr().cast(), len, &mut found) };
+        match r {
+            0 if found.is_null() => return None,
+            0 => return Some(entry.pw_gid),
+            libc::ERANGE if len < 4 << 20 => len *= 4,
+            _ => return None,
+        }
     }
 }
 
@@ -191,5 +220,21 @@ pub fn group_id(group: &str) -> Result<u32, String> {
             format!("no such group '{group}': create it (groupadd '{group}') or name another")
         }),
         Err(e) => Err(format!("cannot look up group '{group}': {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_are_found_by_name_and_by_number_with_their_group() {
+        assert_eq!(user_and_group("root"), Ok((0, Some(0))));
+        // A uid that has an entry gives its primary group too.
+        assert_eq!(user_and_group("0"), Ok((0, Some(0))));
+        // One that has none is still a uid, with no group to take.
+        assert_eq!(user_and_group("4000000"), Ok((4000000, None)));
+        assert!(user_and_group("no-such-user-here").is_err());
+        assert_eq!(group_id("0"), Ok(0));
     }
 }

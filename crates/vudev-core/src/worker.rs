@@ -510,7 +510,16 @@ impl WorkerState {
             let mem = self.map.memory();
             #[cfg(test)]
             tests::before_avail_read(&self.map);
-            match self.queue.avail_idx(&RingMemory(&mem), Ordering::Acquire) {
+            let read = match self.queue.avail_idx(&RingMemory(&mem), Ordering::Acquire) {
+                // An IOTLB update may have just taken the ring's mapping away (it is mapped
+                // again once the update's message is answered): look it up once more.
+                Err(_) if self.fault_in_rings() => {
+                    let mem = self.map.memory();
+                    self.queue.avail_idx(&RingMemory(&mem), Ordering::Acquire)
+                }
+                read => read,
+            };
+            match read {
                 Ok(idx) if idx.0 != self.seen_avail => self.seen_avail = idx.0,
                 Ok(_) => return false,
                 Err(e) => {
@@ -523,11 +532,16 @@ impl WorkerState {
         let mut retried = false;
         let head = loop {
             let ring = RingMemory(&mem);
-            let chain = match self.queue.iter(&ring) {
-                Ok(mut it) => match it.next() {
-                    Some(c) => c,
-                    None => return false,
-                },
+            let next = self.queue.iter(&ring).map(|mut it| it.next());
+            let chain = match next {
+                Ok(Some(c)) => c,
+                Ok(None) => return false,
+                // As above: the ring's mapping may have just been taken away.
+                Err(_) if !retried && self.fault_in_rings() => {
+                    mem = self.map.memory();
+                    retried = true;
+                    continue;
+                }
                 Err(e) => {
                     self.mark_broken(&format!("bad avail ring: {e:?}"));
                     return false;
@@ -664,6 +678,18 @@ impl WorkerState {
             rec.clear();
         }
         self.done.push(head, 0);
+    }
+
+    /// Looks the rings' mappings up again where they are missing: true if all are mapped.
+    fn fault_in_rings(&self) -> bool {
+        let size = u64::from(self.queue.size());
+        [
+            (self.queue.desc_table(), 16 * size),
+            (self.queue.avail_ring(), 6 + 2 * size),
+            (self.queue.used_ring(), 6 + 8 * size),
+        ]
+        .iter()
+        .all(|&(addr, len)| self.map.fault_in(addr, len))
     }
 
     fn mark_broken(&mut self, why: &str) {
@@ -803,7 +829,7 @@ mod tests {
     use super::*;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 
-    use crate::testkit::{memfd, RingDriver, AVAIL, DESC};
+    use crate::testkit::{memfd, RingDriver, AVAIL, DESC, USED};
     use crate::{Mapping, Tracking};
 
     type Hook = (usize, Box<dyn FnOnce() + Send>);
@@ -846,6 +872,57 @@ mod tests {
             last: start + len - 1,
             prot: libc::PROT_READ | libc::PROT_WRITE,
         }
+    }
+
+    /// Hands out one file as all of driver memory, like VDUSE's IOTLB_GET_FD.
+    struct WholeFile(std::fs::File, u64);
+
+    impl crate::MappingSource for WholeFile {
+        fn lookup(&self, _: u64, _: u64) -> std::io::Result<Option<Mapping>> {
+            Ok(Some(mapping(&self.0, 0, self.1)))
+        }
+    }
+
+    #[test]
+    fn a_ring_unmapped_by_an_iotlb_update_is_looked_up_again_not_declared_broken() {
+        const LEN: u64 = 1 << 20;
+        let mut drv = RingDriver::new(LEN, 16);
+        let file = memfd(LEN);
+        let map = Arc::new(MemoryMap::new(Some(Box::new(WholeFile(
+            file.try_clone().unwrap(),
+            LEN,
+        )))));
+        map.replace(vec![mapping(&file, 0, LEN)]).unwrap();
+        drv.map = map.clone();
+        // As the worker is about to read the avail index, an IOTLB update takes all of the
+        // memory away (VDUSE: UPDATE_IOTLB invalidates before it maps again) and a chain is
+        // made available.
+        let hook = move || {
+            let mem = map.memory();
+            let desc = [512u64, 512u64 | (u64::from(VRING_DESC_F_WRITE) << 32)];
+            mem.write_obj(desc, GuestAddress(DESC)).unwrap();
+            mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+            mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+            map.invalidate(0, LEN - 1);
+        };
+        let key = Arc::as_ptr(&drv.map) as usize;
+        BEFORE_AVAIL_READ
+            .lock()
+            .unwrap()
+            .push((key, Box::new(hook)));
+        drv.start(Box::new(InMemory), Tracking::default(), 0, false);
+        // Until the worker looks the memory up again, it is not ours to read either.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let used = |m: &Arc<MemoryMap>| m.memory().read_obj::<u16>(GuestAddress(USED + 2));
+        while used(&drv.map).ok() != Some(1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queue did not serve the chain"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(drv.wait_used(), (0, 1));
+        drv.stop();
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! completed.
 #![deny(missing_docs)]
 
+pub mod authority;
 mod bounce;
+mod error;
 pub mod lifecycle;
 mod state_file;
 
@@ -21,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vduse::{DeviceConfig, Reply, Request, VduseControl, VduseDevice, VduseError};
+use vduse::{DeviceConfig, Reply, Request, VduseDevice, VduseError};
 use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_DRIVER_OK;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -33,6 +35,9 @@ use vudev_core::{
     QueueSetup, Tracking, Worker, WorkerOptions, TRANSPORT_FEATURES,
 };
 
+pub use crate::error::TransportError;
+
+use crate::authority::Authority;
 use crate::bounce::BounceBuffer;
 use crate::state_file::{DeviceShape, StateFile};
 
@@ -53,44 +58,11 @@ pub struct VduseOptions {
     pub workers: WorkerOptions,
 }
 
-/// Errors of the VDUSE transport.
-#[derive(Debug, thiserror::Error)]
-pub enum TransportError {
-    /// The kernel interface refused something.
-    #[error(transparent)]
-    Vduse(#[from] VduseError),
-    /// vdpa management (putting the device on the bus, taking it off) failed.
-    #[error(transparent)]
-    Vdpa(#[from] vdpa::Error),
-    /// The device's state file could not be created or read.
-    #[error(
-        "cannot keep the device's state file: {0} (--state-dir must name a writable \
-         directory; the default is /run/vudev)"
-    )]
-    StateFile(#[source] io::Error),
-    /// An adopted device's queues could not be started where its previous daemon left them.
-    #[error("cannot resume the adopted device's queues: {0}")]
-    Resume(#[source] io::Error),
-    /// The thread that answers the kernel's messages could not be started.
-    #[error("cannot start the thread that answers the kernel's messages: {0}")]
-    MessageThread(#[source] io::Error),
-    /// The device cannot be destroyed while this process still holds it.
-    #[error("cannot destroy the device: the message loop still runs (stop it first)")]
-    StillServed,
-    /// A device of this name exists with other settings than the ones asked for.
-    #[error(
-        "a VDUSE device named '{0}' exists with other settings ({1}): run the command that \
-         created it, or remove it first (`vudev vdpa detach {0}`, then stop every process \
-         using it)"
-    )]
-    Mismatch(String, String),
-}
-
 /// A created VDUSE device and its control state. Destroyed by [`VduseExport::shutdown`] (or,
 /// best effort, on drop).
 pub struct VduseExport {
     name: String,
-    control: VduseControl,
+    authority: Arc<dyn Authority>,
     inner: Option<Arc<Inner>>,
     state: Option<StateFile>,
 }
@@ -158,9 +130,13 @@ impl VduseExport {
     /// that name exists and no process serves it (its daemon died), adopts it: checks it is the
     /// same device, and if its driver is running, resumes its queues and finishes what was in
     /// flight. A new device is not on the vdpa bus yet: start
-    /// [`VduseExport::spawn_message_loop`] first, then attach it.
-    pub fn create(device: Arc<dyn Device>, opts: &VduseOptions) -> Result<Self, TransportError> {
-        let control = VduseControl::open()?;
+    /// [`VduseExport::spawn_message_loop`] first, then attach it. `authority` does what needs
+    /// privileges (see [`authority`]).
+    pub fn create(
+        device: Arc<dyn Device>,
+        opts: &VduseOptions,
+        authority: Arc<dyn Authority>,
+    ) -> Result<Self, TransportError> {
         let cfg = DeviceConfig {
             name: opts.name.clone(),
             vendor_id: 0,
@@ -177,27 +153,27 @@ impl VduseExport {
             queue_size: opts.queue_size,
             config: cfg.config.clone(),
         };
-        let (dev, state, adopted) = match control.create_device(&cfg) {
+        let (dev, state, adopted) = match authority.create_device(&cfg) {
             Ok(()) => {
                 // From here on the device exists: destroy it again on any error.
-                match Self::open_new(&opts.name, &shape, opts) {
+                match Self::open_new(&*authority, &opts.name, &shape, opts) {
                     Ok((dev, state)) => (dev, state, false),
                     Err(e) => {
-                        let _ = control.destroy_device(&opts.name);
+                        let _ = authority.destroy_device(&opts.name);
                         return Err(e);
                     }
                 }
             }
-            Err(VduseError::NameTaken(_)) => {
-                let (dev, state) = Self::open_existing(&opts.name, &shape, opts)?;
+            Err(TransportError::Vduse(VduseError::NameTaken(_))) => {
+                let (dev, state) = Self::open_existing(&*authority, &opts.name, &shape, opts)?;
                 (dev, state, true)
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         tracing::info!(
             name = %opts.name,
-            api_version = control.api_version(),
-            vduse_features = control.features(),
+            api_version = authority.api_version(),
+            vduse_features = authority.vduse_features(),
             "VDUSE device {}", if adopted { "adopted" } else { "created" }
         );
         let bounce = Arc::new(BounceBuffer::new(dev.clone(), opts.bounce_umem));
@@ -211,7 +187,7 @@ impl VduseExport {
             device,
             map,
             bounce,
-            api_version: control.api_version(),
+            api_version: authority.api_version(),
             queue_size: opts.queue_size,
             workers: opts.workers.clone(),
             inflight: state.as_ref().map(|s| s.area().clone()),
@@ -226,7 +202,7 @@ impl VduseExport {
         }
         Ok(VduseExport {
             name: opts.name.clone(),
-            control,
+            authority,
             inner: Some(inner),
             state,
         })
@@ -234,11 +210,12 @@ impl VduseExport {
 
     /// Opens a device just created, declares its queues and creates its state file.
     fn open_new(
+        authority: &dyn Authority,
         name: &str,
         shape: &DeviceShape,
         opts: &VduseOptions,
     ) -> Result<(Arc<VduseDevice>, Option<StateFile>), TransportError> {
-        let dev = Arc::new(VduseDevice::open(name)?);
+        let dev = Arc::new(authority.open_device(name)?);
         for q in 0..u32::from(shape.num_queues) {
             dev.setup_vq(q, opts.queue_size)?;
         }
@@ -253,17 +230,20 @@ impl VduseExport {
 
     /// Opens a device a previous daemon left and checks that it is the one asked for.
     fn open_existing(
+        authority: &dyn Authority,
         name: &str,
         shape: &DeviceShape,
         opts: &VduseOptions,
     ) -> Result<(Arc<VduseDevice>, Option<StateFile>), TransportError> {
-        let dev = match VduseDevice::open(name) {
+        let dev = match authority.open_device(name) {
             Ok(d) => Arc::new(d),
             // One process at a time may hold the device: another daemon serves it.
-            Err(VduseError::Io { source, .. }) if source.kind() == io::ErrorKind::ResourceBusy => {
+            Err(TransportError::Vduse(VduseError::Io { source, .. }))
+                if source.kind() == io::ErrorKind::ResourceBusy =>
+            {
                 return Err(VduseError::NameTaken(name.into()).into())
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         // The kernel tells the queue count (VQ_GET_INFO fails past the last queue).
         let queues = (0..=u32::from(u16::MAX))
@@ -338,6 +318,15 @@ impl VduseExport {
         })
     }
 
+    /// Closes the device node and leaves the device and its state file as they are, for
+    /// another process to serve (`vudev vduse create`). Nothing must be serving yet.
+    pub fn leave(mut self) {
+        if let Some(inner) = self.inner.take() {
+            inner.stop_workers();
+        }
+        self.state.take();
+    }
+
     /// Stops every worker, closes the device node and destroys the device. The device must be
     /// off the vdpa bus (the kernel refuses with EBUSY otherwise).
     pub fn shutdown(mut self) -> Result<(), TransportError> {
@@ -371,20 +360,29 @@ impl VduseExport {
         }
         let mut last_err = None;
         for attempt in 0..50 {
-            match self.control.destroy_device(&self.name) {
-                Ok(()) => {
+            match self.authority.destroy_device(&self.name) {
+                Ok(true) => {
                     tracing::info!(name = %self.name, "VDUSE device destroyed");
                     if let Some(s) = state {
                         s.remove();
                     }
                     return Ok(());
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                Ok(false) => {
+                    tracing::info!(
+                        name = %self.name,
+                        "VDUSE device left as it is, for its creator to destroy \
+                         (`vudev vduse destroy {}`) or another vudev to serve",
+                        self.name
+                    );
+                    return Ok(());
+                }
+                Err(TransportError::Vduse(e)) if e.raw_os_error() == Some(libc::EBUSY) => {
                     tracing::debug!(attempt, "destroy: device busy, retrying");
                     last_err = Some(e);
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             }
         }
         // Fifty tries, each refused with EBUSY.

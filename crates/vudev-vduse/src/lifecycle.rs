@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vdpa::{sysfs, VdpaNetlink, VDPA_DEVICES, VDUSE_MGMTDEV, VIRTIO_VDPA};
+use vdpa::{sysfs, VDPA_DEVICES, VIRTIO_VDPA};
 
 use crate::{TransportError, VduseExport};
 
@@ -46,7 +46,7 @@ impl VduseExport {
     pub fn attach(&self) -> Result<Attached, TransportError> {
         let name = self.name();
         if !self.is_attached() {
-            VdpaNetlink::open()?.add_device(name, VDUSE_MGMTDEV)?;
+            self.authority.attach(name)?;
         }
         let deadline = Instant::now() + ATTACH_WAIT;
         loop {
@@ -71,7 +71,7 @@ impl VduseExport {
         if !self.is_attached() {
             return Ok(false);
         }
-        VdpaNetlink::open()?.del_device(self.name())?;
+        self.authority.detach(self.name())?;
         Ok(true)
     }
 }

@@ -161,8 +161,12 @@ impl StateFile {
 
     /// Deletes the file (the device is gone).
     pub fn remove(self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!("cannot remove {}: {e}", self.path.display());
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => {}
+            // Removed by whoever destroyed the device (a sandboxed export's helper, which may
+            // write the directory when this process may not).
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("cannot remove {}: {e}", self.path.display()),
         }
     }
 }

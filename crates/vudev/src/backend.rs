@@ -1,7 +1,9 @@
 //! Opening the backend named on the command line, with errors that say what to do.
 
+use std::fs::File;
 use std::io;
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use std::time::Duration;
 
@@ -14,6 +16,13 @@ use crate::size::parse_size;
 use crate::cli::{
     AioMode, BackendArgs, BackendOptions, DeviceArgs, DEFAULT_NBD_TIMEOUT, DEFAULT_RBD_TIMEOUT,
 };
+
+/// Opens `--file` for a process that may not open it itself: a sandboxed export's files are
+/// opened by its privileged helper (`sandbox::helper`), with the flags the options say.
+pub type FileOpener = Box<dyn Fn(&Path) -> io::Result<File> + Send + Sync>;
+
+/// Set once, by a sandboxed export, before its backend is opened.
+pub static FILE_OPENER: OnceLock<FileOpener> = OnceLock::new();
 
 /// Refuses options that mean nothing for the backend chosen (rather than ignore them).
 pub fn check_options(args: &BackendArgs, opts: &BackendOptions) -> Result<(), String> {
@@ -67,7 +76,13 @@ pub fn open(
         AioMode::Sync => Aio::Sync,
     };
     let backend: Arc<dyn BlockBackend> = if let Some(path) = &args.file {
-        let b = FileBackend::open(path, read_only, direct, aio).map_err(|e| {
+        let opened = match FILE_OPENER.get() {
+            Some(open) => {
+                open(path).and_then(|f| FileBackend::from_file(f, path, read_only, direct, aio))
+            }
+            None => FileBackend::open(path, read_only, direct, aio),
+        };
+        let b = opened.map_err(|e| {
             let p = path.display();
             match e.kind() {
                 io::ErrorKind::NotFound => {

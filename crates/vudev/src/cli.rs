@@ -1,7 +1,7 @@
 //! The command line.
 
 use std::path::PathBuf;
-use vudev_core::socket::{group_id, user_id};
+use vudev_core::socket::{group_id, user_and_group, user_id};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -27,12 +27,16 @@ pub struct Cli {
 pub enum Command {
     /// Export a virtio-blk device until SIGINT or SIGTERM.
     #[command(subcommand)]
-    Export(Export),
+    Export(ExportCommand),
     /// Run the daemon: the exports of a config file, and more added and removed at run time
     /// through the control socket (`vudev ctl`).
     Serve(ServeArgs),
     /// Drive a running `vudev serve` through its control socket.
     Ctl(CtlArgs),
+    /// Create and destroy VDUSE devices for a vudev that serves them without privileges
+    /// (`vudev export vduse --device-fd`).
+    #[command(subcommand)]
+    Vduse(VduseCommand),
     /// Manage vdpa devices (what iproute2's `vdpa dev` does).
     #[command(subcommand)]
     Vdpa(VdpaCommand),
@@ -131,7 +135,88 @@ pub enum CtlCommand {
     Version,
 }
 
-/// Export transports.
+/// `vudev export`: a transport's options, and the process's own.
+#[derive(Debug, Subcommand)]
+pub enum ExportCommand {
+    /// Through VDUSE: /dev/vdX on this host (virtio-vdpa) or a VM (vhost-vdpa).
+    Vduse {
+        #[command(flatten)]
+        args: VduseArgs,
+        /// Serve a VDUSE device that was created by someone else (`vudev vduse create`)
+        /// and handed over as this open file descriptor of /dev/vduse/NAME: no privileges
+        /// are needed, and attaching, detaching and destroying it stay with its creator.
+        #[arg(long, value_name = "FD", conflicts_with = "user")]
+        device_fd: Option<i32>,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    },
+    /// Through a vhost-user socket: for QEMU, cloud-hypervisor or libblkio.
+    VhostUser {
+        #[command(flatten)]
+        args: VhostUserArgs,
+        #[command(flatten)]
+        sandbox: SandboxArgs,
+    },
+}
+
+/// Who serves an export's data, and how confined.
+#[derive(Clone, Debug, Args)]
+pub struct SandboxArgs {
+    /// Serve the data as this user (a name or a uid) with no capabilities. Start vudev as
+    /// root: --file is opened first; for VDUSE a small helper process keeps the privileges
+    /// and does only what needs them (creating this device, putting it on the vdpa bus,
+    /// destroying it). For vhost-user the user makes the socket: its directory must be the
+    /// user's.
+    #[arg(long, value_name = "USER", value_parser = user_and_group)]
+    pub user: Option<(u32, Option<u32>)>,
+    /// The group to serve as (default: the user's primary group).
+    #[arg(long, value_name = "GROUP", value_parser = group_id, requires = "user")]
+    pub group: Option<u32>,
+    /// `on`: the process serving the data gains no privileges (no_new_privs) and may make
+    /// only the system calls it needs (seccomp: any other one kills it). `off`: for
+    /// debugging.
+    #[arg(long, value_enum, default_value = "on")]
+    pub sandbox: Switch,
+}
+
+/// On or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// `vudev vduse`: the privileged side of `vudev export vduse --device-fd`.
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum VduseCommand {
+    /// Create a VDUSE device with an export's options, not attached and not served: open
+    /// /dev/vduse/NAME and hand it to `vudev export vduse --device-fd` (same options), then
+    /// `vudev vdpa attach NAME`.
+    Create {
+        #[command(flatten)]
+        args: VduseArgs,
+        /// The user (a name or a uid) that will serve it: its state file is given to it.
+        #[arg(long, value_name = "USER", value_parser = user_and_group)]
+        user: Option<(u32, Option<u32>)>,
+        /// The group of the state file (default: the user's primary group).
+        #[arg(long, value_name = "GROUP", value_parser = group_id, requires = "user")]
+        group: Option<u32>,
+    },
+    /// Destroy a VDUSE device (taking it off the vdpa bus first) and its state file.
+    Destroy {
+        /// The device name.
+        name: String,
+        /// Where its state file is.
+        #[arg(long, value_name = "DIR", default_value = "/run/vudev")]
+        state_dir: PathBuf,
+    },
+}
+
+/// Export transports (`vudev ctl add`).
 #[derive(Debug, Subcommand)]
 pub enum Export {
     /// Through VDUSE: /dev/vdX on this host (virtio-vdpa) or a VM (vhost-vdpa).

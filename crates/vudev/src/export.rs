@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use vudev_blk::BlockDevice;
 
-use crate::cli::{BackendArgs, BackendOptions, DeviceArgs, VduseArgs, VhostUserArgs};
+use crate::cli::{BackendArgs, BackendOptions, DeviceArgs, SandboxArgs, VduseArgs, VhostUserArgs};
 use crate::device::{self, Built};
 use crate::serving::{VduseServing, VhostUserServing};
-use crate::signals;
+use crate::{sandbox, signals};
 
 /// [`device::build`] on a thread of its own, so that SIGINT/SIGTERM stop vudev while the
 /// backend is still being opened (an NBD server may take its time): `Ok(None)` then.
@@ -62,9 +62,16 @@ fn wait_for_signal(
 }
 
 /// Runs one vhost-user export in the foreground: frontends one after another until a signal.
-pub fn run_vhost_user(args: VhostUserArgs) -> Result<(), String> {
+/// Nothing it does needs privileges once its file is open: with `--user` it opens the file
+/// and then confines itself, before any thread exists.
+pub fn run_vhost_user(args: VhostUserArgs, sandbox: SandboxArgs) -> Result<(), String> {
     // Before any thread exists, so that every thread inherits the mask.
     signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
+    let identity = sandbox.identity()?;
+    if let Some(id) = identity {
+        sandbox::before_dropping(id, &args.backend, &args.backend_options, &args.device)?;
+    }
+    sandbox::confine(identity, sandbox.sandbox)?;
     let Some(built) = build_unless_terminated(&args.backend, &args.backend_options, &args.device)?
     else {
         return Ok(());
@@ -73,6 +80,16 @@ pub fn run_vhost_user(args: VhostUserArgs) -> Result<(), String> {
         // Wake the main thread out of sigwait so that the error is reported.
         // SAFETY: kill(2) on our own process with a signal we have blocked.
         unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+    })
+    .map_err(|e| match identity {
+        // Made after giving root up: say so, it is what the operator has to change.
+        Some(id) => format!(
+            "{e} (with --user, the socket is made as uid {}: its directory must be writable by \
+             it, and --socket-user cannot give it away; use --socket-group and --socket-mode \
+             0660 instead)",
+            id.uid
+        ),
+        None => e,
     })?;
     let waited = wait_for_signal(&built.device, || {
         serving.config_changed().map(|told| match told {
@@ -89,13 +106,19 @@ pub fn run_vhost_user(args: VhostUserArgs) -> Result<(), String> {
 }
 
 /// Runs one VDUSE export in the foreground.
-pub fn run_vduse(args: VduseArgs) -> Result<(), String> {
+pub fn run_vduse(
+    args: VduseArgs,
+    device_fd: Option<i32>,
+    sandbox: SandboxArgs,
+) -> Result<(), String> {
     signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
+    // With --user this forks: the helper stays root, and only the child returns here.
+    let authority = sandbox::vduse_authority(&args, device_fd, &sandbox)?;
     let Some(built) = build_unless_terminated(&args.backend, &args.backend_options, &args.device)?
     else {
         return Ok(());
     };
-    let serving = VduseServing::start(&args, &built)?;
+    let serving = VduseServing::start(&args, &built, authority)?;
     let waited = wait_for_signal(&built.device, || {
         serving
             .config_changed()

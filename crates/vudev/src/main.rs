@@ -9,11 +9,13 @@ mod device;
 mod export;
 mod generate;
 mod rpc;
+mod sandbox;
 mod serve;
 mod serving;
 mod signals;
 mod size;
 mod vdpa;
+mod vduse;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -44,8 +46,15 @@ fn main() -> ExitCode {
             .init(),
     }
     let result = match cli.command {
-        cli::Command::Export(cli::Export::Vduse(opts)) => export::run_vduse(opts),
-        cli::Command::Export(cli::Export::VhostUser(opts)) => export::run_vhost_user(opts),
+        cli::Command::Export(cli::ExportCommand::Vduse {
+            args,
+            device_fd,
+            sandbox,
+        }) => export::run_vduse(args, device_fd, sandbox),
+        cli::Command::Export(cli::ExportCommand::VhostUser { args, sandbox }) => {
+            export::run_vhost_user(args, sandbox)
+        }
+        cli::Command::Vduse(cmd) => vduse::run(cmd),
         cli::Command::Serve(args) => serve::run(args),
         cli::Command::Ctl(args) => {
             // `ctl add TRANSPORT …`: the options as given, which are what the daemon is sent.

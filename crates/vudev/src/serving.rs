@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 use vudev_core::socket::Access;
+use vudev_vduse::authority::Authority;
 use vudev_vduse::lifecycle::Attached;
 use vudev_vduse::{MessageLoop, VduseExport, VduseOptions};
 use vudev_vhost_user::{VhostUserOptions, VhostUserServer};
@@ -19,12 +20,20 @@ pub struct VduseServing {
     export: VduseExport,
     messages: MessageLoop,
     attached: Option<Attached>,
+    /// False for a device handed over (`--device-fd`): left on the bus as it is.
+    owned: bool,
 }
 
 impl VduseServing {
-    /// Creates (or adopts) the device and attaches it.
-    pub fn start(args: &VduseArgs, built: &Built) -> Result<Self, String> {
+    /// Creates (or adopts) the device and attaches it; `authority` does what needs
+    /// privileges.
+    pub fn start(
+        args: &VduseArgs,
+        built: &Built,
+        authority: Arc<dyn Authority>,
+    ) -> Result<Self, String> {
         let dev = &args.device;
+        let owned = authority.owns_device();
         let export = VduseExport::create(
             built.device.clone(),
             &VduseOptions {
@@ -34,6 +43,7 @@ impl VduseServing {
                 bounce_umem: args.bounce_umem,
                 workers: worker_options(dev),
             },
+            authority,
         )
         .map_err(|e| e.to_string())?;
         let messages = export.spawn_message_loop().map_err(|e| e.to_string())?;
@@ -48,7 +58,16 @@ impl VduseServing {
             export,
             messages,
             attached: None,
+            owned,
         };
+        if !owned {
+            tracing::info!(
+                "the device was handed over: its creator attaches it (`vudev vdpa attach {} \
+                 [--driver vhost-vdpa]`)",
+                args.name
+            );
+            return Ok(serving);
+        }
         if args.no_attach {
             tracing::info!(
                 "not attached: run `vudev vdpa attach {} [--driver vhost-vdpa]` to use it",
@@ -92,7 +111,11 @@ impl VduseServing {
     /// reset), stops the loop and the queues, and destroys the device.
     pub fn stop(self) -> Result<(), String> {
         let name = self.export.name().to_string();
-        let detached = match self.export.detach() {
+        let detached = match if self.owned {
+            self.export.detach()
+        } else {
+            Ok(false)
+        } {
             Ok(true) => {
                 tracing::info!("detached {name}");
                 Ok(())

@@ -4,6 +4,7 @@
 # busybox sh runs its own applets before PATH: name the util-linux tools by path.
 BLKDISCARD=/usr/bin/blkdiscard
 BLOCKDEV=/usr/bin/blockdev
+SETPRIV=/usr/bin/setpriv
 
 # check NAME CMD... : runs CMD, prints CHECK PASS/FAIL NAME.
 check() {
@@ -100,6 +101,28 @@ wait_blkdev() {
     wait_for "$d" "$2" && echo "$d"
 }
 
+# $AS: the options that make an export serve as an unprivileged user (set on one kernel's runs,
+# e.g. "--user nobody"); empty otherwise.
+AS=${AS:-}
+
+# served_by PID : the process that serves the data of the export vudev PID runs: its child
+# when it split itself (--user), else itself.
+served_by() {
+    c=$(cat /proc/$1/task/$1/children 2>/dev/null | awk '{print $1}')
+    echo "${c:-$1}"
+}
+
+# sandbox_check TAG PID : with $AS set, the serving process of vudev PID runs as nobody, with
+# no capabilities, no_new_privs and the seccomp filter.
+sandbox_check() {
+    [ -n "$AS" ] || return 0
+    st=/proc/$(served_by "$2")/status
+    check "$1-sandbox-uid" grep -Eq "^Uid:[[:space:]]+65534[[:space:]]" $st
+    check "$1-sandbox-capeff-0" grep -Eq "^CapEff:[[:space:]]+0+$" $st
+    check "$1-sandbox-no-new-privs" grep -Eq "^NoNewPrivs:[[:space:]]+1$" $st
+    check "$1-sandbox-seccomp" grep -Eq "^Seccomp:[[:space:]]+2$" $st
+}
+
 # stop_export PID NAME : SIGTERM, then checks exit status 0 and that the device is gone.
 stop_export() {
     kill -TERM "$1"
@@ -137,7 +160,7 @@ rbd_client_setup() {
 # stderr appended to /tmp/rbd0.log; sets pid.
 start_rbd_export() {
     vudev export vduse --name rbd0 --rbd rbd/vm --rbd-conf /tmp/ceph.conf --rbd-id vudev \
-        --num-queues 2 2>>/tmp/rbd0.log &
+        --num-queues 2 $AS 2>>/tmp/rbd0.log &
     pid=$!
 }
 
@@ -147,6 +170,7 @@ rbd_attach() {
     start_rbd_export
     if dev=$(wait_blkdev rbd0 90); then
         echo "CHECK PASS $1-attach"
+        sandbox_check "$1" $pid
     else
         echo "CHECK FAIL $1-attach: $(tail -5 /tmp/rbd0.log | tr '\n' ' ')"
         echo SCENARIO DONE

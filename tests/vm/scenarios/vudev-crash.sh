@@ -6,7 +6,7 @@ KILLS=${KILLS:-6}
 truncate -s 128M /tmp/crash.img
 start_vudev() {
     # io_uring completes out of order, which the recovery records must survive.
-    vudev export vduse --name crash0 --file /tmp/crash.img --aio io_uring 2>>/tmp/crash0.log &
+    vudev export vduse --name crash0 --file /tmp/crash.img --aio io_uring $AS 2>>/tmp/crash0.log &
     pid=$!
 }
 start_vudev
@@ -15,6 +15,7 @@ fio --name=crash --filename="$dev" --rw=randwrite --bsrange=4k-256k --iodepth=32
     --direct=1 --size=32m --time_based --runtime=$((KILLS * 5 + 6)) --verify=crc32c \
     --verify_backlog=512 --verify_fatal=1 --randrepeat=0 >/tmp/fio-crash.log 2>&1 &
 fio=$!
+sandbox_check crash $pid
 sleep 2
 adoptions() { grep -c 'VDUSE device adopted' /tmp/crash0.log; }
 kills=0
@@ -26,7 +27,8 @@ while [ $i -lt "$KILLS" ]; do
     sleep "$((RANDOM % 3)).$((RANDOM % 10))"
     sleep 0.5
     kill -0 $fio 2>/dev/null || break
-    kill -KILL $pid && wait $pid 2>/dev/null
+    # The process that serves the data (the unprivileged one, with $AS) is what crashes.
+    kill -KILL "$(served_by $pid)" && wait $pid 2>/dev/null
     kills=$((kills + 1))
     sleep "0.$((RANDOM % 5))"
     start_vudev
@@ -59,8 +61,8 @@ else
     echo "CHECK FAIL crash-image-equals-device: reading the device took over 60 s; in flight: $(cat /sys/block/${dev#/dev/}/inflight)"
 fi
 # A restart with other settings is refused and leaves the device alone; the right one adopts it.
-kill -KILL $pid && wait $pid 2>/dev/null
-vudev export vduse --name crash0 --file /tmp/crash.img --readonly 2>/tmp/mismatch.log
+kill -KILL "$(served_by $pid)" && wait $pid 2>/dev/null
+vudev export vduse --name crash0 --file /tmp/crash.img --readonly $AS 2>/tmp/mismatch.log
 check crash-adopt-refuses-other-settings grep -q "exists with other settings" /tmp/mismatch.log
 start_vudev
 check crash-readopted-after-refusal dd if="$dev" of=/dev/null bs=4k count=256 iflag=direct

@@ -13,13 +13,16 @@ start_server() {
         --export type=nbd,id=e0,node-name=d0,name=vol,writable=on 2>>/tmp/qsd-f.log &
     qpid=$!
     wait_for /tmp/f.sock 20
+    # reached by whoever serves the data (nobody, with $AS)
+    chmod 666 /tmp/f.sock
     sleep 0.3
 }
 start_server
 vudev export vduse --name nbdf0 --nbd "nbd+unix:///vol?socket=/tmp/f.sock" --nbd-timeout 6 \
-    2>/tmp/nbdf0.log &
+    $AS 2>/tmp/nbdf0.log &
 vpid=$!
 dev=$(wait_blkdev nbdf0 30) && echo "CHECK PASS nbdf-attach" || echo "CHECK FAIL nbdf-attach: $(tail -3 /tmp/nbdf0.log)"
+sandbox_check nbdf $vpid
 
 # 1. Killed mid-write, back within the timeout.
 fio --name=f --filename="$dev" --rw=randwrite --bsrange=4k-128k --iodepth=16 --ioengine=libaio \
@@ -59,7 +62,7 @@ stop_export $vpid nbdf0
 # closes, and the process exits only once vudev has answered that reset. (A virtio_vdpa unbind
 # would first wait for the in-flight requests itself.)
 vudev export vduse --name nbdr0 --nbd "nbd+unix:///vol?socket=/tmp/f.sock" --nbd-timeout 60 \
-    --num-queues 2 --no-attach 2>/tmp/nbdr0.log &
+    --num-queues 2 --no-attach $AS 2>/tmp/nbdr0.log &
 rpid=$!
 wait_for /dev/vduse/nbdr0 30 && echo "CHECK PASS nbdr-created" || echo "CHECK FAIL nbdr-created: $(tail -3 /tmp/nbdr0.log)"
 check nbdr-attach-vhost-vdpa vudev vdpa attach nbdr0 --driver vhost-vdpa

@@ -4,9 +4,10 @@
 truncate -s 64M /tmp/ro.img
 dd if=/dev/urandom of=/tmp/ro.img bs=1M count=4 conv=notrunc 2>/dev/null
 ro_sum=$(sha256sum < /tmp/ro.img)
-vudev -v export vduse --name ro0 --file /tmp/ro.img --readonly 2>/tmp/ro0.log &
+vudev -v export vduse --name ro0 --file /tmp/ro.img --readonly $AS 2>/tmp/ro0.log &
 pid=$!
 dev=$(wait_blkdev ro0 30) && echo "CHECK PASS readonly-attach" || echo "CHECK FAIL readonly-attach: $(tail -3 /tmp/ro0.log)"
+sandbox_check readonly $pid
 check readonly-flag [ "$(cat /sys/block/${dev#/dev/}/ro)" = 1 ]
 check readonly-reads sh -c "dd if=$dev bs=1M count=4 2>/dev/null | cmp - /tmp/ro.img -n 4194304"
 expect_fail readonly-write-refused dd if=/dev/zero of=$dev bs=4k count=1 oflag=direct
@@ -41,9 +42,10 @@ check multiqueue-workers-pinned [ "$(grep -c 'queue worker pinned' /tmp/mq0.log)
 check file-backend-on-io-uring sh -c "grep -q 'serving file .*, io_uring' /tmp/mq0.log && ! grep -q 'io_uring unavailable' /tmp/mq0.log"
 
 truncate -s 64M /tmp/4k.img
-vudev export vduse --name bs0 --file /tmp/4k.img --logical-block-size 4096 --direct 2>/tmp/bs0.log &
+vudev export vduse --name bs0 --file /tmp/4k.img --logical-block-size 4096 --direct $AS 2>/tmp/bs0.log &
 pid=$!
 dev=$(wait_blkdev bs0 30) && echo "CHECK PASS blocksize-attach" || echo "CHECK FAIL blocksize-attach: $(tail -3 /tmp/bs0.log)"
+sandbox_check blocksize $pid
 check blocksize-4096 [ "$(cat /sys/block/${dev#/dev/}/queue/logical_block_size)" = 4096 ]
 check blocksize-fio-verify fio --name=bs --filename=$dev --rw=randwrite --bsrange=4k-128k \
     --iodepth=16 --ioengine=libaio --direct=1 --size=16m --verify=crc32c --verify_fatal=1

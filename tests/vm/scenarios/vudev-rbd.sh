@@ -33,7 +33,7 @@ kills=0
 for k in 1 2 3; do
     sleep "$((2 + RANDOM % 3)).$((RANDOM % 10))"
     kill -0 $fio 2>/dev/null || break
-    kill -KILL $pid && wait $pid 2>/dev/null
+    kill -KILL "$(served_by $pid)" && wait $pid 2>/dev/null
     kills=$((kills + 1))
     start_rbd_export
 done

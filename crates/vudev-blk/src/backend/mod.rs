@@ -20,4 +20,4 @@ pub use kit::{check_range, eventfd, total_len, zero_fill, Capacity, Immediate, R
 pub use memory::MemoryBackend;
 pub use nbd::{NbdAddress, NbdBackend, NbdError, NbdTls, NbdUri};
 pub use null::NullBackend;
-pub use rbd::{RbdBackend, RbdError, RbdOptions, RbdSpec};
+pub use rbd::{records_dir as rbd_records_dir, RbdBackend, RbdError, RbdOptions, RbdSpec};

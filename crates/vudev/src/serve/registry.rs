@@ -584,7 +584,10 @@ fn start(args: &ExportArgs) -> Result<Box<Export>, ApiError> {
     let (backend, opts, dev) = args.parts();
     let built = device::build(backend, opts, dev).map_err(|e| ApiError::new(Code::Backend, e))?;
     let serving = match args {
-        ExportArgs::Vduse(a) => VduseServing::start(a, &built).map(Serving::Vduse),
+        ExportArgs::Vduse(a) => vudev_vduse::authority::Local::open()
+            .map_err(|e| e.to_string())
+            .and_then(|local| VduseServing::start(a, &built, Arc::new(local)))
+            .map(Serving::Vduse),
         ExportArgs::VhostUser(a) => {
             VhostUserServing::start(a, &built, || {}).map(Serving::VhostUser)
         }

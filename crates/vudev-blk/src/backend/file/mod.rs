@@ -110,7 +110,18 @@ impl FileBackend {
             flags |= libc::O_DIRECT;
         }
         opts.custom_flags(flags);
-        let file = opts.open(path)?;
+        Self::from_file(opts.open(path)?, path, read_only, direct, aio)
+    }
+
+    /// [`FileBackend::open`] for a file opened elsewhere (by a privileged helper): `file` must
+    /// be `path` opened read-only or read-write as `read_only` says, with O_DIRECT if `direct`.
+    pub fn from_file(
+        file: File,
+        path: &Path,
+        read_only: bool,
+        direct: bool,
+        aio: Aio,
+    ) -> io::Result<Self> {
         let meta = file.metadata()?;
         let block_device = meta.file_type().is_block_device();
         let size = if block_device {

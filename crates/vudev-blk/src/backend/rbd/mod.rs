@@ -31,6 +31,7 @@ mod ffi;
 mod queue;
 mod spec;
 mod takeover;
+pub use takeover::records_dir;
 
 use cluster::{Cluster, Ioctx};
 use error::errno;

@@ -2,7 +2,7 @@
 //! cluster gives up on it (the OSDs' watch timeout, 30 s by default), and a restarted
 //! vudev's first write waits that long: a stall its driver would see after every crash.
 //!
-//! So every cluster connection leaves a record on this host, [`RECORDS`]`/FSID.NONCE`
+//! So every cluster connection leaves a record on this host, [`records_dir`]`/FSID.NONCE`
 //! (NONCE: the random part of the connection's address `IP:PORT/NONCE`, which is how the
 //! cluster names a lock's owner). The record holds the full address and the pid, and the
 //! process keeps it open under an exclusive `flock` for as long as the connection lives:
@@ -26,8 +26,22 @@ use super::error::errno;
 use super::ffi;
 use super::spec::c;
 
-/// Where the records live (tmpfs: a reboot clears them).
-pub(super) const RECORDS: &str = "/run/vudev/rbd";
+/// Where the records of the processes running as `uid` live (tmpfs: a reboot clears them):
+/// a directory per user, which only that user may write, so that nobody can plant a record
+/// that would make another user's vudev break a lock. A process that gives up root for
+/// another user needs that user's directory made for it (the binary's helper does that).
+pub fn records_dir(uid: u32) -> PathBuf {
+    match uid {
+        0 => PathBuf::from("/run/vudev/rbd"),
+        uid => PathBuf::from(format!("/run/vudev/rbd-{uid}")),
+    }
+}
+
+/// This process's record directory.
+fn records() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    records_dir(unsafe { libc::geteuid() })
+}
 
 /// How long the record of a process seen gone is kept: far longer than the cluster keeps
 /// a dead client's watch (after that, librbd breaks its locks without our help).
@@ -44,15 +58,16 @@ impl ClientRecord {
     /// Records that the client at `address` in cluster `fsid` is this process. Without a
     /// writable record directory there is no record (and a restart waits for the cluster).
     pub(super) fn write(fsid: &str, address: &str) -> Option<ClientRecord> {
-        let dir = Path::new(RECORDS);
-        let path = record_path(dir, fsid, address)?;
-        clean_up(dir);
-        match create(dir, &path, address) {
+        let dir = records();
+        let path = record_path(&dir, fsid, address)?;
+        clean_up(&dir);
+        match create(&dir, &path, address) {
             Ok(file) => Some(ClientRecord { path, _file: file }),
             Err(e) => {
                 tracing::debug!(
-                    "cannot record this RBD client in {RECORDS} ({e}): after a crash, the next \
-                     vudev waits for the cluster to drop this one's locks"
+                    "cannot record this RBD client in {} ({e}): after a crash, the next \
+                     vudev waits for the cluster to drop this one's locks",
+                    dir.display()
                 );
                 None
             }
@@ -207,7 +222,7 @@ pub(super) fn from_dead_vudev(image: ffi::ImageT, fsid: &str, spec: &str) {
         }
     };
     for owner in owners {
-        let recorded = record_path(Path::new(RECORDS), fsid, &owner);
+        let recorded = record_path(&records(), fsid, &owner);
         let Some(record) = recorded.as_deref().and_then(gone) else {
             continue;
         };

@@ -1,0 +1,310 @@
+//! Least privilege for the process that serves data: everything that reads a peer's input (a
+//! driver's rings, a vhost-user frontend, an NBD server, a Ceph cluster) runs as `--user`,
+//! with no capabilities, no_new_privs and a seccomp allowlist. What needs privileges stays
+//! with a helper process ([`helper`]), or with whoever handed the device over
+//! (`--device-fd`).
+
+pub mod helper;
+mod seccomp;
+mod split;
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use vudev_vduse::authority::{Authority, Local};
+
+use crate::cli::{BackendArgs, BackendOptions, DeviceArgs, SandboxArgs, Switch, VduseArgs};
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Whom to become.
+#[derive(Clone, Copy, Debug)]
+pub struct Identity {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+impl SandboxArgs {
+    /// The identity `--user`/`--group` name, if any.
+    pub fn identity(&self) -> Result<Option<Identity>, String> {
+        let Some((uid, primary)) = self.user else {
+            return Ok(None);
+        };
+        let gid = self.group.or(primary).ok_or_else(|| {
+            format!("user {uid} has no entry in the user database: name its group with --group")
+        })?;
+        Ok(Some(Identity { uid, gid }))
+    }
+}
+
+/// Makes this process the confined one: becomes `identity` (with no supplementary groups and
+/// no capabilities left in any set), then, with `--sandbox on`, sets no_new_privs and the
+/// seccomp allowlist. Must run while the process has one thread: threads started later
+/// inherit all of it, threads started earlier would not.
+pub fn confine(identity: Option<Identity>, sandbox: Switch) -> Result<(), String> {
+    one_thread()?;
+    if let Some(id) = identity {
+        become_user(id)?;
+    }
+    if sandbox == Switch::On {
+        seccomp::apply()?;
+    }
+    if let Some(id) = identity {
+        tracing::info!(
+            uid = id.uid,
+            gid = id.gid,
+            seccomp = sandbox == Switch::On,
+            "serving as an unprivileged user"
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless this process has a single thread.
+pub fn one_thread() -> Result<(), String> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .map_err(|e| format!("cannot count this process's threads in /proc/self/task: {e}"))?;
+    if threads != 1 {
+        return Err(format!(
+            "internal error: the sandbox must be entered with one thread, not {threads}"
+        ));
+    }
+    Ok(())
+}
+
+fn become_user(id: Identity) -> Result<(), String> {
+    let os = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    // Empty the bounding set first (needs CAP_SETPCAP, which we still have as root): nothing
+    // run later could regain a capability even without no_new_privs.
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINVAL) {
+                break; // past the last capability this kernel knows
+            }
+            return Err(format!(
+                "--user needs vudev started as root (dropping capability {cap}: {e})"
+            ));
+        }
+    }
+    // SAFETY: setgroups with an empty list, then set*id with plain integers.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            return Err(os("setgroups"));
+        }
+        if libc::setresgid(id.gid, id.gid, id.gid) != 0 {
+            return Err(os("setresgid"));
+        }
+        // Leaving uid 0 clears the permitted, effective and ambient capabilities...
+        if libc::setresuid(id.uid, id.uid, id.uid) != 0 {
+            return Err(os("setresuid"));
+        }
+    }
+    // ...but not the inheritable ones: cleared too (lowering needs no privilege).
+    let mut header = CapHeader {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset reads the header and two data structs, as version 3 defines them.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(os("capset"));
+    }
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    let left = status
+        .lines()
+        .filter(|l| {
+            ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:", "CapBnd:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .any(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|v| !v.trim_start_matches('0').is_empty())
+        });
+    if left {
+        return Err("capabilities are left after changing user: refusing to serve".into());
+    }
+    Ok(())
+}
+
+/// How a VDUSE export gets its privileged work done, and this process confined: with
+/// `--device-fd` the device is handed over and nothing is privileged; with `--user` a helper
+/// process is forked (this function returns only in the child); otherwise this process does it
+/// itself.
+pub fn vduse_authority(
+    args: &VduseArgs,
+    device_fd: Option<i32>,
+    sandbox: &SandboxArgs,
+) -> Result<Arc<dyn Authority>, String> {
+    let identity = sandbox.identity()?;
+    if let Some(fd) = device_fd {
+        let file = handed_over(fd, &args.name)?;
+        if let Some(id) = identity {
+            before_dropping(id, &args.backend, &args.backend_options, &args.device)?;
+        }
+        confine(identity, sandbox.sandbox)?;
+        let a = vudev_vduse::authority::HandedOver::new(&args.name, file);
+        return Ok(Arc::new(a));
+    }
+    let local = Local::open().map_err(|e| e.to_string())?;
+    let Some(id) = identity else {
+        confine(None, sandbox.sandbox)?;
+        return Ok(Arc::new(local));
+    };
+    Ok(Arc::new(split::fork(args, local, id, sandbox.sandbox)?))
+}
+
+/// Takes `fd` as `/dev/vduse/NAME`: it must be that node.
+fn handed_over(fd: i32, name: &str) -> Result<std::fs::File, String> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|_| format!("--device-fd {fd}: no such open file descriptor"))?;
+    let want = format!("/dev/vduse/{name}");
+    if link != std::path::Path::new(&want) {
+        return Err(format!(
+            "--device-fd {fd} is {}, not {want}: hand over the node of the device named by --name",
+            link.display()
+        ));
+    }
+    // SAFETY: fcntl on an fd number; it fails on one not open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
+        return Err(format!(
+            "--device-fd {fd}: {want} must be open for reading and writing (e.g. `3<>{want}`)"
+        ));
+    }
+    // SAFETY: the fd is open (its /proc link exists) and the command line gives it to us;
+    // nothing else in this process uses it.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    // Not inherited by anything this process might start.
+    // SAFETY: fcntl on an fd we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok(file)
+}
+
+/// What root does for a process about to become `id`, which it could not do itself: opens
+/// `--file` (once, now, as the export will use it, for the backend to take when it opens) and
+/// makes the user's RBD record directory.
+pub fn before_dropping(
+    id: Identity,
+    backend: &BackendArgs,
+    opts: &BackendOptions,
+    dev: &DeviceArgs,
+) -> Result<(), String> {
+    open_file_first(backend, opts, dev)?;
+    if backend.rbd.is_some() {
+        give_rbd_records(id)?;
+    }
+    Ok(())
+}
+
+fn open_file_first(
+    backend: &BackendArgs,
+    opts: &BackendOptions,
+    dev: &DeviceArgs,
+) -> Result<(), String> {
+    let Some(path) = &backend.file else {
+        return Ok(());
+    };
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(!dev.readonly);
+    let direct = if opts.direct { libc::O_DIRECT } else { 0 };
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut o, libc::O_CLOEXEC | direct);
+    let file = Mutex::new(Some(o.open(path)));
+    let _ = crate::backend::FILE_OPENER.set(Box::new(move |_| {
+        file.lock()
+            .ok()
+            .and_then(|mut f| f.take())
+            .unwrap_or_else(|| Err(std::io::Error::other("the file was opened once already")))
+    }));
+    Ok(())
+}
+
+/// Makes `dir` (the state directory) if it is missing, root's and 0755 whatever the umask:
+/// the serving user must get through it to its own state file.
+pub fn state_dir(dir: &Path) -> Result<(), String> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .map_err(|e| format!("cannot make {} 0755: {e}", dir.display()))
+}
+
+/// Gives a device's state file to the user that serves it (making it if missing), so that
+/// the user can keep its records in a directory it may not write to. Refused for anything but
+/// a regular file of one link belonging to root or to the user already: root never changes
+/// the owner of a file someone planted or linked there.
+pub fn give_state_file(path: &Path, id: Identity) -> Result<(), String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    use std::os::unix::fs::MetadataExt;
+    if !meta.is_file() || meta.nlink() != 1 || (meta.uid() != 0 && meta.uid() != id.uid) {
+        return Err(format!(
+            "{} is not a state file vudev made (not a regular file of one link owned by root \
+             or uid {}): remove it",
+            path.display(),
+            id.uid
+        ));
+    }
+    // SAFETY: fchown on an fd we own.
+    if unsafe { libc::fchown(file.as_raw_fd(), id.uid, id.gid) } != 0 {
+        return Err(format!(
+            "cannot give {} to uid {}: {}",
+            path.display(),
+            id.uid,
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Makes the user's RBD record directory (`vudev_blk::rbd_records_dir`), which it cannot make
+/// itself under the root-owned /run/vudev: without it, a restarted vudev would wait for the
+/// cluster to drop its dead predecessor's lock.
+pub fn give_rbd_records(id: Identity) -> Result<(), String> {
+    let dir = vudev_blk::rbd_records_dir(id.uid);
+    if let Some(parent) = dir.parent() {
+        state_dir(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", dir.display())),
+    }
+    let meta = std::fs::symlink_metadata(&dir).map_err(|e| e.to_string())?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory: remove it", dir.display()));
+    }
+    std::os::unix::fs::lchown(&dir, Some(id.uid), Some(id.gid))
+        .map_err(|e| format!("cannot give {} to uid {}: {e}", dir.display(), id.uid))
+}
