@@ -529,7 +529,9 @@ impl WorkerState {
             }
         }
         let mut mem = self.map.memory();
-        let mut retried = false;
+        // One retry each: of the ring (its mapping taken away by an IOTLB update), and of an
+        // indirect table not mapped yet.
+        let (mut ring_retried, mut retried) = (false, false);
         let head = loop {
             let ring = RingMemory(&mem);
             let next = self.queue.iter(&ring).map(|mut it| it.next());
@@ -537,9 +539,9 @@ impl WorkerState {
                 Ok(Some(c)) => c,
                 Ok(None) => return false,
                 // As above: the ring's mapping may have just been taken away.
-                Err(_) if !retried && self.fault_in_rings() => {
+                Err(_) if !ring_retried && self.fault_in_rings() => {
                     mem = self.map.memory();
-                    retried = true;
+                    ring_retried = true;
                     continue;
                 }
                 Err(e) => {

@@ -145,7 +145,7 @@ pub enum ExportCommand {
         /// Serve a VDUSE device that was created by someone else (`vudev vduse create`)
         /// and handed over as this open file descriptor of /dev/vduse/NAME: no privileges
         /// are needed, and attaching, detaching and destroying it stay with its creator.
-        #[arg(long, value_name = "FD", conflicts_with = "user")]
+        #[arg(long, value_name = "FD")]
         device_fd: Option<i32>,
         #[command(flatten)]
         sandbox: SandboxArgs,

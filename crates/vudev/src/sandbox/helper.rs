@@ -166,10 +166,17 @@ impl<A: Authority> Helper<A> {
                     config,
                 };
                 match self.authority.create_device(&cfg) {
-                    Ok(()) => {
-                        self.holds = true;
-                        self.give_state_file()
-                    }
+                    Ok(()) => match self.give_state_file() {
+                        (Reply::Done, _) => {
+                            self.holds = true;
+                            (Reply::Done, None)
+                        }
+                        failed => {
+                            // Not left created and unserved: the child gives up on it.
+                            let _ = self.authority.destroy_device(&cfg.name);
+                            failed
+                        }
+                    },
                     Err(TransportError::Vduse(VduseError::NameTaken(_))) => {
                         (Reply::NameTaken, None)
                     }
@@ -216,7 +223,7 @@ impl<A: Authority> Helper<A> {
                     self.holds = false;
                     (Reply::Done, None)
                 }
-                // The caller retries while the kernel says busy: keep the errno in the text.
+                // The caller retries while the kernel says busy (the errno goes with the reply).
                 Err(e) => failed(e),
             },
             Request::Attach { name } => match self.authority.attach(&name) {

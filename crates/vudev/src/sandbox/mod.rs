@@ -64,6 +64,11 @@ pub fn confine(identity: Option<Identity>, sandbox: Switch) -> Result<(), String
     one_thread()?;
     if let Some(id) = identity {
         become_user(id)?;
+        // Whatever --sandbox says: no exec of a set-user-ID program gives root back.
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+            return Err(format!("no_new_privs: {}", io::Error::last_os_error()));
+        }
     }
     if sandbox == Switch::On {
         seccomp::apply()?;
@@ -270,10 +275,12 @@ pub fn give_state_file(path: &Path, id: Identity) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     if !meta.is_file() || meta.nlink() != 1 || (meta.uid() != 0 && meta.uid() != id.uid) {
         return Err(format!(
-            "{} is not a state file vudev made (not a regular file of one link owned by root \
-             or uid {}): remove it",
+            "{} is not a state file vudev made for uid {} (a regular file of one link owned by \
+             root or by that uid; this one is owned by uid {}: served before with another \
+             --user? then serve it as that user, or remove the file, losing its records)",
             path.display(),
-            id.uid
+            id.uid,
+            meta.uid()
         ));
     }
     // SAFETY: fchown on an fd we own.

@@ -182,9 +182,10 @@ const LEGACY: &[libc::c_long] = &[
 #[cfg(not(target_arch = "x86_64"))]
 const LEGACY: &[libc::c_long] = &[];
 
-/// ioctl requests refused whatever the descriptor: typing into a terminal (TIOCSTI) and the
-/// console's commands (TIOCLINUX).
-const TERMINAL_IOCTLS: &[u64] = &[0x5412, 0x541C];
+/// ioctl requests refused whatever the descriptor: typing into a terminal (TIOCSTI), the
+/// console's commands (TIOCLINUX), and making the kernel signal another process (a socket's
+/// owner: FIOSETOWN, SIOCSPGRP; FIOASYNC).
+const REFUSED_IOCTLS: &[u64] = &[0x5412, 0x541C, 0x8901, 0x8902, 0x5452];
 
 /// fcntl commands refused: those that make the kernel signal another process (SIGIO to an
 /// owner of our choosing).
@@ -241,7 +242,7 @@ fn programs() -> Result<[BpfProgram; 2], String> {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(vec![rule(conditions)?])
     };
-    rules.insert(libc::SYS_ioctl, none_of(1, TERMINAL_IOCTLS)?);
+    rules.insert(libc::SYS_ioctl, none_of(1, REFUSED_IOCTLS)?);
     rules.insert(libc::SYS_fcntl, none_of(1, SIGNALLING_FCNTLS)?);
     // These act on this process or thread only (pid 0): not on another of the same user.
     rules.insert(libc::SYS_prlimit64, vec![rule(vec![arg_equals(0, 0)?])?]);
@@ -249,7 +250,13 @@ fn programs() -> Result<[BpfProgram; 2], String> {
         libc::SYS_sched_setaffinity,
         vec![rule(vec![arg_equals(0, 0)?])?],
     );
-    rules.insert(libc::SYS_setpriority, vec![rule(vec![arg_equals(1, 0)?])?]);
+    rules.insert(
+        libc::SYS_setpriority,
+        vec![rule(vec![
+            arg_equals(0, libc::PRIO_PROCESS as u64)?,
+            arg_equals(1, 0)?,
+        ])?],
+    );
     let thread = SeccompCondition::new(
         0,
         SeccompCmpArgLen::Qword,
@@ -366,6 +373,28 @@ mod tests {
         }
         assert_eq!(
             libc::WTERMSIG(in_sandboxed_child(signal_another_process)),
+            libc::SIGSYS
+        );
+
+        fn own_a_socket_for_another() {
+            let pid: libc::c_int = 1;
+            // SAFETY: a unix socket, and FIOSETOWN reading an int.
+            unsafe {
+                let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                libc::ioctl(s, 0x8901, &pid);
+            }
+        }
+        assert_eq!(
+            libc::WTERMSIG(in_sandboxed_child(own_a_socket_for_another)),
+            libc::SIGSYS
+        );
+
+        fn lower_the_users_priority() {
+            // SAFETY: plain integers.
+            unsafe { libc::setpriority(libc::PRIO_USER, 0, 19) };
+        }
+        assert_eq!(
+            libc::WTERMSIG(in_sandboxed_child(lower_the_users_priority)),
             libc::SIGSYS
         );
 

@@ -35,7 +35,12 @@ pub fn fork(
             rlim_max: libc::RLIM_INFINITY,
         };
         // SAFETY: setrlimit reads the struct.
-        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) };
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) } != 0 {
+            tracing::warn!(
+                "cannot raise RLIMIT_MEMLOCK for --bounce-umem: {}",
+                io::Error::last_os_error()
+            );
+        }
     }
     let (api_version, features) = (local.api_version(), local.vduse_features());
     let (parent_end, child_end) = socket_pair().map_err(|e| format!("socketpair: {e}"))?;
@@ -97,6 +102,7 @@ fn run_helper(
     // after it is reaped (no signal to a recycled pid).
     // SAFETY: pidfd_open with a pid and no flags.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child, 0) } as i32;
+    let pidfd_error = io::Error::last_os_error();
     let forwarder = std::thread::Builder::new()
         .name("vudev-helper-signals".into())
         .spawn(move || loop {
@@ -115,9 +121,12 @@ fn run_helper(
             }
         });
     if pidfd < 0 || forwarder.is_err() {
+        let why = match forwarder {
+            Err(e) => e,
+            Ok(_) => pidfd_error,
+        };
         tracing::error!(
-            "helper: cannot pass signals on to the serving process ({}): stopping it",
-            io::Error::last_os_error()
+            "helper: cannot pass signals on to the serving process ({why}): stopping it"
         );
         // SAFETY: kill(2) to our own child, not reaped yet.
         unsafe { libc::kill(child, libc::SIGTERM) };
