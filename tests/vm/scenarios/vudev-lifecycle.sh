@@ -98,10 +98,14 @@ kill -TERM $dpid
 wait_exit $dpid 30
 check delegate-stop-exit-0 [ $? -eq 0 ]
 check delegate-device-left [ -c /dev/vduse/dl0 ]
-# Served again by a new unprivileged vudev: the device adopted, the data still there.
-serve_as_nobody /tmp/dl1.log
+# Served again, by a vudev started as root that becomes nobody before it serves (--user with
+# --device-fd: no helper, nothing privileged is left): the device adopted, the data still there.
+vudev export vduse --name dl0 --file /tmp/dl.img --device-fd 3 --user nobody 3<>/dev/vduse/dl0 2>/tmp/dl1.log &
+dpid=$!
 i=0; while ! grep -q "serving file" /tmp/dl1.log && [ $i -lt 200 ]; do i=$((i + 1)); sleep 0.1; done
 check delegate-adopted grep -q "VDUSE device adopted" /tmp/dl1.log
+check delegate-dropped-uid grep -Eq "^Uid:[[:space:]]+65534[[:space:]]" /proc/$dpid/status
+check delegate-dropped-no-new-privs grep -Eq "^NoNewPrivs:[[:space:]]+1$" /proc/$dpid/status
 check delegate-reattach vudev vdpa attach dl0
 dev=$(wait_blkdev dl0 30)
 check delegate-read-back sh -c "dd if=$dev bs=1M skip=20 count=4 iflag=direct 2>/dev/null | cmp - /tmp/pattern"

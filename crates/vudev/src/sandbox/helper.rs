@@ -590,11 +590,16 @@ mod tests {
         // A symlink, and a hard link, where the state file goes.
         let state = dir.join("mine.state");
         std::os::unix::fs::symlink(&target, &state).unwrap();
-        let (mut h, _) = helper(&state);
+        let (mut h, authority) = helper(&state);
         assert!(matches!(
             h.answer(create("mine", 2)),
             (Reply::Failed(None, _), None)
         ));
+        // The device it created for nothing is destroyed again, and it holds nothing.
+        assert_eq!(authority.0.load(Ordering::SeqCst), 2);
+        assert!(refused(h.answer(Request::Attach {
+            name: "mine".into()
+        })));
         std::fs::remove_file(&state).unwrap();
         std::fs::hard_link(&target, &state).unwrap();
         let (mut h, _) = helper(&state);
