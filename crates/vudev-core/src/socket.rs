@@ -119,28 +119,24 @@ impl Drop for PrivateDir {
     }
 }
 
-/// Looks a name up with a getpwnam_r-style call, growing the buffer while it is too small.
-/// `Ok(None)`: no such entry.
+/// `name` for the C library: refused if it holds a NUL.
+fn c_name(name: &str) -> Result<std::ffi::CString, String> {
+    std::ffi::CString::new(name).map_err(|_| format!("invalid name '{name}': it holds a NUL"))
+}
+
+/// Looks an entry up with a getpwnam_r-style call (the key captured by `call`), growing the
+/// buffer while it is too small. `Ok(None)`: no such entry.
 fn lookup<T, I>(
-    name: &str,
-    call: impl Fn(*const libc::c_char, *mut T, *mut libc::c_char, usize, *mut *mut T) -> i32,
+    call: impl Fn(*mut T, *mut libc::c_char, usize, *mut *mut T) -> i32,
     id: impl Fn(&T) -> I,
 ) -> io::Result<Option<I>> {
-    let c = std::ffi::CString::new(name)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in the name"))?;
     let mut len = 16 << 10;
     loop {
         // SAFETY: a zeroed passwd or group is a valid out value for the call to fill.
         let mut entry: T = unsafe { std::mem::zeroed() };
         let mut buf = vec![0u8; len];
         let mut found: *mut T = std::ptr::null_mut();
-        let r = call(
-            c.as_ptr(),
-            &mut entry,
-            buf.as_mut_ptr().cast(),
-            len,
-            &mut found,
-        );
+        let r = call(&mut entry, buf.as_mut_ptr().cast(), len, &mut found);
         match r {
             0 if found.is_null() => return Ok(None),
             0 => return Ok(Some(id(&entry))),
@@ -162,12 +158,12 @@ pub fn user_id(user: &str) -> Result<u32, String> {
 
 /// A user's id and, if the user has an entry in the user database, its primary group.
 pub fn user_and_group(user: &str) -> Result<(u32, Option<u32>), String> {
+    let name = c_name(user)?;
     let found = lookup(
-        user,
-        |n, e, b, l, f| {
+        |e, b, l, f| {
             // SAFETY: `lookup` passes pointers valid for the call, and a buffer that
-            // outlives the entry it fills.
-            unsafe { libc::getpwnam_r(n, e, b, l, f) }
+            // outlives the entry it fills; `name` is NUL-terminated.
+            unsafe { libc::getpwnam_r(name.as_ptr(), e, b, l, f) }
         },
         |p: &libc::passwd| (p.pw_uid, Some(p.pw_gid)),
     );
@@ -186,31 +182,25 @@ pub fn user_and_group(user: &str) -> Result<(u32, Option<u32>), String> {
 
 /// The primary group of the user with id `uid`, if the user database has it.
 fn primary_group_of(uid: u32) -> Option<u32> {
-    let mut len = 16 << 10;
-    loop {
-        // SAFETY: a zeroed passwd is a valid out value for getpwuid_r to fill.
-        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut buf = vec![0u8; len];
-        let mut found: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: every pointer is valid for the call, and `buf` outlives `entry`'s use.
-        let r =
-            unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr().cast(), len, &mut found) };
-        match r {
-            0 if found.is_null() => return None,
-            0 => return Some(entry.pw_gid),
-            libc::ERANGE if len < 4 << 20 => len *= 4,
-            _ => return None,
-        }
-    }
+    lookup(
+        |e, b, l, f| {
+            // SAFETY: `lookup` passes pointers valid for the call, and a buffer that
+            // outlives the entry it fills.
+            unsafe { libc::getpwuid_r(uid, e, b, l, f) }
+        },
+        |p: &libc::passwd| p.pw_gid,
+    )
+    .ok()
+    .flatten()
 }
 
 /// A group's id, by name or number.
 pub fn group_id(group: &str) -> Result<u32, String> {
+    let name = c_name(group)?;
     let found = lookup(
-        group,
-        |n, e, b, l, f| {
-            // SAFETY: as in `user_id`.
-            unsafe { libc::getgrnam_r(n, e, b, l, f) }
+        |e, b, l, f| {
+            // SAFETY: as in `user_and_group`.
+            unsafe { libc::getgrnam_r(name.as_ptr(), e, b, l, f) }
         },
         |g: &libc::group| g.gr_gid,
     );

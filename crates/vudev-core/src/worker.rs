@@ -852,6 +852,23 @@ mod tests {
         }
     }
 
+    /// Puts one writable 512-byte buffer at `buf` on the ring as avail entry 0.
+    fn post_one_chain(mem: &Memory, buf: u64) {
+        let desc = [buf, 512u64 | (u64::from(VRING_DESC_F_WRITE) << 32)];
+        mem.write_obj(desc, GuestAddress(DESC)).unwrap();
+        mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+    }
+
+    /// Has the worker serving `map` run `hook` just before it reads the avail index.
+    fn before_the_avail_read(map: &Arc<MemoryMap>, hook: impl FnOnce() + Send + 'static) {
+        let key = Arc::as_ptr(map) as usize;
+        BEFORE_AVAIL_READ
+            .lock()
+            .unwrap()
+            .push((key, Box::new(hook)));
+    }
+
     /// Completes each chain with length 1 if all its buffers are in the memory it was handed,
     /// 0 if not.
     struct InMemory;
@@ -899,19 +916,10 @@ mod tests {
         // As the worker is about to read the avail index, an IOTLB update takes all of the
         // memory away (VDUSE: UPDATE_IOTLB invalidates before it maps again) and a chain is
         // made available.
-        let hook = move || {
-            let mem = map.memory();
-            let desc = [512u64, 512u64 | (u64::from(VRING_DESC_F_WRITE) << 32)];
-            mem.write_obj(desc, GuestAddress(DESC)).unwrap();
-            mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-            mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        before_the_avail_read(&drv.map, move || {
+            post_one_chain(&map.memory(), 512);
             map.invalidate(0, LEN - 1);
-        };
-        let key = Arc::as_ptr(&drv.map) as usize;
-        BEFORE_AVAIL_READ
-            .lock()
-            .unwrap()
-            .push((key, Box::new(hook)));
+        });
         drv.start(Box::new(InMemory), Tracking::default(), 0, false);
         // Until the worker looks the memory up again, it is not ours to read either.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -936,20 +944,11 @@ mod tests {
         // As the worker is about to read the avail index, a frontend adds memory (its ack
         // comes back at once) and makes a chain available whose buffer is in it.
         let map = drv.map.clone();
-        let hook = move || {
+        before_the_avail_read(&drv.map, move || {
             map.replace(vec![mapping(&low, 0, LEN), mapping(&high, LEN, LEN)])
                 .unwrap();
-            let mem = map.memory();
-            let desc = [LEN + 512, 512u64 | (u64::from(VRING_DESC_F_WRITE) << 32)];
-            mem.write_obj(desc, GuestAddress(DESC)).unwrap();
-            mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-            mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
-        };
-        let key = Arc::as_ptr(&drv.map) as usize;
-        BEFORE_AVAIL_READ
-            .lock()
-            .unwrap()
-            .push((key, Box::new(hook)));
+            post_one_chain(&map.memory(), LEN + 512);
+        });
         drv.start(Box::new(InMemory), Tracking::default(), 0, false);
         assert_eq!(drv.wait_used(), (0, 1), "the buffer looked outside memory");
         drv.stop();
