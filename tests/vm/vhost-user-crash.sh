@@ -4,7 +4,7 @@
 # with SIGKILL at random moments and started again with the same command. The restarted vudev
 # gets its in-flight area back from QEMU (INFLIGHT_SHMFD) and resubmits what was in flight.
 # With DAEMON=serve the export is one of a `vudev serve` config (killed and started again
-# the same way), and checks are named vucs-* instead of vuc-*. With BACKEND=rbd the disk is
+# the same way) that serves as nobody, and checks are named vucs-* instead of vuc-*. With BACKEND=rbd the disk is
 # an RBD image on a Ceph cluster started for the test (tests/ceph/cluster.sh), checks vucr-*.
 #   [DAEMON=serve] [BACKEND=rbd] vhost-user-crash.sh KERNEL [KILLS]
 #   (prints CHECK lines and `N passed, M failed`)
@@ -19,7 +19,7 @@ work=$(mktemp -d "$root/target/vm/vuc-XXXXXX")
 daemon=${DAEMON:-export} backend=${BACKEND:-file}
 tag=vuc; [[ $daemon == serve ]] && tag=vucs; [[ $backend == rbd ]] && tag=vucr
 name=$daemon; [[ $backend == rbd ]] && name=$daemon-rbd
-sock=$work/vuc.sock img=$work/disk.img log=$root/target/vm/logs/vhost-user-crash-$name.log
+sock=$work/run/vuc.sock img=$work/disk.img log=$root/target/vm/logs/vhost-user-crash-$name.log
 pid="" guest=""
 ceph_dir=$work/ceph
 trap 'kill -9 $pid $guest 2>/dev/null || true; [[ $backend != rbd ]] || "$root/tests/ceph/cluster.sh" stop "$ceph_dir"; rm -rf "$work"' EXIT
@@ -39,7 +39,18 @@ else
     disk=(--file "$img")
     disk_toml="file = \"$img\""
 fi
+# The daemon serves as nobody (its root helper keeps the privileges), so the socket's
+# directory is nobody's; everything else stays root's.
+mkdir -p "$work/run"
+user_toml=""
+if [[ $daemon == serve ]]; then
+    chmod 755 "$work"
+    chown nobody "$work/run"
+    user_toml='user = "nobody"'
+fi
 cat > "$work/serve.toml" <<TOML
+$user_toml
+
 [[export]]
 transport = "vhost-user"
 socket = "$sock"
@@ -97,6 +108,11 @@ image_sum() {
 same_sum() { [ -n "$guest_sum" ] && [ "$guest_sum" = "$(image_sum)" ]; }
 check "$tag-image-equals-device" same_sum
 check "$tag-vudev-alive" kill -0 "$pid"
+if [[ $daemon == serve ]]; then
+    served=$(awk '{print $1}' "/proc/$pid/task/$pid/children")
+    check "$tag-serves-as-nobody" grep -Eq "^Uid:[[:space:]]+65534[[:space:]]" "/proc/$served/status"
+    check "$tag-serves-under-seccomp" grep -Eq "^Seccomp:[[:space:]]+2$" "/proc/$served/status"
+fi
 kill -TERM "$pid"
 set +e; wait "$pid"; rc=$?; set -e
 check "$tag-sigterm-exit-0" [ "$rc" = 0 ]

@@ -17,11 +17,12 @@ use crate::cli::{
     AioMode, BackendArgs, BackendOptions, DeviceArgs, DEFAULT_NBD_TIMEOUT, DEFAULT_RBD_TIMEOUT,
 };
 
-/// Opens `--file` for a process that may not open it itself: a sandboxed export's files are
-/// opened by its privileged helper (`sandbox::helper`), with the flags the options say.
-pub type FileOpener = Box<dyn Fn(&Path) -> io::Result<File> + Send + Sync>;
+/// The file of a `--file` path opened already, for a process that may not open it itself: a
+/// sandboxed process's files are opened by root before it gives its privileges up
+/// (`sandbox::open_files_first`), with the flags the options say. `None`: open it here.
+pub type FileOpener = Box<dyn Fn(&Path) -> Option<File> + Send + Sync>;
 
-/// Set once, by a sandboxed export, before its backend is opened.
+/// Set once, by a sandboxed process, before its backends are opened.
 pub static FILE_OPENER: OnceLock<FileOpener> = OnceLock::new();
 
 /// Refuses options that mean nothing for the backend chosen (rather than ignore them).
@@ -76,10 +77,8 @@ pub fn open(
         AioMode::Sync => Aio::Sync,
     };
     let backend: Arc<dyn BlockBackend> = if let Some(path) = &args.file {
-        let opened = match FILE_OPENER.get() {
-            Some(open) => {
-                open(path).and_then(|f| FileBackend::from_file(f, path, read_only, direct, aio))
-            }
+        let opened = match FILE_OPENER.get().and_then(|opened| opened(path)) {
+            Some(f) => FileBackend::from_file(f, path, read_only, direct, aio),
             None => FileBackend::open(path, read_only, direct, aio),
         };
         let b = opened.map_err(|e| {

@@ -78,6 +78,9 @@ pub struct ServeArgs {
     /// a restarted daemon serves them again.
     #[arg(long, value_name = "DIR", default_value = "/run/vudev")]
     pub state_dir: PathBuf,
+    /// Who serves the data (over the config's `user` and `group`), and how confined.
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// `vudev ctl`.
@@ -163,10 +166,10 @@ pub enum ExportCommand {
 #[derive(Clone, Debug, Args)]
 pub struct SandboxArgs {
     /// Serve the data as this user (a name or a uid) with no capabilities. Start vudev as
-    /// root: --file is opened first; for VDUSE a small helper process keeps the privileges
-    /// and does only what needs them (creating this device, putting it on the vdpa bus,
-    /// destroying it). For vhost-user the user makes the socket: its directory must be the
-    /// user's.
+    /// root: the files named on the command line (or in serve's config) are opened first;
+    /// for VDUSE a small helper process keeps the privileges and does only what needs them
+    /// (creating the device, putting it on the vdpa bus, destroying it). A vhost-user socket
+    /// is made by the user: its directory must be the user's.
     #[arg(long, value_name = "USER", value_parser = user_and_group)]
     pub user: Option<(u32, Option<u32>)>,
     /// The group to serve as (default: the user's primary group).
@@ -220,7 +223,15 @@ pub enum VduseCommand {
 #[derive(Debug, Subcommand)]
 pub enum Export {
     /// Through VDUSE: /dev/vdX on this host (virtio-vdpa) or a VM (vhost-vdpa).
-    Vduse(VduseArgs),
+    Vduse {
+        #[command(flatten)]
+        args: VduseArgs,
+        /// Hand the daemon this open file descriptor of /dev/vduse/NAME (sent with the
+        /// request): it serves a device created by someone else (`vudev vduse create`),
+        /// and attaching, detaching and destroying it stay with its creator.
+        #[arg(long, value_name = "FD")]
+        device_fd: Option<i32>,
+    },
     /// Through a vhost-user socket: for QEMU, cloud-hypervisor or libblkio.
     VhostUser(VhostUserArgs),
 }

@@ -2,11 +2,13 @@
 //! prints the reply, as text or (`--json`) as the daemon gave it.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use clap::ArgMatches;
 use serde_json::{json, Value};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::cli::{CtlArgs, CtlCommand, Export};
 use crate::rpc::{request, MAX_REQUEST};
@@ -18,14 +20,29 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs one `vudev ctl` command; `matches` are those of `ctl add TRANSPORT`, if that is it.
 pub fn run(args: CtlArgs, add_matches: Option<&ArgMatches>) -> Result<(), String> {
+    let mut passed = None;
     let (method, params) = match &args.command {
         CtlCommand::Add(export) => {
             let transport = match export {
-                Export::Vduse(_) => "vduse",
+                Export::Vduse { .. } => "vduse",
                 Export::VhostUser(_) => "vhost-user",
             };
             let matches = add_matches.ok_or("internal error: no options for add")?;
-            ("add", Value::Object(spec::from_matches(transport, matches)))
+            let mut spec = spec::from_matches(transport, matches);
+            if let Export::Vduse {
+                device_fd: Some(fd),
+                ..
+            } = export
+            {
+                if std::fs::read_link(format!("/proc/self/fd/{fd}")).is_err() {
+                    return Err(format!(
+                        "--device-fd {fd}: no such open file descriptor (e.g. `3<>/dev/vduse/NAME`)"
+                    ));
+                }
+                spec.insert("device-fd".into(), Value::Bool(true));
+                passed = Some(*fd);
+            }
+            ("add", Value::Object(spec))
         }
         CtlCommand::Remove { name, force } => ("remove", json!({"name": name, "force": force})),
         CtlCommand::Resize { name, size, force } => {
@@ -43,7 +60,7 @@ pub fn run(args: CtlArgs, add_matches: Option<&ArgMatches>) -> Result<(), String
         CtlCommand::Show { name } => ("show", json!({"name": name})),
         CtlCommand::Version => ("version", json!({})),
     };
-    let result = call(&args.control, method, params)?;
+    let result = call(&args.control, method, params, passed)?;
     let mut out = io::stdout();
     let text = if args.json {
         serde_json::to_string_pretty(&result).unwrap_or_default()
@@ -71,8 +88,14 @@ pub fn run(args: CtlArgs, add_matches: Option<&ArgMatches>) -> Result<(), String
     Ok(())
 }
 
-/// Sends one request and returns its result, or the daemon's error as a message.
-fn call(control: &std::path::Path, method: &str, params: Value) -> Result<Value, String> {
+/// Sends one request (with the file descriptor `passed`, if any: SCM_RIGHTS) and returns its
+/// result, or the daemon's error as a message.
+fn call(
+    control: &std::path::Path,
+    method: &str,
+    params: Value,
+    passed: Option<RawFd>,
+) -> Result<Value, String> {
     let at = control.display();
     let stream = UnixStream::connect(control).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
@@ -86,8 +109,15 @@ fn call(control: &std::path::Path, method: &str, params: Value) -> Result<Value,
     })?;
     let _ = stream.set_read_timeout(Some(REPLY_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REPLY_TIMEOUT));
-    writeln!(&stream, "{}", request(1, method, params))
-        .map_err(|e| format!("cannot send the request to {at}: {e}"))?;
+    let line = format!("{}\n", request(1, method, params));
+    let fds: Vec<RawFd> = passed.into_iter().collect();
+    // The descriptor travels with the line's first bytes; the rest follows if one send did
+    // not take all of it.
+    let sent = stream
+        .send_with_fds(&[line.as_bytes()], &fds)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        .and_then(|n| (&stream).write_all(&line.as_bytes()[n..]));
+    sent.map_err(|e| format!("cannot send the request to {at}: {e}"))?;
     let mut line = Vec::new();
     BufReader::new(&stream)
         .take(MAX_REQUEST as u64 * 16)

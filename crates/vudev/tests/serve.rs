@@ -933,3 +933,155 @@ fn a_guest_that_shrinks_its_memory_costs_only_its_own_session() {
     let rounds = verifier.join().expect("the other export's I/O failed");
     assert!(rounds > 10, "only {rounds} rounds on the other export");
 }
+
+/// A field of /proc/PID/status.
+fn proc_status(pid: u32, field: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+#[test]
+fn a_daemon_serving_as_a_user_keeps_root_in_its_helper_only() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test changes users: run it as root"
+    );
+    let dir = scratch("serve-nobody");
+    // The user's directory, for the vhost-user sockets it makes.
+    std::os::unix::fs::chown(&*dir, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A file only root may open, named by the config: opened before the change of user.
+    let image = common::sparse_image(&dir);
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = format!(
+        "user = \"nobody\"\n\n[[export]]\ntransport = \"vhost-user\"\nname = \"cfg\"\n\
+         socket = \"{}\"\nfile = \"{}\"\n",
+        dir.join("cfg.sock").display(),
+        image.display()
+    );
+    let d = Daemon::start(&dir, Some(&config), &[]);
+    let helper = d.pid();
+    let children =
+        std::fs::read_to_string(format!("/proc/{helper}/task/{helper}/children")).unwrap();
+    let serving: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(
+        proc_status(helper, "Uid").split_whitespace().next(),
+        Some("0")
+    );
+    assert!(proc_status(serving, "Uid")
+        .split_whitespace()
+        .all(|u| u == "65534"));
+    for caps in ["CapPrm", "CapEff", "CapBnd"] {
+        assert_eq!(proc_status(serving, caps), "0000000000000000", "{caps}");
+    }
+    assert_eq!(proc_status(serving, "NoNewPrivs"), "1");
+    assert_eq!(proc_status(serving, "Seccomp"), "2");
+    common::writable_suite(&dir.join("cfg.sock"), 1);
+
+    // Added at run time, a file is opened by the user: root's is refused, and says so.
+    let (code, msg) = d
+        .call(
+            "add",
+            json!({"transport": "vhost-user", "socket": dir.join("rt2.sock"), "file": image}),
+        )
+        .unwrap_err();
+    assert!(msg.contains("permission denied"), "{code}: {msg}");
+    // The record of run-time exports is written by the helper, in root's state directory.
+    d.call(
+        "add",
+        json!({"transport": "vhost-user", "socket": dir.join("rt.sock"), "memory": "64M"}),
+    )
+    .unwrap();
+    let record = dir.join("state/serve-exports.json");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(dir.join("state")).unwrap().uid(), 0);
+    assert_eq!(std::fs::metadata(&record).unwrap().uid(), 0);
+    assert!(std::fs::read_to_string(&record)
+        .unwrap()
+        .contains("rt.sock"));
+    common::writable_suite(&dir.join("rt.sock"), 1);
+    // A VDUSE export keeps its state where the helper gives state files, nowhere else.
+    let (_, msg) = d
+        .call(
+            "add",
+            json!({"transport": "vduse", "name": "v", "memory": "1M", "state-dir": "/tmp/elsewhere"}),
+        )
+        .unwrap_err();
+    assert!(msg.contains("drop state-dir"), "{msg}");
+    // SIGTERM reaches the serving process through the helper; both exit 0, and the helper
+    // removes the control socket the user could not (checked on drop).
+    drop(d);
+    assert!(!Path::new(&format!("/proc/{serving}")).exists());
+    let log = log(&dir);
+    assert!(log.contains("serving as an unprivileged user"), "{log}");
+}
+
+#[test]
+fn a_device_handed_over_through_the_api_must_be_that_device() {
+    let dir = scratch("serve-handover");
+    let d = Daemon::start(&dir, None, &[]);
+    let control = d.control.to_str().unwrap().to_string();
+    // `vudev ctl add … --device-fd N` sends N with the request (SCM_RIGHTS): here /dev/null.
+    let ctl = |fd: &str, transport: &[&str]| {
+        let out = Command::new(VUDEV)
+            .args(["ctl", "--control", &control, "add"])
+            .args(transport)
+            .args(["--device-fd", fd])
+            .stdin(std::fs::File::open("/dev/null").unwrap())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = ctl("0", &["vduse", "--name", "d0", "--null", "1M"]);
+    assert!(
+        err.contains("device-fd: /dev/null is not /dev/vduse/d0"),
+        "{err}"
+    );
+    let err = ctl("9", &["vduse", "--name", "d0", "--null", "1M"]);
+    assert!(
+        err.contains("--device-fd 9: no such open file descriptor"),
+        "{err}"
+    );
+    // Asked for, but none came; or not asked for the right way.
+    let (code, msg) = d
+        .call(
+            "add",
+            json!({"transport": "vduse", "name": "d0", "null": "1M", "device-fd": true}),
+        )
+        .unwrap_err();
+    assert!(
+        msg.contains("no file descriptor came with the request"),
+        "{code}: {msg}"
+    );
+    let (_, msg) = d
+        .call(
+            "add",
+            json!({"transport": "vduse", "name": "d0", "null": "1M", "device-fd": 3}),
+        )
+        .unwrap_err();
+    assert!(msg.contains("device-fd must be true"), "{msg}");
+    // A vhost-user export has no device to be handed.
+    let line = json!({"jsonrpc": "2.0", "id": 1, "method": "add", "params":
+        {"transport": "vhost-user", "socket": dir.join("h.sock"), "null": "1M", "device-fd": true}})
+    .to_string()
+        + "\n";
+    let s = UnixStream::connect(&d.control).unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    s.send_with_fds(&[line.as_bytes()], &[null.as_raw_fd()])
+        .unwrap();
+    let mut reply = String::new();
+    BufReader::new(&s).read_line(&mut reply).unwrap();
+    assert!(
+        reply.contains("only a VDUSE export serves a device"),
+        "{reply}"
+    );
+    assert!(d.names().is_empty());
+}

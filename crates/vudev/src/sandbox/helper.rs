@@ -1,19 +1,26 @@
-//! The privileged helper of a sandboxed VDUSE export. `vudev export vduse --user U` starts as
-//! root and forks before any thread exists: the parent stays root and becomes this helper, the
-//! child gives up its privileges and serves the data. The helper does only what needs
-//! privileges, for the one export named on the command line, when the child asks over a
-//! socket pair (one request per packet, files passed with SCM_RIGHTS):
+//! The privileged helper of a sandboxed process. `vudev export vduse --user U` and
+//! `vudev serve` with a `user` start as root and fork before any thread exists: the parent
+//! stays root and becomes this helper, the child gives up its privileges and serves the data.
+//! The helper does only what needs privileges, when the child asks over a socket pair (one
+//! request per packet, files passed with SCM_RIGHTS):
 //!
-//! create that device (of the device type the command exports), open its node, put it on the
-//! vdpa bus, take it off, destroy it — nothing else, and not before it created or opened it.
-//! Once it did, and only then (it is then this export's device, not another's), it gives the
-//! device's state file to the user. Anything else is refused and logged. The `--file` is not
-//! the helper's business: it is opened before the fork, once, so that no path the child
-//! could tamper with is ever opened by root on its behalf.
+//! create a device (for an export: the one its command line names; for the daemon: any, of
+//! a name fit for a file name), of the device type served; open its node; put it on the vdpa
+//! bus, take it off, tell whether its block device is in use, destroy it — and the last four
+//! only for a device it created or opened. It opens only a device this export names, or (for
+//! the daemon) one with a state file in the state directory, which only root can make there:
+//! a device served before, by this daemon or a root vudev. Once a device is the child's, and
+//! only then, the helper gives its state file to the user. For the daemon, it also writes
+//! the record of run-time exports, which the user may not write in the root-owned state
+//! directory, and passes the daemon's notifications on to the service manager (which takes
+//! them from its main process only). Anything else is refused and logged. No path is opened
+//! on the child's behalf: files are opened before the fork, once, so that no path the child
+//! could tamper with is ever opened by root for it.
 //! The helper forwards SIGINT/SIGTERM to the child and
 //! exits with the child's status; if it dies, the kernel kills the child (PDEATHSIG), and the
-//! device stays for the next vudev to adopt, as after any crash.
+//! devices stay for the next vudev to adopt, as after any crash.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -70,6 +77,23 @@ pub enum Request {
         /// Device name.
         name: String,
     },
+    /// Is the device's block device in use (mounted, or held open exclusively)?
+    InUse {
+        /// Device name.
+        name: String,
+    },
+    /// The daemon: replace its record of run-time exports with `text` (a JSON list).
+    SaveRecord {
+        /// The record.
+        text: String,
+    },
+    /// The daemon: set its record aside (as `.json.bad`), for a person to look at.
+    SetAsideRecord,
+    /// The daemon: pass `state` on to the service manager (sd_notify).
+    Notify {
+        /// `KEY=VALUE` lines; only READY, STATUS, STOPPING and WATCHDOG go on.
+        state: String,
+    },
 }
 
 /// The helper's answer.
@@ -81,22 +105,37 @@ pub enum Reply {
     NameTaken,
     /// `Open`: another process holds the device.
     Busy,
+    /// `InUse`: whether it is.
+    Answer(bool),
     /// The request is not one this helper grants.
     Refused(String),
     /// Granted, but it failed: the errno if there is one, and what failed.
     Failed(Option<i32>, String),
 }
 
-/// What the helper may do: decided from the command line before the fork.
+/// Whose devices the helper may create.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// `vudev export`: the one device named on its command line.
+    Export(String),
+    /// `vudev serve`: the devices the daemon is asked for; and the daemon's record of its
+    /// run-time exports, at this path.
+    Daemon {
+        /// The record's file.
+        record: PathBuf,
+    },
+}
+
+/// What the helper may do: decided from the command line (or the config) before the fork.
 #[derive(Clone, Debug)]
 pub struct Policy {
-    /// The one device name.
-    pub name: String,
-    /// The virtio device id it may be created with.
+    /// The devices it may create.
+    pub scope: Scope,
+    /// The virtio device id they may be created with.
     pub device_id: u32,
-    /// The device's state file, given to `owner` once the device is this export's, and
-    /// removed with the device.
-    pub state_file: Option<PathBuf>,
+    /// Where the devices' state files are (`NAME.state`), given to `owner` once a device is
+    /// the child's, and removed with the device; and the daemon's record.
+    pub state_dir: PathBuf,
     /// Whom the serving process runs as.
     pub owner: super::Identity,
 }
@@ -105,9 +144,11 @@ pub struct Policy {
 pub struct Helper<A: Authority> {
     policy: Policy,
     authority: A,
-    /// True once this helper created or opened the device: only then may it attach, detach
-    /// or destroy it.
-    holds: bool,
+    /// The devices this helper created or opened: only those may it attach, detach or
+    /// destroy.
+    holds: BTreeSet<String>,
+    /// Every device it created or opened: their state files go with them, at the end.
+    seen: BTreeSet<String>,
 }
 
 impl<A: Authority> Helper<A> {
@@ -116,7 +157,44 @@ impl<A: Authority> Helper<A> {
         Helper {
             policy,
             authority,
-            holds: false,
+            holds: BTreeSet::new(),
+            seen: BTreeSet::new(),
+        }
+    }
+
+    fn state_file(&self, name: &str) -> PathBuf {
+        self.policy.state_dir.join(format!("{name}.state"))
+    }
+
+    /// Why `name` is not a device this helper may create or open, if it is not.
+    fn not_grantable(&self, name: &str, open: bool) -> Option<String> {
+        match &self.policy.scope {
+            Scope::Export(mine) if name == mine => None,
+            Scope::Export(mine) => {
+                Some(format!("device '{name}': this export's device is '{mine}'"))
+            }
+            Scope::Daemon { .. } => {
+                if let Err(why) = fit_for_a_file_name(name) {
+                    return Some(format!("device {name:?}: {why}"));
+                }
+                if !open || self.holds.contains(name) {
+                    return None;
+                }
+                // A device served before has a state file, which only root can make in the
+                // state directory (root's, 0755); one made for another user is not this
+                // daemon's to take.
+                let owned = std::fs::symlink_metadata(self.state_file(name)).is_ok_and(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    m.is_file() && (m.uid() == 0 || m.uid() == self.policy.owner.uid)
+                });
+                (!owned).then(|| {
+                    format!(
+                        "open /dev/vduse/{name}: no state file of this daemon's user in {} (not a \
+                         device this daemon served)",
+                        self.policy.state_dir.display()
+                    )
+                })
+            }
         }
     }
 
@@ -126,13 +204,16 @@ impl<A: Authority> Helper<A> {
             tracing::warn!("helper: refused a request of the serving process: {why}");
             (Reply::Refused(why), None)
         };
-        let name_ok = |name: &str| name == self.policy.name;
         let failed = |e: TransportError| {
             let errno = match &e {
                 TransportError::Vduse(v) => v.raw_os_error(),
                 _ => None,
             };
             (Reply::Failed(errno, e.to_string()), None)
+        };
+        let record = match &self.policy.scope {
+            Scope::Daemon { record } => Some(record.clone()),
+            Scope::Export(_) => None,
         };
         match req {
             Request::Create {
@@ -144,11 +225,8 @@ impl<A: Authority> Helper<A> {
                 vq_align,
                 config,
             } => {
-                if !name_ok(&name) {
-                    return refused(format!(
-                        "create '{name}': this export's device is '{}'",
-                        self.policy.name
-                    ));
+                if let Some(why) = self.not_grantable(&name, false) {
+                    return refused(format!("create {why}"));
                 }
                 if device_id != self.policy.device_id {
                     return refused(format!(
@@ -166,9 +244,10 @@ impl<A: Authority> Helper<A> {
                     config,
                 };
                 match self.authority.create_device(&cfg) {
-                    Ok(()) => match self.give_state_file() {
+                    Ok(()) => match self.give_state_file(&cfg.name) {
                         (Reply::Done, _) => {
-                            self.holds = true;
+                            self.holds.insert(cfg.name.clone());
+                            self.seen.insert(cfg.name);
                             (Reply::Done, None)
                         }
                         failed => {
@@ -184,16 +263,14 @@ impl<A: Authority> Helper<A> {
                 }
             }
             Request::Open { name } => {
-                if !name_ok(&name) {
-                    return refused(format!(
-                        "open /dev/vduse/{name}: this export's device is '{}'",
-                        self.policy.name
-                    ));
+                if let Some(why) = self.not_grantable(&name, true) {
+                    return refused(format!("open {why}"));
                 }
                 match self.authority.open_device(&name) {
                     Ok(dev) => {
-                        self.holds = true;
-                        match self.give_state_file() {
+                        self.holds.insert(name.clone());
+                        self.seen.insert(name.clone());
+                        match self.give_state_file(&name) {
                             (Reply::Done, _) => (Reply::Done, Some(dev.into_file())),
                             refused => refused,
                         }
@@ -209,18 +286,24 @@ impl<A: Authority> Helper<A> {
             Request::Destroy { ref name }
             | Request::Attach { ref name }
             | Request::Detach { ref name }
-                if !name_ok(name) || !self.holds =>
+            | Request::InUse { ref name }
+                if !self.holds.contains(name) =>
             {
                 refused(format!(
                     "{req:?}: not a device this helper created or opened"
                 ))
             }
+            Request::SaveRecord { .. } | Request::SetAsideRecord | Request::Notify { .. }
+                if record.is_none() =>
+            {
+                refused(format!(
+                    "{req:?}: only the daemon has a record and a service manager"
+                ))
+            }
             Request::Destroy { name } => match self.authority.destroy_device(&name) {
                 Ok(_) => {
-                    if let Some(state) = &self.policy.state_file {
-                        let _ = std::fs::remove_file(state);
-                    }
-                    self.holds = false;
+                    let _ = std::fs::remove_file(self.state_file(&name));
+                    self.holds.remove(&name);
                     (Reply::Done, None)
                 }
                 // The caller retries while the kernel says busy (the errno goes with the reply).
@@ -234,28 +317,68 @@ impl<A: Authority> Helper<A> {
                 Ok(()) => (Reply::Done, None),
                 Err(e) => failed(e),
             },
+            Request::InUse { name } => {
+                let busy = vdpa::sysfs::block_device_of(&name).is_some_and(|b| in_use(&b));
+                (Reply::Answer(busy), None)
+            }
+            Request::SaveRecord { text } => {
+                if serde_json::from_str::<Vec<serde_json::Map<String, serde_json::Value>>>(&text)
+                    .is_err()
+                {
+                    return refused("a record that is not a list of exports".into());
+                }
+                let path = record.unwrap_or_default();
+                match crate::durable::replace_file(&path, text.as_bytes()) {
+                    Ok(()) => (Reply::Done, None),
+                    Err(e) => (
+                        Reply::Failed(e.raw_os_error(), format!("{}: {e}", path.display())),
+                        None,
+                    ),
+                }
+            }
+            Request::SetAsideRecord => {
+                let path = record.unwrap_or_default();
+                match std::fs::rename(&path, path.with_extension("json.bad")) {
+                    Ok(()) => (Reply::Done, None),
+                    Err(e) => (Reply::Failed(e.raw_os_error(), e.to_string()), None),
+                }
+            }
+            Request::Notify { state } => {
+                let passed: Vec<&str> = state
+                    .lines()
+                    .filter(|l| {
+                        ["READY=1", "STOPPING=1", "WATCHDOG=1"].contains(l)
+                            || l.starts_with("STATUS=")
+                    })
+                    .collect();
+                if !passed.is_empty() {
+                    crate::notify::notify(&passed.join("\n"));
+                }
+                (Reply::Done, None)
+            }
         }
     }
 
-    /// The state file made the user's, now that the device is this export's (created by it,
+    /// The state file made the user's, now that the device is the child's (created by it,
     /// or opened: which succeeds only when no other process serves it).
-    fn give_state_file(&self) -> (Reply, Option<File>) {
-        let Some(path) = &self.policy.state_file else {
-            return (Reply::Done, None);
-        };
-        match super::give_state_file(path, self.policy.owner) {
+    fn give_state_file(&self, name: &str) -> (Reply, Option<File>) {
+        match super::give_state_file(&self.state_file(name), self.policy.owner) {
             Ok(()) => (Reply::Done, None),
             Err(e) => (Reply::Failed(None, e), None),
         }
     }
 
-    /// The child is gone: the state file made for it goes too if its device does not exist
+    /// The child is gone: a state file made for it goes too if its device does not exist
     /// (the export failed before creating it, or destroyed it).
     pub fn finish(&self) {
-        let node = Path::new(vduse::CONTROL_PATH).with_file_name(&self.policy.name);
-        if let Some(state) = &self.policy.state_file {
+        let mut names: BTreeSet<&String> = self.seen.iter().collect();
+        if let Scope::Export(mine) = &self.policy.scope {
+            names.insert(mine);
+        }
+        for name in names {
+            let node = Path::new(vduse::CONTROL_PATH).with_file_name(name);
             if !node.exists() {
-                let _ = std::fs::remove_file(state);
+                let _ = std::fs::remove_file(self.state_file(name));
             }
         }
     }
@@ -341,6 +464,9 @@ impl Client {
                 .into())
             }
             (Reply::Failed(None, why), _) => Err(TransportError::Helper(why)),
+            (Reply::Answer(_), _) => Err(TransportError::Helper(
+                "the privileged helper answered another question".into(),
+            )),
         }
     }
 }
@@ -351,7 +477,73 @@ fn name_of(req: &Request) -> String {
         | Request::Open { name }
         | Request::Destroy { name }
         | Request::Attach { name }
-        | Request::Detach { name } => name.clone(),
+        | Request::Detach { name }
+        | Request::InUse { name } => name.clone(),
+        Request::SaveRecord { .. } | Request::SetAsideRecord | Request::Notify { .. } => {
+            String::new()
+        }
+    }
+}
+
+/// A device name the daemon's helper accepts: it names a file (`NAME.state`) in the state
+/// directory, so nothing that could reach outside it.
+fn fit_for_a_file_name(name: &str) -> Result<(), &'static str> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
+    if name.is_empty() || name.len() > 255 || name.starts_with('.') || !name.chars().all(ok) {
+        return Err("a device name is 1 to 255 of A-Z a-z 0-9 . _ - and does not start with '.'");
+    }
+    Ok(())
+}
+
+/// True if a block device is held exclusively: mounted, or opened with O_EXCL.
+pub fn in_use(blk: &str) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_NONBLOCK)
+        .open(format!("/dev/{blk}"))
+        .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
+}
+
+impl Client {
+    /// Whether the block device of `name` (a device the helper holds) is in use.
+    pub fn in_use(&self, name: &str) -> Result<bool, String> {
+        match self.ask(&Request::InUse { name: name.into() })? {
+            (Reply::Answer(busy), _) => Ok(busy),
+            (other, _) => Err(format!("the privileged helper answered {other:?}")),
+        }
+    }
+
+    /// Has the helper replace the daemon's record with `text`.
+    pub fn save_record(&self, text: String) -> io::Result<()> {
+        self.plain(Request::SaveRecord { text })
+    }
+
+    /// Has the helper set the daemon's record aside.
+    pub fn set_aside_record(&self) -> io::Result<()> {
+        self.plain(Request::SetAsideRecord)
+    }
+
+    /// Has the helper pass `state` on to the service manager.
+    pub fn notify(&self, state: &str) {
+        if let Err(e) = self.plain(Request::Notify {
+            state: state.into(),
+        }) {
+            tracing::warn!("cannot notify the service manager through the helper: {e}");
+        }
+    }
+
+    fn plain(&self, req: Request) -> io::Result<()> {
+        match self.ask(&req).map_err(io::Error::other)? {
+            (Reply::Done, _) => Ok(()),
+            (Reply::Failed(Some(errno), why), _) => Err(io::Error::new(
+                io::Error::from_raw_os_error(errno).kind(),
+                why,
+            )),
+            (other, _) => Err(io::Error::other(format!(
+                "the privileged helper answered {other:?}"
+            ))),
+        }
     }
 }
 
@@ -492,13 +684,31 @@ mod tests {
         }
     }
 
+    /// The helper of export "mine", whose state file is `state_file`.
     fn helper(state_file: &Path) -> (Helper<Counting>, Counting) {
         let authority = Counting::default();
         let helper = Helper::new(
             Policy {
-                name: "mine".into(),
+                scope: Scope::Export("mine".into()),
                 device_id: 2,
-                state_file: Some(state_file.to_path_buf()),
+                state_dir: state_file.parent().unwrap().to_path_buf(),
+                owner: me(),
+            },
+            authority.clone(),
+        );
+        (helper, authority)
+    }
+
+    /// A daemon's helper, its state directory `dir`.
+    fn daemon(dir: &Path) -> (Helper<Counting>, Counting) {
+        let authority = Counting::default();
+        let helper = Helper::new(
+            Policy {
+                scope: Scope::Daemon {
+                    record: dir.join("record.json"),
+                },
+                device_id: 2,
+                state_dir: dir.to_path_buf(),
                 owner: me(),
             },
             authority.clone(),
@@ -579,6 +789,102 @@ mod tests {
         // Destroyed: it holds nothing any more.
         assert!(refused(h.answer(Request::Attach { name: name("mine") })));
         assert_eq!(authority.0.load(Ordering::SeqCst), 3);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_daemon_helper_grants_its_own_devices_only() {
+        let dir = scratch("daemon");
+        let (mut h, authority) = daemon(&dir);
+        let name = |n: &str| n.to_string();
+        // Names that would put the state file outside the state directory, or none.
+        for bad in ["../escape", "a/b", ".hidden", "", "x y", &"n".repeat(256)] {
+            assert!(refused(h.answer(create(bad, 2))), "{bad:?}");
+        }
+        assert!(refused(h.answer(create("disk", 1))), "another device type");
+        // An existing device is opened only if this daemon served it (its state file).
+        assert!(refused(h.answer(Request::Open {
+            name: name("theirs")
+        })));
+        assert_eq!(authority.0.load(Ordering::SeqCst), 0);
+        std::fs::write(dir.join("before.state"), b"").unwrap();
+        assert!(matches!(
+            h.answer(Request::Open {
+                name: name("before")
+            }),
+            (Reply::Done, Some(_))
+        ));
+        // Any number of devices, each its own.
+        for n in ["disk1", "disk2"] {
+            assert!(matches!(h.answer(create(n, 2)), (Reply::Done, None)));
+            assert!(dir.join(format!("{n}.state")).exists());
+        }
+        assert!(matches!(
+            h.answer(Request::InUse {
+                name: name("disk1")
+            }),
+            (Reply::Answer(false), None)
+        ));
+        for req in [
+            Request::InUse {
+                name: name("theirs"),
+            },
+            Request::Attach {
+                name: name("theirs"),
+            },
+            Request::Destroy {
+                name: name("theirs"),
+            },
+        ] {
+            assert!(refused(h.answer(req)));
+        }
+        assert!(matches!(
+            h.answer(Request::Destroy {
+                name: name("disk1")
+            }),
+            (Reply::Done, None)
+        ));
+        assert!(!dir.join("disk1.state").exists());
+        assert!(refused(h.answer(Request::Attach {
+            name: name("disk1")
+        })));
+
+        // The record: a list of exports, nothing else, at the one path.
+        assert!(refused(h.answer(Request::SaveRecord {
+            text: "{\"not\": \"a list\"}".into()
+        })));
+        assert!(matches!(
+            h.answer(Request::SaveRecord {
+                text: "[{\"name\": \"a\"}]".into()
+            }),
+            (Reply::Done, None)
+        ));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("record.json")).unwrap(),
+            "[{\"name\": \"a\"}]"
+        );
+        assert!(matches!(
+            h.answer(Request::SetAsideRecord),
+            (Reply::Done, None)
+        ));
+        assert!(dir.join("record.json.bad").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_export_helper_keeps_no_record_and_tells_no_manager() {
+        let dir = scratch("norecord");
+        let (mut h, _) = helper(&dir.join("mine.state"));
+        for req in [
+            Request::SaveRecord { text: "[]".into() },
+            Request::SetAsideRecord,
+            Request::Notify {
+                state: "READY=1".into(),
+            },
+        ] {
+            assert!(refused(h.answer(req)));
+        }
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -6,12 +6,13 @@
 
 pub mod helper;
 mod seccomp;
-mod split;
+pub mod split;
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use vudev_vduse::authority::{Authority, Local};
@@ -179,26 +180,18 @@ pub fn vduse_authority(
         confine(None, sandbox.sandbox)?;
         return Ok(Arc::new(local));
     };
-    Ok(Arc::new(split::fork(args, local, id, sandbox.sandbox)?))
+    Ok(Arc::new(split::fork_export(
+        args,
+        local,
+        id,
+        sandbox.sandbox,
+    )?))
 }
 
 /// Takes `fd` as `/dev/vduse/NAME`: it must be that node.
 fn handed_over(fd: i32, name: &str) -> Result<std::fs::File, String> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .map_err(|_| format!("--device-fd {fd}: no such open file descriptor"))?;
-    let want = format!("/dev/vduse/{name}");
-    if link != std::path::Path::new(&want) {
-        return Err(format!(
-            "--device-fd {fd} is {}, not {want}: hand over the node of the device named by --name",
-            link.display()
-        ));
-    }
-    // SAFETY: fcntl on an fd number; it fails on one not open.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
-        return Err(format!(
-            "--device-fd {fd}: {want} must be open for reading and writing (e.g. `3<>{want}`)"
-        ));
+    if std::fs::read_link(format!("/proc/self/fd/{fd}")).is_err() {
+        return Err(format!("--device-fd {fd}: no such open file descriptor"));
     }
     // SAFETY: the fd is open (its /proc link exists) and the command line gives it to us;
     // nothing else in this process uses it.
@@ -206,7 +199,30 @@ fn handed_over(fd: i32, name: &str) -> Result<std::fs::File, String> {
     // Not inherited by anything this process might start.
     // SAFETY: fcntl on an fd we own.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    check_device_node(&file, name).map_err(|e| format!("--device-fd {fd}: {e}"))?;
     Ok(file)
+}
+
+/// Checks that `file` is `/dev/vduse/NAME`, open for reading and writing: a device handed
+/// over (`--device-fd`, or with the API's `add`).
+pub fn check_device_node(file: &std::fs::File, name: &str) -> Result<(), String> {
+    let fd = file.as_raw_fd();
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|e| e.to_string())?;
+    let want = format!("/dev/vduse/{name}");
+    if link != Path::new(&want) {
+        return Err(format!(
+            "{} is not {want}: hand over the node of the device named by --name",
+            link.display()
+        ));
+    }
+    // SAFETY: fcntl on an fd `file` owns.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
+        return Err(format!(
+            "{want} must be open for reading and writing (e.g. `3<>{want}`)"
+        ));
+    }
+    Ok(())
 }
 
 /// What root does for a process about to become `id`, which it could not do itself: opens
@@ -218,33 +234,38 @@ pub fn before_dropping(
     opts: &BackendOptions,
     dev: &DeviceArgs,
 ) -> Result<(), String> {
-    open_file_first(backend, opts, dev)?;
+    open_files_first([(backend, opts, dev)]);
     if backend.rbd.is_some() {
         give_rbd_records(id)?;
     }
     Ok(())
 }
 
-fn open_file_first(
-    backend: &BackendArgs,
-    opts: &BackendOptions,
-    dev: &DeviceArgs,
-) -> Result<(), String> {
-    let Some(path) = &backend.file else {
-        return Ok(());
-    };
-    let mut o = std::fs::OpenOptions::new();
-    o.read(true).write(!dev.readonly);
-    let direct = if opts.direct { libc::O_DIRECT } else { 0 };
-    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut o, libc::O_CLOEXEC | direct);
-    let file = Mutex::new(Some(o.open(path)));
-    let _ = crate::backend::FILE_OPENER.set(Box::new(move |_| {
-        file.lock()
-            .ok()
-            .and_then(|mut f| f.take())
-            .unwrap_or_else(|| Err(std::io::Error::other("the file was opened once already")))
+/// Opens the files of these backends now, as root, as each export will use them: the
+/// backend that opens one of these paths later takes its file (once) instead of opening it
+/// itself. A file that cannot be opened now is tried again then, as the serving user, whose
+/// error the export reports.
+pub fn open_files_first<'a>(
+    backends: impl IntoIterator<Item = (&'a BackendArgs, &'a BackendOptions, &'a DeviceArgs)>,
+) {
+    let mut files: HashMap<PathBuf, Vec<std::fs::File>> = HashMap::new();
+    for (backend, opts, dev) in backends {
+        let Some(path) = &backend.file else {
+            continue;
+        };
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true).write(!dev.readonly);
+        let direct = if opts.direct { libc::O_DIRECT } else { 0 };
+        o.custom_flags(libc::O_CLOEXEC | direct);
+        if let Ok(file) = o.open(path) {
+            files.entry(path.clone()).or_default().push(file);
+        }
+    }
+    let files = Mutex::new(files);
+    let _ = crate::backend::FILE_OPENER.set(Box::new(move |path| {
+        let mut files = files.lock().unwrap_or_else(|p| p.into_inner());
+        files.get_mut(path).and_then(Vec::pop)
     }));
-    Ok(())
 }
 
 /// Makes `dir` (the state directory) if it is missing, root's and 0755 whatever the umask:

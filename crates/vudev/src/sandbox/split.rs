@@ -1,19 +1,22 @@
-//! Splitting `vudev export vduse --user U` into the privileged helper (the parent, which
-//! stays root) and the serving child (which gives its privileges up). Done before any thread
-//! exists, so that the child's sandbox covers every thread it will have.
+//! Splitting a process that runs as `--user` (`vudev export vduse`, `vudev serve`) into the
+//! privileged helper (the parent, which stays root) and the serving child (which gives its
+//! privileges up). Done before any thread exists, so that the child's sandbox covers every
+//! thread it will have.
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 
 use vudev_vduse::authority::{Authority, Local};
+use vudev_vduse::TransportError;
 
-use super::helper::{socket_pair, Client, Helper, Policy};
+use super::helper::{socket_pair, Client, Helper, Policy, Scope};
 use super::{before_dropping, confine, Identity};
 use crate::cli::{Switch, VduseArgs};
 
-/// Forks. In the parent, serves the child's requests until it exits and then exits with its
-/// status (never returns). In the child, confines it and returns the helper's client.
-pub fn fork(
+/// `vudev export vduse --user U`: the helper grants this export's device only.
+pub fn fork_export(
     args: &VduseArgs,
     local: Local,
     id: Identity,
@@ -22,26 +25,78 @@ pub fn fork(
     super::state_dir(&args.state_dir)?;
     // The file is opened now, once, by root: not on the child's request later.
     before_dropping(id, &args.backend, &args.backend_options, &args.device)?;
+    if args.bounce_umem {
+        raise_memlock();
+    }
     let policy = Policy {
-        name: args.name.clone(),
+        scope: Scope::Export(args.name.clone()),
         device_id: virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
-        state_file: Some(args.state_dir.join(format!("{}.state", args.name))),
+        state_dir: args.state_dir.clone(),
         owner: id,
     };
-    if args.bounce_umem {
-        // Registering the bounce buffer pins memory; only root may raise the hard limit.
-        let inf = libc::rlimit {
-            rlim_cur: libc::RLIM_INFINITY,
-            rlim_max: libc::RLIM_INFINITY,
-        };
-        // SAFETY: setrlimit reads the struct.
-        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) } != 0 {
-            tracing::warn!(
-                "cannot raise RLIMIT_MEMLOCK for --bounce-umem: {}",
-                io::Error::last_os_error()
-            );
-        }
+    fork(policy, local, sandbox, Vec::new())
+}
+
+/// The daemon's helper on a host without VDUSE: every device refused, saying why (its
+/// vhost-user exports need none).
+pub struct Unavailable(pub String);
+
+impl Authority for Unavailable {
+    fn api_version(&self) -> u64 {
+        0
     }
+    fn create_device(&self, _: &vduse::DeviceConfig) -> Result<(), TransportError> {
+        Err(TransportError::Helper(self.0.clone()))
+    }
+    fn open_device(&self, _: &str) -> Result<vduse::VduseDevice, TransportError> {
+        Err(TransportError::Helper(self.0.clone()))
+    }
+    fn destroy_device(&self, _: &str) -> Result<bool, TransportError> {
+        Err(TransportError::Helper(self.0.clone()))
+    }
+    fn attach(&self, _: &str) -> Result<(), TransportError> {
+        Err(TransportError::Helper(self.0.clone()))
+    }
+    fn detach(&self, _: &str) -> Result<(), TransportError> {
+        Err(TransportError::Helper(self.0.clone()))
+    }
+}
+
+/// Registering a bounce buffer (`--bounce-umem`) pins memory; only root may raise the hard
+/// limit, so it is raised before the fork.
+pub fn raise_memlock() {
+    let inf = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) } != 0 {
+        tracing::warn!(
+            "cannot raise RLIMIT_MEMLOCK for --bounce-umem: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Forks. In the parent, serves the child's requests as `policy` grants until the child
+/// exits, removes the unix sockets at `sockets` (bound before the fork, in a directory the
+/// child may not write to) if they are still the ones bound, and exits with the child's
+/// status (never returns). In the child, confines it as `policy.owner` and returns the
+/// helper's client.
+pub fn fork<A: Authority>(
+    policy: Policy,
+    local: A,
+    sandbox: Switch,
+    sockets: Vec<PathBuf>,
+) -> Result<Client, String> {
+    let id = policy.owner;
+    let bound: Vec<(PathBuf, u64, u64)> = sockets
+        .into_iter()
+        .filter_map(|p| {
+            let m = std::fs::symlink_metadata(&p).ok()?;
+            Some((p, m.dev(), m.ino()))
+        })
+        .collect();
     let (api_version, features) = (local.api_version(), local.vduse_features());
     let (parent_end, child_end) = socket_pair().map_err(|e| format!("socketpair: {e}"))?;
     // SAFETY: getpid has no preconditions.
@@ -68,6 +123,13 @@ pub fn fork(
         child => {
             drop(child_end);
             let code = run_helper(Helper::new(policy, local), &parent_end, child);
+            for (path, dev, ino) in bound {
+                let same = std::fs::symlink_metadata(&path)
+                    .is_ok_and(|m| m.dev() == dev && m.ino() == ino);
+                if same {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
             std::process::exit(code)
         }
     }
@@ -92,8 +154,8 @@ fn detach_from_terminal() -> Result<(), String> {
 
 /// The helper's life: requests answered until the child closes its end, SIGINT/SIGTERM passed
 /// on to it; then the child's exit status as ours.
-fn run_helper(
-    mut helper: Helper<Local>,
+fn run_helper<A: Authority>(
+    mut helper: Helper<A>,
     sock: &std::os::unix::net::UnixDatagram,
     child: i32,
 ) -> i32 {

@@ -9,6 +9,9 @@
 //! num-queues = 4
 //! ```
 //!
+//! Top-level keys, before the first table: `user` (and `group`) to serve the data as that
+//! user, as `--user`/`--group` would (which win over them).
+//!
 //! Every error names the file and line, and nothing is created when there is one.
 
 use std::collections::BTreeMap;
@@ -23,6 +26,8 @@ use super::spec::{ExportArgs, Spec};
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
     #[serde(default)]
     export: Vec<Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
 }
@@ -30,6 +35,10 @@ struct File {
 /// A checked config: its exports in file order.
 #[derive(Debug, Default)]
 pub struct Config {
+    /// `user`: the uid to serve as, and the user's primary group if it has an entry.
+    pub user: Option<(u32, Option<u32>)>,
+    /// `group`: the gid to serve as.
+    pub group: Option<u32>,
     /// Each export's spec, and the spec parsed.
     pub exports: Vec<(Spec, ExportArgs)>,
 }
@@ -49,11 +58,30 @@ pub fn parse(text: &str, name: &str) -> Result<Config, String> {
             .span()
             .map_or(String::new(), |s| format!(":{}", line(s.start)));
         format!(
-            "{name}{at}: {}: a config holds [[export]] tables only",
+            "{name}{at}: {}: a config holds `user`, `group` and [[export]] tables only",
             e.message().trim_end()
         )
     })?;
     let mut config = Config::default();
+    if let Some(user) = &file.user {
+        let at = line(user.span().start);
+        config.user = Some(
+            vudev_core::socket::user_and_group(user.get_ref())
+                .map_err(|e| format!("{name}:{at}: user: {e}"))?,
+        );
+    }
+    if let Some(group) = &file.group {
+        let at = line(group.span().start);
+        if file.user.is_none() {
+            return Err(format!(
+                "{name}:{at}: group is the group to serve as `user`: give the user too"
+            ));
+        }
+        config.group = Some(
+            vudev_core::socket::group_id(group.get_ref())
+                .map_err(|e| format!("{name}:{at}: group: {e}"))?,
+        );
+    }
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     let mut sockets: BTreeMap<std::path::PathBuf, usize> = BTreeMap::new();
     for table in &file.export {
@@ -124,6 +152,15 @@ mod tests {
         .unwrap();
         let names: Vec<String> = c.exports.iter().map(|(_, a)| a.name()).collect();
         assert_eq!(names, ["a", "b"]);
+        assert_eq!(c.user, None);
+    }
+
+    #[test]
+    fn reads_the_user_to_serve_as() {
+        let c = parse("user = \"0\"\ngroup = \"0\"\n", "t.toml").unwrap();
+        assert_eq!((c.user.map(|u| u.0), c.group), (Some(0), Some(0)));
+        let c = parse("user = \"root\"\n", "t.toml").unwrap();
+        assert_eq!(c.user, Some((0, Some(0))));
     }
 
     #[test]
@@ -141,6 +178,9 @@ mod tests {
             ("[[export]]\ntransport = \"vduse\"\nname = \"a\"\nnull = \"1G\"\nnum-queues = 1.5\n",
              "t.toml:5: num-queues: a whole number"),
             ("[exports]\n", "t.toml:1: unknown field"),
+            ("user = \"no-such-user-here\"\n", "t.toml:1: user: no such user 'no-such-user-here'"),
+            ("group = \"root\"\n", "t.toml:1: group is the group to serve as `user`"),
+            ("user = \"root\"\ngroup = \"no-such-group-here\"\n", "t.toml:2: group: "),
             ("[[export]]\ntransport = \"vduse\"\nname = \"a\nnull = \"1G\"\n", "t.toml:3:"),
             ("[[export]]\ntransport = \"vduse\"\nname = \"a\"\nnull = \"1G\"\nreadonly = 1\n",
              "t.toml:5: readonly is a switch"),

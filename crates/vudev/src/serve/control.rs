@@ -3,6 +3,7 @@
 //! ([`MAX_REQUEST`]) and a deadline, and whatever it holds gets an error reply, never a
 //! change to the daemon.
 
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vudev_core::readiness::{poll, pollfd};
 use vudev_core::socket::{group_id, Access};
 
@@ -124,7 +126,10 @@ fn client(stream: UnixStream, registry: &Registry) {
     let Ok(reader) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(reader);
+    let mut reader = BufReader::new(Incoming {
+        stream: reader,
+        passed: None,
+    });
     let mut writer = stream;
     loop {
         let mut line = Vec::new();
@@ -146,7 +151,9 @@ fn client(stream: UnixStream, registry: &Registry) {
             let _ = writeln!(writer, "{}", failure(Value::Null, &e));
             return;
         }
-        if let Some(reply) = handle(registry, &line) {
+        // A descriptor that came with this request is its, and closed after it.
+        let mut passed = reader.get_mut().passed.take();
+        if let Some(reply) = handle(registry, &line, &mut passed) {
             if writeln!(writer, "{reply}").is_err() {
                 return;
             }
@@ -157,8 +164,32 @@ fn client(stream: UnixStream, registry: &Registry) {
     }
 }
 
-/// The reply to one request line, or `None` when it holds notifications only.
-pub fn handle(registry: &Registry, line: &[u8]) -> Option<Value> {
+/// A client's stream, read with recvmsg: a file descriptor sent with a request (SCM_RIGHTS:
+/// `add` with `device-fd`) is kept for it. One at a time: another sent meanwhile is closed,
+/// as is one sent with more than one (the kernel's truncated control data).
+struct Incoming {
+    stream: UnixStream,
+    passed: Option<File>,
+}
+
+impl Read for Incoming {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let (n, file) = self
+            .stream
+            .recv_with_fd(buf)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        if let Some(file) = file {
+            // SAFETY: fcntl on the fd `file` owns.
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+            self.passed.get_or_insert(file);
+        }
+        Ok(n)
+    }
+}
+
+/// The reply to one request line, or `None` when it holds notifications only; `passed` is the
+/// file descriptor that came with it, for the `add` that asks for it.
+fn handle(registry: &Registry, line: &[u8], passed: &mut Option<File>) -> Option<Value> {
     let request: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => {
@@ -181,16 +212,16 @@ pub fn handle(registry: &Registry, line: &[u8]) -> Option<Value> {
         Value::Array(batch) => {
             let replies: Vec<Value> = batch
                 .into_iter()
-                .filter_map(|r| call(registry, r))
+                .filter_map(|r| call(registry, r, passed))
                 .collect();
             (!replies.is_empty()).then_some(Value::Array(replies))
         }
-        one => call(registry, one),
+        one => call(registry, one, passed),
     }
 }
 
 /// One request: its reply, or `None` for a notification (a request without an id).
-fn call(registry: &Registry, request: Value) -> Option<Value> {
+fn call(registry: &Registry, request: Value, passed: &mut Option<File>) -> Option<Value> {
     let Value::Object(mut request) = request else {
         let e = ApiError::new(Code::InvalidRequest, "a request is a JSON object");
         return Some(failure(Value::Null, &e));
@@ -239,7 +270,7 @@ fn call(registry: &Registry, request: Value) -> Option<Value> {
                 format!("unknown member '{other}'"),
             ));
         }
-        dispatch(registry, method, params)
+        dispatch(registry, method, params, passed)
     })();
     id.as_ref()?;
     Some(match result {
@@ -251,7 +282,8 @@ fn call(registry: &Registry, request: Value) -> Option<Value> {
 fn dispatch(
     registry: &Registry,
     method: &str,
-    params: Map<String, Value>,
+    mut params: Map<String, Value>,
+    passed: &mut Option<File>,
 ) -> Result<Value, ApiError> {
     match method {
         "version" => {
@@ -266,7 +298,27 @@ fn dispatch(
             allow(&params, &["name"])?;
             Ok(json!(registry.show(&string(&params, "name")?)?))
         }
-        "add" => Ok(json!(registry.add(params)?)),
+        "add" => {
+            let device = match params.remove("device-fd") {
+                None => None,
+                Some(Value::Bool(true)) => Some(passed.take().ok_or_else(|| {
+                    ApiError::new(
+                        Code::InvalidParams,
+                        "device-fd: no file descriptor came with the request: send the open \
+                         /dev/vduse/NAME with it (SCM_RIGHTS), as `vudev ctl add vduse … \
+                         --device-fd N` does",
+                    )
+                })?),
+                Some(_) => {
+                    return Err(ApiError::new(
+                        Code::InvalidParams,
+                        "device-fd must be true: the descriptor itself comes with the request \
+                         (SCM_RIGHTS)",
+                    ))
+                }
+            };
+            Ok(json!(registry.add(params, device)?))
+        }
         "stats" => {
             allow(&params, &["name"])?;
             let name = match params.get("name") {

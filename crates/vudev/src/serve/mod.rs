@@ -5,7 +5,6 @@
 mod config;
 mod control;
 mod metrics;
-mod notify;
 mod record;
 mod registry;
 pub mod spec;
@@ -18,10 +17,14 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::EventFd;
 use vudev_core::readiness::{poll, pollfd};
 
-use crate::cli::ServeArgs;
-use crate::signals;
+use crate::cli::{SandboxArgs, ServeArgs};
+use crate::sandbox::helper::{Client, Policy, Scope};
+use crate::sandbox::split::Unavailable;
+use crate::sandbox::{self, split as fork, Identity};
+use crate::{notify, signals};
 use control::Control;
 use registry::Registry;
+use spec::ExportArgs;
 
 /// How often the daemon looks whether the files behind its exports have grown.
 const FOLLOW_FILES: Duration = Duration::from_secs(2);
@@ -50,13 +53,31 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         );
         return Ok(());
     }
+    let identity = SandboxArgs {
+        user: args.sandbox.user.or(config.user),
+        group: args.sandbox.group.or(config.group),
+        sandbox: args.sandbox.sandbox,
+    }
+    .identity()?;
+    // Bound as root, before any change of user: the socket's directory need not be the user's.
     let control = Control::bind(&args.control, args.control_group.as_deref())?;
     let metrics = args
         .metrics
         .as_deref()
         .map(metrics::Endpoint::bind)
         .transpose()?;
-    let registry = Arc::new(Registry::new(&args.state_dir));
+    let helper = match identity {
+        Some(id) => Some(Arc::new(split(&args, &config, id)?)),
+        None => {
+            sandbox::confine(None, args.sandbox.sandbox)?;
+            None
+        }
+    };
+    let notify = |state: &str| match &helper {
+        Some(helper) => helper.notify(state),
+        None => notify::notify(state),
+    };
+    let registry = Arc::new(Registry::new(&args.state_dir, helper.clone()));
     if let Some(endpoint) = metrics {
         let registry = registry.clone();
         std::thread::Builder::new()
@@ -64,7 +85,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             .spawn(move || endpoint.serve(registry))
             .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
     }
-    notify::notify("STATUS=starting the exports");
+    notify("STATUS=starting the exports");
     registry.start(config.exports);
     let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(|e| format!("eventfd: {e}"))?;
@@ -91,8 +112,15 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             "ready: serving {} export(s)",
             registry.list().len()
         );
-        notify::notify(&format!("READY=1\n{}", status(registry.list().len())));
-        let watchdog = notify::watchdog_interval();
+        notify(&format!("READY=1\n{}", status(registry.list().len())));
+        // The service manager started the helper, whose pid it gave, and which passes the
+        // daemon's notifications on.
+        let main_pid = match &helper {
+            // SAFETY: getppid has no preconditions.
+            Some(_) => (unsafe { libc::getppid() }) as u32,
+            None => std::process::id(),
+        };
+        let watchdog = notify::watchdog_interval(main_pid);
         let tick = watchdog.map_or(FOLLOW_FILES, |w| w.min(FOLLOW_FILES));
         let waited = loop {
             match signals::wait_termination_for(tick) {
@@ -102,17 +130,53 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
                 }
                 Ok(None) => {
                     if watchdog.is_some() {
-                        notify::notify("WATCHDOG=1");
+                        notify("WATCHDOG=1");
                     }
                 }
                 Err(e) => break Err(format!("waiting for signals: {e}")),
             }
         };
-        notify::notify("STOPPING=1\nSTATUS=taking the exports down");
+        notify("STOPPING=1\nSTATUS=taking the exports down");
         let _ = stop.write(1);
         waited
     });
     drop(control);
     registry.shutdown();
     result
+}
+
+/// Splits the daemon that serves as `id` into its root helper and the serving process (this
+/// function returns in the latter). Root does first what the user cannot: the state
+/// directory (root's, 0755), the files of the config's exports (opened now, as they will be
+/// used), the user's RBD record directory, and the memory lock limit a bounce buffer needs.
+/// Files added at run time are opened by the user.
+fn split(args: &ServeArgs, config: &config::Config, id: Identity) -> Result<Client, String> {
+    sandbox::state_dir(&args.state_dir)?;
+    sandbox::open_files_first(config.exports.iter().map(|(_, a)| a.parts()));
+    sandbox::give_rbd_records(id)?;
+    if config
+        .exports
+        .iter()
+        .any(|(_, a)| matches!(a, ExportArgs::Vduse(v) if v.bounce_umem))
+    {
+        fork::raise_memlock();
+    }
+    let policy = Policy {
+        scope: Scope::Daemon {
+            record: args.state_dir.join(record::RECORD),
+        },
+        device_id: virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+        state_dir: args.state_dir.clone(),
+        owner: id,
+    };
+    let sockets = vec![args.control.clone()];
+    match vudev_vduse::authority::Local::open() {
+        Ok(local) => fork::fork(policy, local, args.sandbox.sandbox, sockets),
+        Err(e) => fork::fork(
+            policy,
+            Unavailable(e.to_string()),
+            args.sandbox.sandbox,
+            sockets,
+        ),
+    }
 }

@@ -2,24 +2,32 @@
 //! state directory), so that a restarted daemon serves them again. Written atomically: a
 //! crash leaves the old record or the new one, never half of one.
 
-use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::spec::Spec;
+use crate::sandbox::helper::Client;
+
+/// The record's name in the state directory.
+pub const RECORD: &str = "serve-exports.json";
 
 /// The record's file.
 pub struct Record {
     path: PathBuf,
+    /// A daemon serving as `user` may not write in the state directory: its helper writes
+    /// the record (at this very path) for it.
+    helper: Option<Arc<Client>>,
 }
 
 impl Record {
-    /// The record in `dir`.
-    pub fn new(dir: &Path) -> Record {
+    /// The record in `dir`, written by this process or by its privileged helper.
+    pub fn new(dir: &Path, helper: Option<Arc<Client>>) -> Record {
         Record {
-            path: dir.join("serve-exports.json"),
+            path: dir.join(RECORD),
+            helper,
         }
     }
 
@@ -54,7 +62,11 @@ impl Record {
     /// new one replaces it.
     pub fn set_aside(&self, why: &str) {
         let aside = self.path.with_extension("json.bad");
-        match std::fs::rename(&self.path, &aside) {
+        let renamed = match &self.helper {
+            Some(helper) => helper.set_aside_record(),
+            None => std::fs::rename(&self.path, &aside),
+        };
+        match renamed {
             Ok(()) => tracing::error!(
                 "{}: {why}: kept as {}; the exports in it are not served",
                 self.path.display(),
@@ -67,13 +79,10 @@ impl Record {
     /// Replaces the record with `specs`.
     pub fn save<'a>(&self, specs: impl Iterator<Item = &'a Spec>) -> io::Result<()> {
         let items: Vec<&Spec> = specs.collect();
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(serde_json::to_string_pretty(&items)?.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        File::open(dir)?.sync_all()
+        let text = serde_json::to_string_pretty(&items)?;
+        match &self.helper {
+            Some(helper) => helper.save_record(text),
+            None => crate::durable::replace_file(&self.path, text.as_bytes()),
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! or taken down, while its name is held by a `Starting`/`Stopping` slot.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,12 +13,15 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use vudev_blk::stats::QueueSnapshot;
 use vudev_blk::BlockDevice;
+use vudev_vduse::authority::{Authority, HandedOver};
 use vudev_vduse::lifecycle::Attached;
 
 use super::record::Record;
 use super::spec::{ExportArgs, Spec};
 use crate::device;
 use crate::rpc::{ApiError, Code};
+use crate::sandbox;
+use crate::sandbox::helper::{in_use, Client};
 use crate::serving::{VduseServing, VhostUserServing};
 use crate::size::parse_size;
 
@@ -61,6 +64,10 @@ pub struct ExportInfo {
     pub error: Option<String>,
     /// Added at run time (kept in the daemon's record), not from the config file.
     pub runtime: bool,
+    /// A VDUSE device handed over with the request (`device-fd`): its creator attaches,
+    /// detaches and destroys it, and it is not in the record (the descriptor does not
+    /// outlive the daemon).
+    pub handed_over: bool,
     /// The spec it was added with.
     pub options: Spec,
 }
@@ -90,6 +97,7 @@ struct Slot {
     transport: &'static str,
     socket: Option<PathBuf>,
     runtime: bool,
+    handed_over: bool,
     state: State,
     /// A resize is under way (outside the lock: the storage may take its time).
     resizing: bool,
@@ -106,18 +114,26 @@ pub struct Registry {
     record: Record,
     /// Resizes running outside the lock; shutdown waits for them.
     resizes: AtomicUsize,
+    /// The daemon's privileged helper, when it serves as a user; else this process has the
+    /// privileges.
+    helper: Option<Arc<Client>>,
+    /// Where the state files are: with a helper, every VDUSE export's.
+    state_dir: PathBuf,
 }
 
 impl Registry {
-    /// No exports yet; the record of run-time exports lives in `state_dir`.
-    pub fn new(state_dir: &Path) -> Registry {
+    /// No exports yet; the record of run-time exports lives in `state_dir`, and `helper`
+    /// does what needs privileges (when the daemon serves as a user).
+    pub fn new(state_dir: &Path, helper: Option<Arc<Client>>) -> Registry {
         Registry {
             inner: Mutex::new(Inner {
                 slots: BTreeMap::new(),
                 closing: false,
             }),
-            record: Record::new(state_dir),
+            record: Record::new(state_dir, helper.clone()),
             resizes: AtomicUsize::new(0),
+            helper,
+            state_dir: state_dir.to_path_buf(),
         }
     }
 
@@ -161,7 +177,7 @@ impl Registry {
 
     /// Starts one export of the daemon's start; one that fails is listed as failed.
     fn start_one(&self, spec: Spec, runtime: bool) {
-        if let Err(e) = self.add_as(spec.clone(), runtime) {
+        if let Err(e) = self.add_as(spec.clone(), runtime, None) {
             let name = ExportArgs::parse(&spec).map(|a| a.name());
             tracing::error!("{}: {}", name.as_deref().unwrap_or("?"), e.message);
             if let Ok(args) = ExportArgs::parse(&spec) {
@@ -174,6 +190,7 @@ impl Registry {
                             socket: args.socket().map(Path::to_path_buf),
                             spec,
                             runtime,
+                            handed_over: false,
                             resizing: false,
                             state: State::Failed(e.message),
                         },
@@ -183,16 +200,44 @@ impl Registry {
         }
     }
 
-    /// Adds an export at run time (kept in the record).
-    pub fn add(&self, spec: Spec) -> Result<ExportInfo, ApiError> {
-        self.add_as(spec, true)
+    /// Adds an export at run time (kept in the record, unless it serves `device`: a VDUSE
+    /// device's node, handed over).
+    pub fn add(&self, spec: Spec, device: Option<File>) -> Result<ExportInfo, ApiError> {
+        self.add_as(spec, true, device)
     }
 
-    fn add_as(&self, spec: Spec, runtime: bool) -> Result<ExportInfo, ApiError> {
+    fn add_as(
+        &self,
+        spec: Spec,
+        runtime: bool,
+        device: Option<File>,
+    ) -> Result<ExportInfo, ApiError> {
         let args =
             ExportArgs::parse(&spec).map_err(|e| ApiError::new(Code::InvalidParams, e.message))?;
         let name = args.name();
+        if let Some(file) = &device {
+            let checked = match &args {
+                ExportArgs::Vduse(_) => sandbox::check_device_node(file, &name),
+                ExportArgs::VhostUser(_) => Err("only a VDUSE export serves a device".into()),
+            };
+            checked.map_err(|e| ApiError::new(Code::InvalidParams, format!("device-fd: {e}")))?;
+        }
+        let handed_over = device.is_some();
         let socket = args.socket().map(Path::to_path_buf);
+        match &args {
+            ExportArgs::Vduse(a) if self.helper.is_some() && a.state_dir != self.state_dir => {
+                return Err(ApiError::new(
+                    Code::InvalidParams,
+                    format!(
+                        "{name}: state-dir {}: a daemon that serves as a user keeps every VDUSE \
+                         export's state in its own --state-dir ({}): drop state-dir",
+                        a.state_dir.display(),
+                        self.state_dir.display()
+                    ),
+                ))
+            }
+            _ => {}
+        }
         {
             let mut inner = self.lock();
             if inner.closing {
@@ -224,12 +269,13 @@ impl Registry {
                     transport: args.transport(),
                     socket,
                     runtime,
+                    handed_over,
                     resizing: false,
                     state: State::Starting,
                 },
             );
         }
-        let started = start(&args);
+        let started = start(&args, self.helper.as_ref(), device);
         let mut inner = self.lock();
         match started {
             Ok(export) if inner.closing => {
@@ -270,7 +316,7 @@ impl Registry {
             State::Serving(export) => {
                 let busy = match (&export.serving, force) {
                     (Serving::Vduse(v), false) => match v.attached() {
-                        Some(Attached::Block(blk)) if in_use(blk) => Some(blk.clone()),
+                        Some(Attached::Block(blk)) if self.in_use(name, blk) => Some(blk.clone()),
                         _ => None,
                     },
                     _ => None,
@@ -564,11 +610,23 @@ impl Registry {
         }
     }
 
+    /// True if `blk`, the block device of export `name`, is in use (asked of the helper,
+    /// which may open it; a helper that cannot be asked counts as in use).
+    fn in_use(&self, name: &str, blk: &str) -> bool {
+        match &self.helper {
+            Some(helper) => helper.in_use(name).unwrap_or_else(|e| {
+                tracing::warn!("{name}: cannot tell whether /dev/{blk} is in use: {e}");
+                true
+            }),
+            None => in_use(blk),
+        }
+    }
+
     fn save_record(&self, inner: &Inner) {
         let specs = inner
             .slots
             .values()
-            .filter(|s| s.runtime && !matches!(s.state, State::Stopping))
+            .filter(|s| s.runtime && !s.handed_over && !matches!(s.state, State::Stopping))
             .map(|s| &s.spec);
         if let Err(e) = self.record.save(specs) {
             tracing::error!(
@@ -579,15 +637,25 @@ impl Registry {
     }
 }
 
-/// Opens the backend and sets the transport up.
-fn start(args: &ExportArgs) -> Result<Box<Export>, ApiError> {
+/// Opens the backend and sets the transport up; a VDUSE device's privileged half is done by
+/// `helper`, if there is one, else here, unless the device was handed over (`device`).
+fn start(
+    args: &ExportArgs,
+    helper: Option<&Arc<Client>>,
+    device: Option<File>,
+) -> Result<Box<Export>, ApiError> {
     let (backend, opts, dev) = args.parts();
     let built = device::build(backend, opts, dev).map_err(|e| ApiError::new(Code::Backend, e))?;
     let serving = match args {
-        ExportArgs::Vduse(a) => vudev_vduse::authority::Local::open()
-            .map_err(|e| e.to_string())
-            .and_then(|local| VduseServing::start(a, &built, Arc::new(local)))
-            .map(Serving::Vduse),
+        ExportArgs::Vduse(a) => match (device, helper) {
+            (Some(node), _) => Ok(Arc::new(HandedOver::new(&a.name, node)) as Arc<dyn Authority>),
+            (None, Some(helper)) => Ok(helper.clone() as Arc<dyn Authority>),
+            (None, None) => vudev_vduse::authority::Local::open()
+                .map(|local| Arc::new(local) as Arc<dyn Authority>)
+                .map_err(|e| e.to_string()),
+        }
+        .and_then(|authority| VduseServing::start(a, &built, authority))
+        .map(Serving::Vduse),
         ExportArgs::VhostUser(a) => {
             VhostUserServing::start(a, &built, || {}).map(Serving::VhostUser)
         }
@@ -623,6 +691,7 @@ fn info(name: &str, slot: &Slot) -> ExportInfo {
         socket: slot.socket.clone(),
         error: None,
         runtime: slot.runtime,
+        handed_over: slot.handed_over,
         options: slot.spec.clone(),
     };
     match &slot.state {
@@ -665,15 +734,6 @@ fn info(name: &str, slot: &Slot) -> ExportInfo {
 fn file_size(path: &Path) -> std::io::Result<u64> {
     use std::io::Seek;
     std::fs::File::open(path)?.seek(std::io::SeekFrom::End(0))
-}
-
-/// True if a block device is held exclusively: mounted, or opened with O_EXCL.
-fn in_use(blk: &str) -> bool {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_EXCL | libc::O_NONBLOCK)
-        .open(format!("/dev/{blk}"))
-        .is_err_and(|e| e.raw_os_error() == Some(libc::EBUSY))
 }
 
 fn not_found(name: &str) -> ApiError {

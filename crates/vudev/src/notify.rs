@@ -23,11 +23,11 @@ pub fn notify(state: &str) {
 }
 
 /// How often to send `WATCHDOG=1`: half the `WatchdogSec` the manager set
-/// (`$WATCHDOG_USEC`), if it set one for this process.
-pub fn watchdog_interval() -> Option<Duration> {
+/// (`$WATCHDOG_USEC`), if it set one for the service's main process `main_pid`.
+pub fn watchdog_interval(main_pid: u32) -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
     if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.parse::<u32>().ok()? != std::process::id() {
+        if pid.parse::<u32>().ok()? != main_pid {
             return None;
         }
     }
