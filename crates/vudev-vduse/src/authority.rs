@@ -6,6 +6,7 @@
 //! served with no authority at all.
 
 use std::fs::File;
+use std::path::Path;
 use std::sync::Mutex;
 
 use vdpa::{VdpaNetlink, VDUSE_MGMTDEV};
@@ -36,6 +37,12 @@ pub trait Authority: Send + Sync {
     /// attaches, detaches nor destroys it.
     fn owns_device(&self) -> bool {
         true
+    }
+    /// Opens the state file `dir/NAME.state` of a device this authority created or opened,
+    /// for reading and writing, made if missing (a sandboxed export's helper keeps it root's
+    /// and passes it open); `None`: the caller opens it by path itself.
+    fn open_state_file(&self, _dir: &Path, _name: &str) -> Result<Option<File>, TransportError> {
+        Ok(None)
     }
 }
 

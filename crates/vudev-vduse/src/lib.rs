@@ -221,7 +221,11 @@ impl VduseExport {
         }
         let state = match &opts.state_dir {
             Some(dir) => {
-                Some(StateFile::create(dir, name, shape).map_err(TransportError::StateFile)?)
+                let opened = authority.open_state_file(dir, name)?;
+                Some(
+                    StateFile::create(dir, name, shape, opened.as_ref())
+                        .map_err(TransportError::StateFile)?,
+                )
             }
             None => None,
         };
@@ -259,7 +263,8 @@ impl VduseExport {
             tracing::warn!("adopting {name} without a state dir: requests in flight when the previous daemon stopped are not finished");
             return Ok((dev, None));
         };
-        let state = match StateFile::open(dir, name) {
+        let opened = authority.open_state_file(dir, name)?;
+        let state = match StateFile::open(dir, name, opened.as_ref()) {
             Ok(Some((state, old))) if old == *shape => state,
             Ok(Some((_, old))) => {
                 return Err(TransportError::Mismatch(
@@ -269,7 +274,8 @@ impl VduseExport {
             }
             Ok(None) | Err(_) => {
                 tracing::warn!("no usable state file for {name} in {}: requests in flight when the previous daemon stopped are not finished", dir.display());
-                StateFile::create(dir, name, shape).map_err(TransportError::StateFile)?
+                StateFile::create(dir, name, shape, opened.as_ref())
+                    .map_err(TransportError::StateFile)?
             }
         };
         Ok((dev, Some(state)))

@@ -86,6 +86,7 @@ impl DeviceShape {
 #[derive(Debug)]
 pub(crate) struct StateFile {
     path: PathBuf,
+    file: File,
     area: Arc<InflightArea>,
 }
 
@@ -105,27 +106,50 @@ fn open_file(path: &Path, create: bool) -> io::Result<File> {
 }
 
 impl StateFile {
-    /// Creates (or replaces) the state file of a newly created device.
-    pub fn create(dir: &Path, name: &str, shape: &DeviceShape) -> io::Result<StateFile> {
+    /// Creates (or replaces) the state file of a newly created device; `opened` is the file
+    /// already open (by the authority), else it is opened here by path.
+    pub fn create(
+        dir: &Path,
+        name: &str,
+        shape: &DeviceShape,
+        opened: Option<&File>,
+    ) -> io::Result<StateFile> {
         let with_path = |what: &str, e: io::Error, p: &Path| {
             io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
         };
-        std::fs::create_dir_all(dir).map_err(|e| with_path("cannot create", e, dir))?;
         let path = path_of(dir, name);
-        let file = open_file(&path, true).map_err(|e| with_path("cannot create", e, &path))?;
+        let file = match opened {
+            Some(f) => {
+                let f = f.try_clone()?;
+                f.set_len(0)?;
+                f
+            }
+            None => {
+                std::fs::create_dir_all(dir).map_err(|e| with_path("cannot create", e, dir))?;
+                open_file(&path, true).map_err(|e| with_path("cannot create", e, &path))?
+            }
+        };
         file.write_all_at(&shape.encode()?, 0)?;
         file.set_len(HEADER_SIZE + shape.area_size())?;
-        let area = shape.map_area(file)?;
-        Ok(StateFile { path, area })
+        let area = shape.map_area(file.try_clone()?)?;
+        Ok(StateFile { path, file, area })
     }
 
-    /// Opens the state file a previous daemon left for `name`: `None` if there is none.
-    pub fn open(dir: &Path, name: &str) -> io::Result<Option<(StateFile, DeviceShape)>> {
+    /// Opens the state file a previous daemon left for `name` (`opened`, or by path): `None`
+    /// if there is none.
+    pub fn open(
+        dir: &Path,
+        name: &str,
+        opened: Option<&File>,
+    ) -> io::Result<Option<(StateFile, DeviceShape)>> {
         let path = path_of(dir, name);
-        let file = match open_file(&path, false) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        let file = match opened.map(File::try_clone) {
+            Some(f) => f?,
+            None => match open_file(&path, false) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            },
         };
         let bad = || {
             io::Error::new(
@@ -136,8 +160,8 @@ impl StateFile {
         let mut header = vec![0u8; HEADER_SIZE as usize];
         file.read_exact_at(&mut header, 0).map_err(|_| bad())?;
         let shape = DeviceShape::decode(&header).ok_or_else(bad)?;
-        let area = shape.map_area(file)?;
-        Ok(Some((StateFile { path, area }, shape)))
+        let area = shape.map_area(file.try_clone()?)?;
+        Ok(Some((StateFile { path, file, area }, shape)))
     }
 
     /// Records a changed config space (an online resize), so that a restarted daemon adopts
@@ -148,10 +172,10 @@ impl StateFile {
                 "config space too large for the state file",
             ));
         }
-        let file = open_file(&self.path, false)?;
-        file.write_all_at(config, CONFIG_AT as u64)?;
-        file.write_all_at(&(config.len() as u32).to_le_bytes(), 24)?;
-        file.sync_data()
+        self.file.write_all_at(config, CONFIG_AT as u64)?;
+        self.file
+            .write_all_at(&(config.len() as u32).to_le_bytes(), 24)?;
+        self.file.sync_data()
     }
 
     /// The in-flight area.
@@ -188,17 +212,17 @@ mod tests {
     #[test]
     fn a_restarted_daemon_finds_the_shape_and_the_records() {
         let dir = std::env::temp_dir().join(format!("vudev-state-{}", std::process::id()));
-        let created = StateFile::create(&dir, "d0", &shape()).unwrap();
+        let created = StateFile::create(&dir, "d0", &shape(), None).unwrap();
         let mut q = created.area().queue(1, 256).unwrap();
         q.fresh(0);
         q.start(17);
         drop(created);
-        let (again, found) = StateFile::open(&dir, "d0").unwrap().unwrap();
+        let (again, found) = StateFile::open(&dir, "d0", None).unwrap().unwrap();
         assert_eq!(found, shape());
         // A resize records the new config; the records stay.
         let resized: Vec<u8> = (100..160).collect();
         again.set_config(&resized).unwrap();
-        let (again, found) = StateFile::open(&dir, "d0").unwrap().unwrap();
+        let (again, found) = StateFile::open(&dir, "d0", None).unwrap().unwrap();
         assert_eq!(found.config, resized);
         assert_eq!(found.num_queues, 2);
         assert_eq!(
@@ -206,9 +230,30 @@ mod tests {
             vec![17]
         );
         again.remove();
-        assert!(StateFile::open(&dir, "d0").unwrap().is_none());
+        assert!(StateFile::open(&dir, "d0", None).unwrap().is_none());
         std::fs::write(dir.join("junk.state"), b"not a state file").unwrap();
-        assert!(StateFile::open(&dir, "junk").is_err());
+        assert!(StateFile::open(&dir, "junk", None).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_state_file_passed_open_is_used_without_its_path() {
+        let dir = std::env::temp_dir().join(format!("vudev-state-fd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("elsewhere");
+        let opened = open_file(&path, true).unwrap();
+        // Another directory, where nothing may be made: only the open file is written.
+        let none = Path::new("/nonexistent-vudev-dir");
+        let created = StateFile::create(none, "d1", &shape(), Some(&opened)).unwrap();
+        created.area().queue(0, 256).unwrap().fresh(0);
+        created.set_config(&[7; 60]).unwrap();
+        drop(created);
+        let (_, found) = StateFile::open(none, "d1", Some(&opened)).unwrap().unwrap();
+        assert_eq!(found.config, vec![7; 60]);
+        assert!(!none.exists());
+        // An empty file (just made by the helper) is not a state file: the caller makes one.
+        let empty = open_file(&dir.join("empty"), true).unwrap();
+        assert!(StateFile::open(none, "d2", Some(&empty)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -2,8 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use std::time::Duration;
 
@@ -16,14 +15,6 @@ use crate::size::parse_size;
 use crate::cli::{
     AioMode, BackendArgs, BackendOptions, DeviceArgs, DEFAULT_NBD_TIMEOUT, DEFAULT_RBD_TIMEOUT,
 };
-
-/// The file of a `--file` path opened already, for a process that may not open it itself: a
-/// sandboxed process's files are opened by root before it gives its privileges up
-/// (`sandbox::open_files_first`), with the flags the options say. `None`: open it here.
-pub type FileOpener = Box<dyn Fn(&Path) -> Option<File> + Send + Sync>;
-
-/// Set once, by a sandboxed process, before its backends are opened.
-pub static FILE_OPENER: OnceLock<FileOpener> = OnceLock::new();
 
 /// Refuses options that mean nothing for the backend chosen (rather than ignore them).
 pub fn check_options(args: &BackendArgs, opts: &BackendOptions) -> Result<(), String> {
@@ -63,12 +54,15 @@ pub fn check_options(args: &BackendArgs, opts: &BackendOptions) -> Result<(), St
     }
 }
 
-/// Opens the backend; `block_size` is the logical block size its size must be a multiple of.
+/// Opens the backend; `block_size` is the logical block size its size must be a multiple of;
+/// `file` is `--file` opened already (by root, for a sandboxed process), else it is opened
+/// here.
 pub fn open(
     args: &BackendArgs,
     opts: &BackendOptions,
     dev: &DeviceArgs,
     block_size: u32,
+    file: Option<File>,
 ) -> Result<Arc<dyn BlockBackend>, String> {
     let (direct, read_only) = (opts.direct, dev.readonly);
     let aio = match opts.aio.unwrap_or(AioMode::Auto) {
@@ -77,7 +71,7 @@ pub fn open(
         AioMode::Sync => Aio::Sync,
     };
     let backend: Arc<dyn BlockBackend> = if let Some(path) = &args.file {
-        let opened = match FILE_OPENER.get().and_then(|opened| opened(path)) {
+        let opened = match file {
             Some(f) => FileBackend::from_file(f, path, read_only, direct, aio),
             None => FileBackend::open(path, read_only, direct, aio),
         };

@@ -75,7 +75,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Where the daemon records the exports added at run time (serve-exports.json), so that
-    /// a restarted daemon serves them again.
+    /// a restarted daemon serves them again; and where its VDUSE exports keep their state
+    /// files, unless one names another `state-dir`.
     #[arg(long, value_name = "DIR", default_value = "/run/vudev")]
     pub state_dir: PathBuf,
     /// Who serves the data (over the config's `user` and `group`), and how confined.

@@ -47,15 +47,17 @@ pub fn check(backend: &BackendArgs, opts: &BackendOptions, dev: &DeviceArgs) -> 
     Ok(())
 }
 
-/// Checks the options, opens the backend and builds the virtio-blk device.
+/// Checks the options, opens the backend and builds the virtio-blk device; `file` is the
+/// backend's `--file` if it was opened already (by root, for a sandboxed process).
 pub fn build(
     backend: &BackendArgs,
     opts: &BackendOptions,
     dev: &DeviceArgs,
+    file: Option<std::fs::File>,
 ) -> Result<Built, String> {
     check(backend, opts, dev)?;
     let block_size = dev.logical_block_size.bytes();
-    let backend = backend::open(backend, opts, dev, block_size)?;
+    let backend = backend::open(backend, opts, dev, block_size, file)?;
     let cfg = BlockConfig {
         size: backend.size(),
         logical_block_size: block_size,

@@ -1,6 +1,7 @@
 //! `vudev export vduse|vhost-user`: one export in the foreground, from the command line,
 //! until SIGINT/SIGTERM; then taken down cleanly.
 
+use std::fs::File;
 use std::time::Duration;
 
 use vudev_blk::BlockDevice;
@@ -12,13 +13,15 @@ use crate::{sandbox, signals};
 
 /// [`device::build`] on a thread of its own, so that SIGINT/SIGTERM stop vudev while the
 /// backend is still being opened (an NBD server may take its time): `Ok(None)` then.
+/// `file` is `--file`, opened already.
 fn build_unless_terminated(
     backend: &BackendArgs,
     opts: &BackendOptions,
     dev: &DeviceArgs,
+    file: Option<File>,
 ) -> Result<Option<Built>, String> {
     let (backend, opts, dev) = (backend.clone(), opts.clone(), dev.clone());
-    match signals::unless_terminated(move || device::build(&backend, &opts, &dev))
+    match signals::unless_terminated(move || device::build(&backend, &opts, &dev, file))
         .map_err(|e| format!("opening the backend: {e}"))?
     {
         Ok(built) => built.map(Some),
@@ -68,12 +71,15 @@ pub fn run_vhost_user(args: VhostUserArgs, sandbox: SandboxArgs) -> Result<(), S
     // Before any thread exists, so that every thread inherits the mask.
     signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
     let identity = sandbox.identity()?;
-    if let Some(id) = identity {
-        sandbox::before_dropping(id, &args.backend, &args.backend_options, &args.device)?;
-    }
+    let file = match identity {
+        Some(id) => {
+            sandbox::before_dropping(id, &args.backend, &args.backend_options, &args.device)?
+        }
+        None => None,
+    };
     sandbox::confine(identity, sandbox.sandbox)?;
-    let Some(built) = build_unless_terminated(&args.backend, &args.backend_options, &args.device)?
-    else {
+    let built = build_unless_terminated(&args.backend, &args.backend_options, &args.device, file)?;
+    let Some(built) = built else {
         return Ok(());
     };
     let serving = VhostUserServing::start(&args, &built, || {
@@ -113,9 +119,9 @@ pub fn run_vduse(
 ) -> Result<(), String> {
     signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
     // With --user this forks: the helper stays root, and only the child returns here.
-    let authority = sandbox::vduse_authority(&args, device_fd, &sandbox)?;
-    let Some(built) = build_unless_terminated(&args.backend, &args.backend_options, &args.device)?
-    else {
+    let (authority, file) = sandbox::vduse_authority(&args, device_fd, &sandbox)?;
+    let built = build_unless_terminated(&args.backend, &args.backend_options, &args.device, file)?;
+    let Some(built) = built else {
         return Ok(());
     };
     let serving = VduseServing::start(&args, &built, authority)?;

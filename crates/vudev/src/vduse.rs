@@ -43,7 +43,7 @@ fn create(args: &VduseArgs, owner: Option<Identity>) -> Result<(), String> {
             args.name
         ));
     }
-    let built = device::build(&args.backend, &args.backend_options, &args.device)?;
+    let built = device::build(&args.backend, &args.backend_options, &args.device, None)?;
     let local = Local::open().map_err(|e| e.to_string())?;
     let export = VduseExport::create(
         built.device.clone(),

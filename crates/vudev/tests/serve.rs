@@ -952,8 +952,11 @@ fn a_daemon_serving_as_a_user_keeps_root_in_its_helper_only() {
         "this test changes users: run it as root"
     );
     let dir = scratch("serve-nobody");
-    // The user's directory, for the vhost-user sockets it makes.
-    std::os::unix::fs::chown(&*dir, Some(65534), Some(65534)).unwrap();
+    // The user's directory, for the vhost-user sockets it makes; the rest (the state
+    // directory's parent) root's.
+    let run = dir.join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
     std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     // A file only root may open, named by the config: opened before the change of user.
     let image = common::sparse_image(&dir);
@@ -961,8 +964,22 @@ fn a_daemon_serving_as_a_user_keeps_root_in_its_helper_only() {
     let config = format!(
         "user = \"nobody\"\n\n[[export]]\ntransport = \"vhost-user\"\nname = \"cfg\"\n\
          socket = \"{}\"\nfile = \"{}\"\n",
-        dir.join("cfg.sock").display(),
+        run.join("cfg.sock").display(),
         image.display()
+    );
+    // A state directory the user could swap (its parent is the user's) is refused.
+    let swappable = run.join("state");
+    let out = Command::new(VUDEV)
+        .args(["serve", "--user", "nobody", "--control"])
+        .arg(dir.join("refused.sock"))
+        .arg("--state-dir")
+        .arg(&swappable)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("must be root's"),
+        "{err}"
     );
     let d = Daemon::start(&dir, Some(&config), &[]);
     let helper = d.pid();
@@ -981,30 +998,31 @@ fn a_daemon_serving_as_a_user_keeps_root_in_its_helper_only() {
     }
     assert_eq!(proc_status(serving, "NoNewPrivs"), "1");
     assert_eq!(proc_status(serving, "Seccomp"), "2");
-    common::writable_suite(&dir.join("cfg.sock"), 1);
+    common::writable_suite(&run.join("cfg.sock"), 1);
 
     // Added at run time, a file is opened by the user: root's is refused, and says so.
     let (code, msg) = d
         .call(
             "add",
-            json!({"transport": "vhost-user", "socket": dir.join("rt2.sock"), "file": image}),
+            json!({"transport": "vhost-user", "socket": run.join("rt2.sock"), "file": image}),
         )
         .unwrap_err();
     assert!(msg.contains("permission denied"), "{code}: {msg}");
     // The record of run-time exports is written by the helper, in root's state directory.
     d.call(
         "add",
-        json!({"transport": "vhost-user", "socket": dir.join("rt.sock"), "memory": "64M"}),
+        json!({"transport": "vhost-user", "socket": run.join("rt.sock"), "memory": "64M"}),
     )
     .unwrap();
-    let record = dir.join("state/serve-exports.json");
+    // Kept apart from a root daemon's record, which never reads it.
+    let record = dir.join("state/serve-exports-65534.json");
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(dir.join("state")).unwrap().uid(), 0);
     assert_eq!(std::fs::metadata(&record).unwrap().uid(), 0);
     assert!(std::fs::read_to_string(&record)
         .unwrap()
         .contains("rt.sock"));
-    common::writable_suite(&dir.join("rt.sock"), 1);
+    common::writable_suite(&run.join("rt.sock"), 1);
     // A VDUSE export keeps its state where the helper gives state files, nowhere else.
     let (_, msg) = d
         .call(

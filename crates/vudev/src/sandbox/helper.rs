@@ -35,7 +35,13 @@ use vudev_vduse::authority::Authority;
 use vudev_vduse::TransportError;
 
 /// The largest request or reply, in bytes (a config space is at most a few hundred).
-const MAX_MESSAGE: usize = 64 << 10;
+/// The largest request or reply, in bytes: a config space is at most a few hundred, the
+/// daemon's record of run-time exports some hundred per export (a packet socket's buffer
+/// takes about 200 KiB).
+const MAX_MESSAGE: usize = 192 << 10;
+
+/// The most devices a daemon's helper creates.
+const MAX_DEVICES: usize = 1024;
 
 /// What the serving child asks of the helper.
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,6 +80,11 @@ pub enum Request {
     },
     /// Take the device off the vdpa bus.
     Detach {
+        /// Device name.
+        name: String,
+    },
+    /// Open the device's state file (the reply carries the fd; the file stays root's).
+    StateFile {
         /// Device name.
         name: String,
     },
@@ -123,6 +134,9 @@ pub enum Scope {
     Daemon {
         /// The record's file.
         record: PathBuf,
+        /// The helper's own list of the devices it created (JSON), the only existing ones
+        /// a restarted daemon may take over.
+        devices: PathBuf,
     },
 }
 
@@ -149,16 +163,57 @@ pub struct Helper<A: Authority> {
     holds: BTreeSet<String>,
     /// Every device it created or opened: their state files go with them, at the end.
     seen: BTreeSet<String>,
+    /// A daemon's: the devices it created and has not destroyed, across restarts (its
+    /// list's contents).
+    ours: BTreeSet<String>,
 }
 
 impl<A: Authority> Helper<A> {
     /// A helper granting `policy`, doing the work with `authority`.
     pub fn new(policy: Policy, authority: A) -> Self {
+        let ours = match &policy.scope {
+            Scope::Daemon { devices, .. } => match std::fs::read(devices) {
+                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                    tracing::warn!(
+                        "helper: {} is not a list of devices ({e}): the devices of a daemon \
+                         before this one are not taken over",
+                        devices.display()
+                    );
+                    BTreeSet::new()
+                }),
+                Err(_) => BTreeSet::new(),
+            },
+            Scope::Export(_) => BTreeSet::new(),
+        };
         Helper {
             policy,
             authority,
             holds: BTreeSet::new(),
             seen: BTreeSet::new(),
+            ours,
+        }
+    }
+
+    /// A daemon's helper keeps its list of devices: `name` created (true) or destroyed.
+    fn remember(&mut self, name: &str, created: bool) {
+        let Scope::Daemon { devices, .. } = &self.policy.scope else {
+            return;
+        };
+        let changed = match created {
+            true => self.ours.insert(name.to_string()),
+            false => self.ours.remove(name),
+        };
+        if !changed {
+            return;
+        }
+        let saved = serde_json::to_vec(&self.ours)
+            .map_err(io::Error::other)
+            .and_then(|bytes| crate::durable::replace_file(devices, &bytes));
+        if let Err(e) = saved {
+            tracing::warn!(
+                "helper: cannot write {}: {e}: a restarted daemon cannot take {name} over",
+                devices.display()
+            );
         }
     }
 
@@ -177,23 +232,21 @@ impl<A: Authority> Helper<A> {
                 if let Err(why) = fit_for_a_file_name(name) {
                     return Some(format!("device {name:?}: {why}"));
                 }
-                if !open || self.holds.contains(name) {
+                if !open && self.holds.len() >= MAX_DEVICES {
+                    return Some(format!(
+                        "device {name}: {MAX_DEVICES} devices exist already"
+                    ));
+                }
+                if !open || self.holds.contains(name) || self.ours.contains(name) {
                     return None;
                 }
-                // A device served before has a state file, which only root can make in the
-                // state directory (root's, 0755); one made for another user is not this
-                // daemon's to take.
-                let owned = std::fs::symlink_metadata(self.state_file(name)).is_ok_and(|m| {
-                    use std::os::unix::fs::MetadataExt;
-                    m.is_file() && (m.uid() == 0 || m.uid() == self.policy.owner.uid)
-                });
-                (!owned).then(|| {
-                    format!(
-                        "open /dev/vduse/{name}: no state file of this daemon's user in {} (not a \
-                         device this daemon served)",
-                        self.policy.state_dir.display()
-                    )
-                })
+                // Only a device this daemon's helper created (before a restart): not one of
+                // another process, served or waiting to be handed over.
+                Some(format!(
+                    "open /dev/vduse/{name}: not a device this daemon created (its helper's list \
+                     in {} does not have it)",
+                    self.policy.state_dir.display()
+                ))
             }
         }
     }
@@ -212,7 +265,7 @@ impl<A: Authority> Helper<A> {
             (Reply::Failed(errno, e.to_string()), None)
         };
         let record = match &self.policy.scope {
-            Scope::Daemon { record } => Some(record.clone()),
+            Scope::Daemon { record, .. } => Some(record.clone()),
             Scope::Export(_) => None,
         };
         match req {
@@ -244,18 +297,12 @@ impl<A: Authority> Helper<A> {
                     config,
                 };
                 match self.authority.create_device(&cfg) {
-                    Ok(()) => match self.give_state_file(&cfg.name) {
-                        (Reply::Done, _) => {
-                            self.holds.insert(cfg.name.clone());
-                            self.seen.insert(cfg.name);
-                            (Reply::Done, None)
-                        }
-                        failed => {
-                            // Not left created and unserved: the child gives up on it.
-                            let _ = self.authority.destroy_device(&cfg.name);
-                            failed
-                        }
-                    },
+                    Ok(()) => {
+                        self.remember(&cfg.name, true);
+                        self.holds.insert(cfg.name.clone());
+                        self.seen.insert(cfg.name);
+                        (Reply::Done, None)
+                    }
                     Err(TransportError::Vduse(VduseError::NameTaken(_))) => {
                         (Reply::NameTaken, None)
                     }
@@ -269,11 +316,8 @@ impl<A: Authority> Helper<A> {
                 match self.authority.open_device(&name) {
                     Ok(dev) => {
                         self.holds.insert(name.clone());
-                        self.seen.insert(name.clone());
-                        match self.give_state_file(&name) {
-                            (Reply::Done, _) => (Reply::Done, Some(dev.into_file())),
-                            refused => refused,
-                        }
+                        self.seen.insert(name);
+                        (Reply::Done, Some(dev.into_file()))
                     }
                     Err(TransportError::Vduse(VduseError::Io { source, .. }))
                         if source.kind() == io::ErrorKind::ResourceBusy =>
@@ -287,6 +331,7 @@ impl<A: Authority> Helper<A> {
             | Request::Attach { ref name }
             | Request::Detach { ref name }
             | Request::InUse { ref name }
+            | Request::StateFile { ref name }
                 if !self.holds.contains(name) =>
             {
                 refused(format!(
@@ -304,6 +349,8 @@ impl<A: Authority> Helper<A> {
                 Ok(_) => {
                     let _ = std::fs::remove_file(self.state_file(&name));
                     self.holds.remove(&name);
+                    self.seen.remove(&name);
+                    self.remember(&name, false);
                     (Reply::Done, None)
                 }
                 // The caller retries while the kernel says busy (the errno goes with the reply).
@@ -317,6 +364,12 @@ impl<A: Authority> Helper<A> {
                 Ok(()) => (Reply::Done, None),
                 Err(e) => failed(e),
             },
+            Request::StateFile { name } => {
+                match super::open_state_file(&self.state_file(&name), self.policy.owner.uid) {
+                    Ok(file) => (Reply::Done, Some(file)),
+                    Err(e) => (Reply::Failed(None, e), None),
+                }
+            }
             Request::InUse { name } => {
                 let busy = vdpa::sysfs::block_device_of(&name).is_some_and(|b| in_use(&b));
                 (Reply::Answer(busy), None)
@@ -356,15 +409,6 @@ impl<A: Authority> Helper<A> {
                 }
                 (Reply::Done, None)
             }
-        }
-    }
-
-    /// The state file made the user's, now that the device is the child's (created by it,
-    /// or opened: which succeeds only when no other process serves it).
-    fn give_state_file(&self, name: &str) -> (Reply, Option<File>) {
-        match super::give_state_file(&self.state_file(name), self.policy.owner) {
-            Ok(()) => (Reply::Done, None),
-            Err(e) => (Reply::Failed(None, e), None),
         }
     }
 
@@ -478,7 +522,8 @@ fn name_of(req: &Request) -> String {
         | Request::Destroy { name }
         | Request::Attach { name }
         | Request::Detach { name }
-        | Request::InUse { name } => name.clone(),
+        | Request::InUse { name }
+        | Request::StateFile { name } => name.clone(),
         Request::SaveRecord { .. } | Request::SetAsideRecord | Request::Notify { .. } => {
             String::new()
         }
@@ -491,6 +536,9 @@ fn fit_for_a_file_name(name: &str) -> Result<(), &'static str> {
     let ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
     if name.is_empty() || name.len() > 255 || name.starts_with('.') || !name.chars().all(ok) {
         return Err("a device name is 1 to 255 of A-Z a-z 0-9 . _ - and does not start with '.'");
+    }
+    if name == "control" {
+        return Err("/dev/vduse/control is VDUSE's own node");
     }
     Ok(())
 }
@@ -590,6 +638,17 @@ impl Authority for Client {
 
     fn detach(&self, name: &str) -> Result<(), TransportError> {
         self.done(Request::Detach { name: name.into() }).map(drop)
+    }
+
+    /// The helper opens it in its own state directory, whatever `dir` the export has (the
+    /// command line's, the same).
+    fn open_state_file(&self, _dir: &Path, name: &str) -> Result<Option<File>, TransportError> {
+        match self.done(Request::StateFile { name: name.into() })? {
+            Some(file) => Ok(Some(file)),
+            None => Err(TransportError::Helper(
+                "the privileged helper sent no state file".into(),
+            )),
+        }
     }
 }
 
@@ -706,6 +765,7 @@ mod tests {
             Policy {
                 scope: Scope::Daemon {
                     record: dir.join("record.json"),
+                    devices: dir.join("devices.json"),
                 },
                 device_id: 2,
                 state_dir: dir.to_path_buf(),
@@ -765,14 +825,22 @@ mod tests {
             0,
             "a refused request reached the kernel"
         );
+        // No state file for a device not created or opened yet.
+        assert!(refused(h.answer(Request::StateFile { name: name("mine") })));
         assert!(
             !state.exists(),
-            "the state file was given away before the device was ours"
+            "a state file made before the device was ours"
         );
 
-        // What it was told to do is done; the state file is the user's from then on.
+        // What it was told to do is done; its state file is passed open, and stays root's.
         assert!(matches!(h.answer(create("mine", 2)), (Reply::Done, None)));
-        assert!(state.exists());
+        assert!(matches!(
+            h.answer(Request::StateFile { name: name("mine") }),
+            (Reply::Done, Some(_))
+        ));
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(&state).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (me().uid, 0o600));
         assert!(matches!(
             h.answer(Request::Open { name: name("mine") }),
             (Reply::Done, Some(_))
@@ -795,6 +863,8 @@ mod tests {
     #[test]
     fn a_daemon_helper_grants_its_own_devices_only() {
         let dir = scratch("daemon");
+        // What the helper before this one created (its list).
+        std::fs::write(dir.join("devices.json"), b"[\"before\"]").unwrap();
         let (mut h, authority) = daemon(&dir);
         let name = |n: &str| n.to_string();
         // Names that would put the state file outside the state directory, or none.
@@ -802,12 +872,16 @@ mod tests {
             assert!(refused(h.answer(create(bad, 2))), "{bad:?}");
         }
         assert!(refused(h.answer(create("disk", 1))), "another device type");
-        // An existing device is opened only if this daemon served it (its state file).
+        // An existing device is opened only if this daemon created it: not another's, even
+        // with a root state file (a device waiting to be handed over, say).
+        std::fs::write(dir.join("theirs.state"), b"").unwrap();
         assert!(refused(h.answer(Request::Open {
             name: name("theirs")
         })));
+        assert!(refused(h.answer(Request::Open {
+            name: name("control")
+        })));
         assert_eq!(authority.0.load(Ordering::SeqCst), 0);
-        std::fs::write(dir.join("before.state"), b"").unwrap();
         assert!(matches!(
             h.answer(Request::Open {
                 name: name("before")
@@ -817,8 +891,15 @@ mod tests {
         // Any number of devices, each its own.
         for n in ["disk1", "disk2"] {
             assert!(matches!(h.answer(create(n, 2)), (Reply::Done, None)));
+            assert!(matches!(
+                h.answer(Request::StateFile { name: name(n) }),
+                (Reply::Done, Some(_))
+            ));
             assert!(dir.join(format!("{n}.state")).exists());
         }
+        assert!(refused(h.answer(Request::StateFile {
+            name: name("theirs")
+        })));
         assert!(matches!(
             h.answer(Request::InUse {
                 name: name("disk1")
@@ -848,6 +929,17 @@ mod tests {
         assert!(refused(h.answer(Request::Attach {
             name: name("disk1")
         })));
+        // The next daemon's helper takes over what this one created and did not destroy.
+        let (mut next, _) = daemon(&dir);
+        assert!(matches!(
+            next.answer(Request::Open {
+                name: name("disk2")
+            }),
+            (Reply::Done, Some(_))
+        ));
+        for gone in ["disk1", "theirs"] {
+            assert!(refused(next.answer(Request::Open { name: name(gone) })));
+        }
 
         // The record: a list of exports, nothing else, at the one path.
         assert!(refused(h.answer(Request::SaveRecord {
@@ -896,23 +988,22 @@ mod tests {
         // A symlink, and a hard link, where the state file goes.
         let state = dir.join("mine.state");
         std::os::unix::fs::symlink(&target, &state).unwrap();
-        let (mut h, authority) = helper(&state);
+        let (mut h, _) = helper(&state);
+        let state_file = || Request::StateFile {
+            name: "mine".into(),
+        };
+        assert!(matches!(h.answer(create("mine", 2)), (Reply::Done, None)));
         assert!(matches!(
-            h.answer(create("mine", 2)),
+            h.answer(state_file()),
             (Reply::Failed(None, _), None)
         ));
-        // The device it created for nothing is destroyed again, and it holds nothing.
-        assert_eq!(authority.0.load(Ordering::SeqCst), 2);
-        assert!(refused(h.answer(Request::Attach {
-            name: "mine".into()
-        })));
         std::fs::remove_file(&state).unwrap();
         std::fs::hard_link(&target, &state).unwrap();
-        let (mut h, _) = helper(&state);
-        match h.answer(create("mine", 2)) {
+        match h.answer(state_file()) {
             (Reply::Failed(None, why), None) => assert!(why.contains("one link"), "{why}"),
             other => panic!("{other:?}"),
         }
+        assert_eq!(std::fs::read(&target).unwrap(), b"root's");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -8,12 +8,12 @@ pub mod helper;
 mod seccomp;
 pub mod split;
 
-use std::collections::HashMap;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vudev_vduse::authority::{Authority, Local};
 
@@ -160,32 +160,30 @@ fn become_user(id: Identity) -> Result<(), String> {
 /// `--device-fd` the device is handed over and nothing is privileged; with `--user` a helper
 /// process is forked (this function returns only in the child); otherwise this process does it
 /// itself.
+/// Also returns `--file`, if root opened it for the user.
 pub fn vduse_authority(
     args: &VduseArgs,
     device_fd: Option<i32>,
     sandbox: &SandboxArgs,
-) -> Result<Arc<dyn Authority>, String> {
+) -> Result<(Arc<dyn Authority>, Option<File>), String> {
     let identity = sandbox.identity()?;
     if let Some(fd) = device_fd {
-        let file = handed_over(fd, &args.name)?;
-        if let Some(id) = identity {
-            before_dropping(id, &args.backend, &args.backend_options, &args.device)?;
-        }
+        let node = handed_over(fd, &args.name)?;
+        let file = match identity {
+            Some(id) => before_dropping(id, &args.backend, &args.backend_options, &args.device)?,
+            None => None,
+        };
         confine(identity, sandbox.sandbox)?;
-        let a = vudev_vduse::authority::HandedOver::new(&args.name, file);
-        return Ok(Arc::new(a));
+        let a = vudev_vduse::authority::HandedOver::new(&args.name, node);
+        return Ok((Arc::new(a), file));
     }
     let local = Local::open().map_err(|e| e.to_string())?;
     let Some(id) = identity else {
         confine(None, sandbox.sandbox)?;
-        return Ok(Arc::new(local));
+        return Ok((Arc::new(local), None));
     };
-    Ok(Arc::new(split::fork_export(
-        args,
-        local,
-        id,
-        sandbox.sandbox,
-    )?))
+    let (client, file) = split::fork_export(args, local, id, sandbox.sandbox)?;
+    Ok((Arc::new(client), file))
 }
 
 /// Takes `fd` as `/dev/vduse/NAME`: it must be that node.
@@ -215,6 +213,16 @@ pub fn check_device_node(file: &std::fs::File, name: &str) -> Result<(), String>
             link.display()
         ));
     }
+    // The path is the kernel's name for it, which another mount namespace can imitate: the
+    // node must also be a character device of VDUSE's (the control node's major).
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    let vduse_major = std::fs::metadata(vduse::CONTROL_PATH)
+        .map(|m| libc::major(m.rdev()))
+        .map_err(|e| format!("{}: {e}", vduse::CONTROL_PATH))?;
+    if !meta.file_type().is_char_device() || libc::major(meta.rdev()) != vduse_major {
+        return Err(format!("{want} is not a VDUSE device node"));
+    }
     // SAFETY: fcntl on an fd `file` owns.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
@@ -226,64 +234,76 @@ pub fn check_device_node(file: &std::fs::File, name: &str) -> Result<(), String>
 }
 
 /// What root does for a process about to become `id`, which it could not do itself: opens
-/// `--file` (once, now, as the export will use it, for the backend to take when it opens) and
+/// `--file` (now, once, as the export will use it: the file is returned, for the backend) and
 /// makes the user's RBD record directory.
 pub fn before_dropping(
     id: Identity,
     backend: &BackendArgs,
     opts: &BackendOptions,
     dev: &DeviceArgs,
-) -> Result<(), String> {
-    open_files_first([(backend, opts, dev)]);
+) -> Result<Option<File>, String> {
     if backend.rbd.is_some() {
         give_rbd_records(id)?;
     }
-    Ok(())
+    Ok(open_file_first(backend, opts, dev))
 }
 
-/// Opens the files of these backends now, as root, as each export will use them: the
-/// backend that opens one of these paths later takes its file (once) instead of opening it
-/// itself. A file that cannot be opened now is tried again then, as the serving user, whose
-/// error the export reports.
-pub fn open_files_first<'a>(
-    backends: impl IntoIterator<Item = (&'a BackendArgs, &'a BackendOptions, &'a DeviceArgs)>,
-) {
-    let mut files: HashMap<PathBuf, Vec<std::fs::File>> = HashMap::new();
-    for (backend, opts, dev) in backends {
-        let Some(path) = &backend.file else {
-            continue;
-        };
-        let mut o = std::fs::OpenOptions::new();
-        o.read(true).write(!dev.readonly);
-        let direct = if opts.direct { libc::O_DIRECT } else { 0 };
-        o.custom_flags(libc::O_CLOEXEC | direct);
-        if let Ok(file) = o.open(path) {
-            files.entry(path.clone()).or_default().push(file);
+/// Opens a backend's `--file` now, as root, as the export will use it. `None` if there is
+/// none, or it cannot be opened now: the backend then opens it itself, as the serving user,
+/// whose error the export reports.
+pub fn open_file_first(
+    backend: &BackendArgs,
+    opts: &BackendOptions,
+    dev: &DeviceArgs,
+) -> Option<File> {
+    let path = backend.file.as_ref()?;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(!dev.readonly);
+    let direct = if opts.direct { libc::O_DIRECT } else { 0 };
+    o.custom_flags(libc::O_CLOEXEC | direct);
+    o.open(path).ok()
+}
+
+/// Makes `dir` (the state directory) if it is missing, root's and 0755 whatever the umask,
+/// and checks that only root can change what is in it: it and every directory above it are
+/// root's and writable by nobody else (or sticky, as /tmp is, above it). The root helper
+/// works in it by path for a process that may be hostile, which must not be able to swap a
+/// directory or plant a file there. Returns the path with its symlinks resolved, to be used
+/// from then on.
+pub fn state_dir(dir: &Path) -> Result<PathBuf, String> {
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| format!("cannot make {} 0755: {e}", dir.display()))?;
+    }
+    let real = dir
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    use std::os::unix::fs::MetadataExt;
+    for (i, d) in real.ancestors().enumerate() {
+        let m = std::fs::symlink_metadata(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        let shared = m.mode() & 0o022 != 0 && (i == 0 || m.mode() & 0o1000 == 0);
+        if m.uid() != 0 || shared {
+            return Err(format!(
+                "{}: the state directory {} must be root's and writable by root only, as \
+                 must every directory above it (this one is uid {}, mode {:o}): the user \
+                 could otherwise swap it or plant files in it; pass another --state-dir",
+                d.display(),
+                real.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ));
         }
     }
-    let files = Mutex::new(files);
-    let _ = crate::backend::FILE_OPENER.set(Box::new(move |path| {
-        let mut files = files.lock().unwrap_or_else(|p| p.into_inner());
-        files.get_mut(path).and_then(Vec::pop)
-    }));
+    Ok(real)
 }
 
-/// Makes `dir` (the state directory) if it is missing, root's and 0755 whatever the umask:
-/// the serving user must get through it to its own state file.
-pub fn state_dir(dir: &Path) -> Result<(), String> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .map_err(|e| format!("cannot make {} 0755: {e}", dir.display()))
-}
-
-/// Gives a device's state file to the user that serves it (making it if missing), so that
-/// the user can keep its records in a directory it may not write to. Refused for anything but
-/// a regular file of one link belonging to root or to the user already: root never changes
-/// the owner of a file someone planted or linked there.
-pub fn give_state_file(path: &Path, id: Identity) -> Result<(), String> {
+/// Opens (making it if missing, root's and 0600) a device's state file for the process that
+/// serves it. Refused for anything but a regular file of one link belonging to root or to
+/// `uid` (served before by that user, or handed to it by `vudev vduse create --user`): never
+/// a file someone planted or linked there.
+pub fn open_state_file(path: &Path, uid: u32) -> Result<std::fs::File, String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -294,16 +314,23 @@ pub fn give_state_file(path: &Path, id: Identity) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
     let meta = file.metadata().map_err(|e| e.to_string())?;
     use std::os::unix::fs::MetadataExt;
-    if !meta.is_file() || meta.nlink() != 1 || (meta.uid() != 0 && meta.uid() != id.uid) {
+    if !meta.is_file() || meta.nlink() != 1 || (meta.uid() != 0 && meta.uid() != uid) {
         return Err(format!(
-            "{} is not a state file vudev made for uid {} (a regular file of one link owned by \
-             root or by that uid; this one is owned by uid {}: served before with another \
+            "{} is not a state file vudev made for uid {uid} (a regular file of one link owned \
+             by root or by that uid; this one is owned by uid {}: served before with another \
              --user? then serve it as that user, or remove the file, losing its records)",
             path.display(),
-            id.uid,
             meta.uid()
         ));
     }
+    Ok(file)
+}
+
+/// Gives a device's state file to the user that serves it (making it if missing), for a
+/// device handed over (`vudev vduse create --user`): the user opens it by path, in a
+/// directory it may not write to. Refused as [`open_state_file`] refuses.
+pub fn give_state_file(path: &Path, id: Identity) -> Result<(), String> {
+    let file = open_state_file(path, id.uid)?;
     // SAFETY: fchown on an fd we own.
     if unsafe { libc::fchown(file.as_raw_fd(), id.uid, id.gid) } != 0 {
         return Err(format!(

@@ -4,7 +4,7 @@
 //! thread it will have.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
@@ -15,26 +15,27 @@ use super::helper::{socket_pair, Client, Helper, Policy, Scope};
 use super::{before_dropping, confine, Identity};
 use crate::cli::{Switch, VduseArgs};
 
-/// `vudev export vduse --user U`: the helper grants this export's device only.
+/// `vudev export vduse --user U`: the helper grants this export's device only. The child
+/// gets the helper's client and `--file`, opened by root.
 pub fn fork_export(
     args: &VduseArgs,
     local: Local,
     id: Identity,
     sandbox: Switch,
-) -> Result<Client, String> {
-    super::state_dir(&args.state_dir)?;
+) -> Result<(Client, Option<std::fs::File>), String> {
+    let state_dir = super::state_dir(&args.state_dir)?;
     // The file is opened now, once, by root: not on the child's request later.
-    before_dropping(id, &args.backend, &args.backend_options, &args.device)?;
+    let file = before_dropping(id, &args.backend, &args.backend_options, &args.device)?;
     if args.bounce_umem {
         raise_memlock();
     }
     let policy = Policy {
         scope: Scope::Export(args.name.clone()),
         device_id: virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
-        state_dir: args.state_dir.clone(),
+        state_dir,
         owner: id,
     };
-    fork(policy, local, sandbox, Vec::new())
+    Ok((fork(policy, local, sandbox, Vec::new(), Vec::new())?, file))
 }
 
 /// The daemon's helper on a host without VDUSE: every device refused, saying why (its
@@ -78,16 +79,18 @@ pub fn raise_memlock() {
     }
 }
 
-/// Forks. In the parent, serves the child's requests as `policy` grants until the child
-/// exits, removes the unix sockets at `sockets` (bound before the fork, in a directory the
-/// child may not write to) if they are still the ones bound, and exits with the child's
-/// status (never returns). In the child, confines it as `policy.owner` and returns the
-/// helper's client.
+/// Forks. In the parent, closes `listeners` (the child's to serve: a client of a dead child
+/// is refused rather than left waiting), serves the child's requests as `policy` grants until
+/// the child exits, removes the unix sockets at `sockets` (bound before the fork, in a
+/// directory the child may not write to) if they are still the ones bound, and exits with the
+/// child's status (never returns). In the child, confines it as `policy.owner` and returns
+/// the helper's client.
 pub fn fork<A: Authority>(
     policy: Policy,
     local: A,
     sandbox: Switch,
     sockets: Vec<PathBuf>,
+    listeners: Vec<RawFd>,
 ) -> Result<Client, String> {
     let id = policy.owner;
     let bound: Vec<(PathBuf, u64, u64)> = sockets
@@ -122,6 +125,11 @@ pub fn fork<A: Authority>(
         }
         child => {
             drop(child_end);
+            for fd in listeners {
+                // SAFETY: the objects that own these fds live on the stack of a caller this
+                // process never returns to (it exits below), so nothing uses them again.
+                unsafe { libc::close(fd) };
+            }
             let code = run_helper(Helper::new(policy, local), &parent_end, child);
             for (path, dev, ino) in bound {
                 let same = std::fs::symlink_metadata(&path)

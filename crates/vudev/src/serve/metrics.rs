@@ -229,6 +229,15 @@ pub enum Endpoint {
     Unix(UnixListener),
 }
 
+impl std::os::fd::AsRawFd for Endpoint {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Endpoint::Tcp(l) => l.as_raw_fd(),
+            Endpoint::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
 impl Endpoint {
     /// Listens on `addr`: `host:port`, or a path (one with a `/`) for a unix socket.
     pub fn bind(addr: &str) -> Result<Endpoint, String> {

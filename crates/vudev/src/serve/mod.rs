@@ -9,8 +9,11 @@ mod record;
 mod registry;
 pub mod spec;
 
+use std::collections::HashMap;
+use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,18 +69,23 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         .as_deref()
         .map(metrics::Endpoint::bind)
         .transpose()?;
-    let helper = match identity {
-        Some(id) => Some(Arc::new(split(&args, &config, id)?)),
+    let (helper, state_dir, files) = match identity {
+        Some(id) => {
+            let mut listeners = vec![control.as_raw_fd()];
+            listeners.extend(metrics.as_ref().map(|m| m.as_raw_fd()));
+            let (client, state_dir, files) = split(&args, &config, id, listeners)?;
+            (Some((Arc::new(client), id.uid)), state_dir, files)
+        }
         None => {
             sandbox::confine(None, args.sandbox.sandbox)?;
-            None
+            (None, args.state_dir.clone(), HashMap::new())
         }
     };
     let notify = |state: &str| match &helper {
-        Some(helper) => helper.notify(state),
+        Some((helper, _)) => helper.notify(state),
         None => notify::notify(state),
     };
-    let registry = Arc::new(Registry::new(&args.state_dir, helper.clone()));
+    let registry = Arc::new(Registry::new(&state_dir, helper.clone()));
     if let Some(endpoint) = metrics {
         let registry = registry.clone();
         std::thread::Builder::new()
@@ -86,7 +94,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot start the metrics thread: {e}"))?;
     }
     notify("STATUS=starting the exports");
-    registry.start(config.exports);
+    registry.start(config.exports, files);
     let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map_err(|e| format!("eventfd: {e}"))?;
     let result = std::thread::scope(|s| {
@@ -149,10 +157,23 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
 /// function returns in the latter). Root does first what the user cannot: the state
 /// directory (root's, 0755), the files of the config's exports (opened now, as they will be
 /// used), the user's RBD record directory, and the memory lock limit a bounce buffer needs.
-/// Files added at run time are opened by the user.
-fn split(args: &ServeArgs, config: &config::Config, id: Identity) -> Result<Client, String> {
-    sandbox::state_dir(&args.state_dir)?;
-    sandbox::open_files_first(config.exports.iter().map(|(_, a)| a.parts()));
+/// Files added at run time are opened by the user. Returns the helper's client, the state
+/// directory (its symlinks resolved) and the config's files by export name.
+fn split(
+    args: &ServeArgs,
+    config: &config::Config,
+    id: Identity,
+    listeners: Vec<RawFd>,
+) -> Result<(Client, PathBuf, HashMap<String, File>), String> {
+    let state_dir = sandbox::state_dir(&args.state_dir)?;
+    let files: HashMap<String, File> = config
+        .exports
+        .iter()
+        .filter_map(|(_, a)| {
+            let (backend, opts, dev) = a.parts();
+            Some((a.name(), sandbox::open_file_first(backend, opts, dev)?))
+        })
+        .collect();
     sandbox::give_rbd_records(id)?;
     if config
         .exports
@@ -163,20 +184,26 @@ fn split(args: &ServeArgs, config: &config::Config, id: Identity) -> Result<Clie
     }
     let policy = Policy {
         scope: Scope::Daemon {
-            record: args.state_dir.join(record::RECORD),
+            record: state_dir.join(record::record_name(Some(id.uid))),
+            devices: state_dir.join(format!("serve-devices-{}.json", id.uid)),
         },
         device_id: virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
-        state_dir: args.state_dir.clone(),
+        state_dir: state_dir.clone(),
         owner: id,
     };
     let sockets = vec![args.control.clone()];
-    match vudev_vduse::authority::Local::open() {
-        Ok(local) => fork::fork(policy, local, args.sandbox.sandbox, sockets),
-        Err(e) => fork::fork(
-            policy,
-            Unavailable(e.to_string()),
-            args.sandbox.sandbox,
-            sockets,
-        ),
-    }
+    let client = match vudev_vduse::authority::Local::open() {
+        Ok(local) => fork::fork(policy, local, args.sandbox.sandbox, sockets, listeners),
+        Err(e) => {
+            let unavailable = Unavailable(e.to_string());
+            fork::fork(
+                policy,
+                unavailable,
+                args.sandbox.sandbox,
+                sockets,
+                listeners,
+            )
+        }
+    }?;
+    Ok((client, state_dir, files))
 }

@@ -11,8 +11,15 @@ use serde_json::Value;
 use super::spec::Spec;
 use crate::sandbox::helper::Client;
 
-/// The record's name in the state directory.
-pub const RECORD: &str = "serve-exports.json";
+/// The record's name in the state directory: `serve-exports.json`, or for a daemon serving
+/// as a user `serve-exports-UID.json` (written by its helper for a process that may be
+/// hostile, it is never read by a daemon that runs as root).
+pub fn record_name(uid: Option<u32>) -> String {
+    match uid {
+        Some(uid) => format!("serve-exports-{uid}.json"),
+        None => "serve-exports.json".into(),
+    }
+}
 
 /// The record's file.
 pub struct Record {
@@ -23,11 +30,13 @@ pub struct Record {
 }
 
 impl Record {
-    /// The record in `dir`, written by this process or by its privileged helper.
-    pub fn new(dir: &Path, helper: Option<Arc<Client>>) -> Record {
+    /// The record in `dir`, written by this process or (when it serves as `uid`) by its
+    /// privileged helper.
+    pub fn new(dir: &Path, helper: Option<(Arc<Client>, u32)>) -> Record {
+        let uid = helper.as_ref().map(|(_, uid)| *uid);
         Record {
-            path: dir.join(RECORD),
-            helper,
+            path: dir.join(record_name(uid)),
+            helper: helper.map(|(h, _)| h),
         }
     }
 

@@ -2,7 +2,7 @@
 //! the others. Nothing slow happens under the lock: a backend is opened, and an export set up
 //! or taken down, while its name is held by a `Starting`/`Stopping` slot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -122,9 +122,10 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// No exports yet; the record of run-time exports lives in `state_dir`, and `helper`
-    /// does what needs privileges (when the daemon serves as a user).
-    pub fn new(state_dir: &Path, helper: Option<Arc<Client>>) -> Registry {
+    /// No exports yet; the record of run-time exports lives in `state_dir`, as do the VDUSE
+    /// exports' state files unless an export names another directory; `helper` does what
+    /// needs privileges when the daemon serves as a user (the uid).
+    pub fn new(state_dir: &Path, helper: Option<(Arc<Client>, u32)>) -> Registry {
         Registry {
             inner: Mutex::new(Inner {
                 slots: BTreeMap::new(),
@@ -132,7 +133,7 @@ impl Registry {
             }),
             record: Record::new(state_dir, helper.clone()),
             resizes: AtomicUsize::new(0),
-            helper,
+            helper: helper.map(|(h, _)| h),
             state_dir: state_dir.to_path_buf(),
         }
     }
@@ -143,11 +144,17 @@ impl Registry {
 
     /// The daemon's start: the config's exports, then those added at run time before a
     /// restart (unless the config now has one of that name). One that cannot be started is
-    /// listed as failed, and the others are served.
-    pub fn start(&self, config: Vec<(Spec, ExportArgs)>) {
+    /// listed as failed, and the others are served. `files` are the config exports' files,
+    /// opened by root, by export name: for those exports only (the record is not trusted
+    /// with them), and closed once they started.
+    pub fn start(&self, config: Vec<(Spec, ExportArgs)>, mut files: HashMap<String, File>) {
         let recorded = self.record.load();
         let configured: Vec<String> = config.iter().map(|(_, a)| a.name()).collect();
-        let mut all: Vec<(Spec, bool)> = config.into_iter().map(|(s, _)| (s, false)).collect();
+        let mut all: Vec<(Spec, bool, Option<File>)> = config
+            .into_iter()
+            .map(|(s, a)| (s, false, files.remove(&a.name())))
+            .collect();
+        drop(files);
         let mut invalid = false;
         for spec in recorded {
             match ExportArgs::parse(&spec) {
@@ -155,7 +162,7 @@ impl Registry {
                     "the config now defines {}: its run-time definition is dropped",
                     a.name()
                 ),
-                Ok(_) => all.push((spec, true)),
+                Ok(_) => all.push((spec, true, None)),
                 Err(e) => {
                     tracing::error!("a recorded export is no longer valid: {e}");
                     invalid = true;
@@ -168,16 +175,16 @@ impl Registry {
         }
         // Side by side: one export slow to start (an NBD server away) delays no other.
         std::thread::scope(|s| {
-            for (spec, runtime) in all {
-                s.spawn(move || self.start_one(spec, runtime));
+            for (spec, runtime, file) in all {
+                s.spawn(move || self.start_one(spec, runtime, file));
             }
         });
         self.save_record(&self.lock());
     }
 
     /// Starts one export of the daemon's start; one that fails is listed as failed.
-    fn start_one(&self, spec: Spec, runtime: bool) {
-        if let Err(e) = self.add_as(spec.clone(), runtime, None) {
+    fn start_one(&self, spec: Spec, runtime: bool, file: Option<File>) {
+        if let Err(e) = self.add_as(spec.clone(), runtime, None, file) {
             let name = ExportArgs::parse(&spec).map(|a| a.name());
             tracing::error!("{}: {}", name.as_deref().unwrap_or("?"), e.message);
             if let Ok(args) = ExportArgs::parse(&spec) {
@@ -203,18 +210,25 @@ impl Registry {
     /// Adds an export at run time (kept in the record, unless it serves `device`: a VDUSE
     /// device's node, handed over).
     pub fn add(&self, spec: Spec, device: Option<File>) -> Result<ExportInfo, ApiError> {
-        self.add_as(spec, true, device)
+        self.add_as(spec, true, device, None)
     }
 
+    /// `file`: the export's `--file`, opened already.
     fn add_as(
         &self,
         spec: Spec,
         runtime: bool,
         device: Option<File>,
+        file: Option<File>,
     ) -> Result<ExportInfo, ApiError> {
-        let args =
+        let mut args =
             ExportArgs::parse(&spec).map_err(|e| ApiError::new(Code::InvalidParams, e.message))?;
         let name = args.name();
+        if let ExportArgs::Vduse(a) = &mut args {
+            if !spec.contains_key("state-dir") {
+                a.state_dir = self.state_dir.clone();
+            }
+        }
         if let Some(file) = &device {
             let checked = match &args {
                 ExportArgs::Vduse(_) => sandbox::check_device_node(file, &name),
@@ -230,7 +244,7 @@ impl Registry {
                     Code::InvalidParams,
                     format!(
                         "{name}: state-dir {}: a daemon that serves as a user keeps every VDUSE \
-                         export's state in its own --state-dir ({}): drop state-dir",
+                         export's state in its own --state-dir ({}): drop state-dir to use it",
                         a.state_dir.display(),
                         self.state_dir.display()
                     ),
@@ -275,7 +289,7 @@ impl Registry {
                 },
             );
         }
-        let started = start(&args, self.helper.as_ref(), device);
+        let started = start(&args, self.helper.as_ref(), device, file);
         let mut inner = self.lock();
         match started {
             Ok(export) if inner.closing => {
@@ -643,9 +657,11 @@ fn start(
     args: &ExportArgs,
     helper: Option<&Arc<Client>>,
     device: Option<File>,
+    file: Option<File>,
 ) -> Result<Box<Export>, ApiError> {
     let (backend, opts, dev) = args.parts();
-    let built = device::build(backend, opts, dev).map_err(|e| ApiError::new(Code::Backend, e))?;
+    let built =
+        device::build(backend, opts, dev, file).map_err(|e| ApiError::new(Code::Backend, e))?;
     let serving = match args {
         ExportArgs::Vduse(a) => match (device, helper) {
             (Some(node), _) => Ok(Arc::new(HandedOver::new(&a.name, node)) as Arc<dyn Authority>),
