@@ -20,7 +20,7 @@
 //! exits with the child's status; if it dies, the kernel kills the child (PDEATHSIG), and the
 //! devices stay for the next vudev to adopt, as after any crash.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -34,7 +34,6 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use vudev_vduse::authority::Authority;
 use vudev_vduse::TransportError;
 
-/// The largest request or reply, in bytes (a config space is at most a few hundred).
 /// The largest request or reply, in bytes: a config space is at most a few hundred, the
 /// daemon's record of run-time exports some hundred per export (a packet socket's buffer
 /// takes about 200 KiB).
@@ -137,6 +136,8 @@ pub enum Scope {
         /// The helper's own list of the devices it created (JSON), the only existing ones
         /// a restarted daemon may take over.
         devices: PathBuf,
+        /// Where the device nodes are (`/dev/vduse`).
+        nodes: PathBuf,
     },
 }
 
@@ -164,56 +165,91 @@ pub struct Helper<A: Authority> {
     /// Every device it created or opened: their state files go with them, at the end.
     seen: BTreeSet<String>,
     /// A daemon's: the devices it created and has not destroyed, across restarts (its
-    /// list's contents).
-    ours: BTreeSet<String>,
+    /// list's contents), each with its node's identity when it was created.
+    ours: BTreeMap<String, Option<NodeId>>,
+}
+
+/// A device node's inode and device numbers: a device destroyed and made again by someone
+/// else under the same name has another node.
+type NodeId = (u64, u64);
+
+fn node_id(nodes: &Path, name: &str) -> Option<NodeId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(nodes.join(name))
+        .ok()
+        .map(|m| (m.ino(), m.rdev()))
 }
 
 impl<A: Authority> Helper<A> {
     /// A helper granting `policy`, doing the work with `authority`.
     pub fn new(policy: Policy, authority: A) -> Self {
-        let ours = match &policy.scope {
-            Scope::Daemon { devices, .. } => match std::fs::read(devices) {
-                Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                    tracing::warn!(
-                        "helper: {} is not a list of devices ({e}): the devices of a daemon \
-                         before this one are not taken over",
-                        devices.display()
-                    );
-                    BTreeSet::new()
-                }),
-                Err(_) => BTreeSet::new(),
-            },
-            Scope::Export(_) => BTreeSet::new(),
-        };
-        Helper {
+        let mut helper = Helper {
             policy,
             authority,
             holds: BTreeSet::new(),
             seen: BTreeSet::new(),
-            ours,
+            ours: BTreeMap::new(),
+        };
+        let Scope::Daemon { devices, nodes, .. } = &helper.policy.scope else {
+            return helper;
+        };
+        let listed: BTreeMap<String, Option<NodeId>> = match std::fs::read(devices) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                let aside = devices.with_extension("json.bad");
+                let _ = std::fs::rename(devices, &aside);
+                tracing::warn!(
+                    "helper: {} is not a list of devices ({e}): kept as {}; the devices of \
+                     the daemon before this one are not taken over",
+                    devices.display(),
+                    aside.display()
+                );
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        };
+        // Devices gone since (destroyed, or a reboot) are no longer ours, whoever makes one
+        // of that name next.
+        let before = listed.len();
+        let ours: BTreeMap<String, Option<NodeId>> = listed
+            .into_iter()
+            .filter(|(name, _)| node_id(nodes, name).is_some())
+            .collect();
+        helper.ours = ours;
+        if helper.ours.len() != before {
+            let _ = helper.save_list();
         }
+        helper
     }
 
-    /// A daemon's helper keeps its list of devices: `name` created (true) or destroyed.
-    fn remember(&mut self, name: &str, created: bool) {
+    /// Writes a daemon's list of its devices.
+    fn save_list(&self) -> io::Result<()> {
         let Scope::Daemon { devices, .. } = &self.policy.scope else {
-            return;
+            return Ok(());
         };
-        let changed = match created {
-            true => self.ours.insert(name.to_string()),
-            false => self.ours.remove(name),
-        };
-        if !changed {
-            return;
+        let bytes = serde_json::to_vec(&self.ours).map_err(io::Error::other)?;
+        crate::durable::replace_file(devices, &bytes).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot write {}: {e}", devices.display()))
+        })
+    }
+
+    /// A daemon's helper lists a device before it creates it (a crash in between leaves a
+    /// device the next daemon may take over), with its node once created (`Some(id)`); and
+    /// unlists it (`None`) once destroyed, or when it could not be created.
+    fn list(&mut self, name: &str, node: Option<Option<NodeId>>) -> io::Result<()> {
+        if !matches!(self.policy.scope, Scope::Daemon { .. }) {
+            return Ok(());
         }
-        let saved = serde_json::to_vec(&self.ours)
-            .map_err(io::Error::other)
-            .and_then(|bytes| crate::durable::replace_file(devices, &bytes));
-        if let Err(e) = saved {
-            tracing::warn!(
-                "helper: cannot write {}: {e}: a restarted daemon cannot take {name} over",
-                devices.display()
-            );
+        match node {
+            Some(id) => self.ours.insert(name.to_string(), id),
+            None => self.ours.remove(name),
+        };
+        self.save_list()
+    }
+
+    fn nodes(&self) -> &Path {
+        match &self.policy.scope {
+            Scope::Daemon { nodes, .. } => nodes,
+            Scope::Export(_) => Path::new("/dev/vduse"),
         }
     }
 
@@ -232,12 +268,18 @@ impl<A: Authority> Helper<A> {
                 if let Err(why) = fit_for_a_file_name(name) {
                     return Some(format!("device {name:?}: {why}"));
                 }
-                if !open && self.holds.len() >= MAX_DEVICES {
+                if !open && self.ours.len() >= MAX_DEVICES {
                     return Some(format!(
                         "device {name}: {MAX_DEVICES} devices exist already"
                     ));
                 }
-                if !open || self.holds.contains(name) || self.ours.contains(name) {
+                // Listed, with the node it had then (one made again by someone else under
+                // that name has another).
+                let listed = self
+                    .ours
+                    .get(name)
+                    .is_some_and(|id| id.is_none() || *id == node_id(self.nodes(), name));
+                if !open || self.holds.contains(name) || listed {
                     return None;
                 }
                 // Only a device this daemon's helper created (before a restart): not one of
@@ -296,9 +338,23 @@ impl<A: Authority> Helper<A> {
                     vq_align,
                     config,
                 };
-                match self.authority.create_device(&cfg) {
+                let listed_before = self.ours.contains_key(&cfg.name);
+                if !listed_before {
+                    if let Err(e) = self.list(&cfg.name, Some(None)) {
+                        let _ = self.list(&cfg.name, None);
+                        return (Reply::Failed(e.raw_os_error(), e.to_string()), None);
+                    }
+                }
+                let created = self.authority.create_device(&cfg);
+                if created.is_err() && !listed_before {
+                    let _ = self.list(&cfg.name, None);
+                }
+                match created {
                     Ok(()) => {
-                        self.remember(&cfg.name, true);
+                        let node = node_id(self.nodes(), &cfg.name);
+                        if let Err(e) = self.list(&cfg.name, Some(node)) {
+                            tracing::warn!("helper: {e}");
+                        }
                         self.holds.insert(cfg.name.clone());
                         self.seen.insert(cfg.name);
                         (Reply::Done, None)
@@ -350,7 +406,9 @@ impl<A: Authority> Helper<A> {
                     let _ = std::fs::remove_file(self.state_file(&name));
                     self.holds.remove(&name);
                     self.seen.remove(&name);
-                    self.remember(&name, false);
+                    if let Err(e) = self.list(&name, None) {
+                        tracing::warn!("helper: {e}");
+                    }
                     (Reply::Done, None)
                 }
                 // The caller retries while the kernel says busy (the errno goes with the reply).
@@ -365,7 +423,25 @@ impl<A: Authority> Helper<A> {
                 Err(e) => failed(e),
             },
             Request::StateFile { name } => {
-                match super::open_state_file(&self.state_file(&name), self.policy.owner.uid) {
+                let path = self.state_file(&name);
+                let opened = super::open_state_file(&path, self.policy.owner.uid).and_then(|f| {
+                    // One the user was given once (`vudev vduse create --user`) is root's
+                    // again: no other process of the user may write its records.
+                    // SAFETY: fchown and fchmod on the fd `f` owns.
+                    let root = unsafe {
+                        libc::fchown(f.as_raw_fd(), 0, 0) == 0
+                            && libc::fchmod(f.as_raw_fd(), 0o600) == 0
+                    };
+                    match root {
+                        true => Ok(f),
+                        false => Err(format!(
+                            "cannot make {} root's: {}",
+                            path.display(),
+                            io::Error::last_os_error()
+                        )),
+                    }
+                });
+                match opened {
                     Ok(file) => (Reply::Done, Some(file)),
                     Err(e) => (Reply::Failed(None, e), None),
                 }
@@ -534,8 +610,9 @@ fn name_of(req: &Request) -> String {
 /// directory, so nothing that could reach outside it.
 fn fit_for_a_file_name(name: &str) -> Result<(), &'static str> {
     let ok = |c: char| c.is_ascii_alphanumeric() || "._-".contains(c);
-    if name.is_empty() || name.len() > 255 || name.starts_with('.') || !name.chars().all(ok) {
-        return Err("a device name is 1 to 255 of A-Z a-z 0-9 . _ - and does not start with '.'");
+    // NAME.state must fit in a file name (255 bytes).
+    if name.is_empty() || name.len() > 249 || name.starts_with('.') || !name.chars().all(ok) {
+        return Err("a device name is 1 to 249 of A-Z a-z 0-9 . _ - and does not start with '.'");
     }
     if name == "control" {
         return Err("/dev/vduse/control is VDUSE's own node");
@@ -766,6 +843,7 @@ mod tests {
                 scope: Scope::Daemon {
                     record: dir.join("record.json"),
                     devices: dir.join("devices.json"),
+                    nodes: dir.join("nodes"),
                 },
                 device_id: 2,
                 state_dir: dir.to_path_buf(),
@@ -863,9 +941,23 @@ mod tests {
     #[test]
     fn a_daemon_helper_grants_its_own_devices_only() {
         let dir = scratch("daemon");
-        // What the helper before this one created (its list).
-        std::fs::write(dir.join("devices.json"), b"[\"before\"]").unwrap();
+        // The kernel's nodes (here plain files): one of another process's, one of the helper
+        // before this one, and those this one will create.
+        let nodes = dir.join("nodes");
+        std::fs::create_dir(&nodes).unwrap();
+        for n in ["theirs", "before", "disk1", "disk2"] {
+            std::fs::write(nodes.join(n), b"").unwrap();
+        }
+        // What the helper before this one created (its list); "gone" was destroyed since.
+        std::fs::write(
+            dir.join("devices.json"),
+            b"{\"before\": null, \"gone\": null}",
+        )
+        .unwrap();
         let (mut h, authority) = daemon(&dir);
+        assert!(!std::fs::read_to_string(dir.join("devices.json"))
+            .unwrap()
+            .contains("gone"));
         let name = |n: &str| n.to_string();
         // Names that would put the state file outside the state directory, or none.
         for bad in ["../escape", "a/b", ".hidden", "", "x y", &"n".repeat(256)] {
@@ -891,6 +983,9 @@ mod tests {
         // Any number of devices, each its own.
         for n in ["disk1", "disk2"] {
             assert!(matches!(h.answer(create(n, 2)), (Reply::Done, None)));
+            // Its state file is root's again, even one given to a user before.
+            std::fs::write(dir.join(format!("{n}.state")), b"").unwrap();
+            std::os::unix::fs::chown(dir.join(format!("{n}.state")), Some(me().uid), None).unwrap();
             assert!(matches!(
                 h.answer(Request::StateFile { name: name(n) }),
                 (Reply::Done, Some(_))
@@ -937,9 +1032,24 @@ mod tests {
             }),
             (Reply::Done, Some(_))
         ));
-        for gone in ["disk1", "theirs"] {
+        for gone in ["disk1", "theirs", "gone"] {
             assert!(refused(next.answer(Request::Open { name: name(gone) })));
         }
+        // Destroyed by someone else and made again under that name: not ours.
+        // (A file made while the old one exists has another inode.)
+        std::fs::write(nodes.join("new"), b"").unwrap();
+        std::fs::rename(nodes.join("new"), nodes.join("disk2")).unwrap();
+        let (mut third, _) = daemon(&dir);
+        assert!(refused(third.answer(Request::Open {
+            name: name("disk2")
+        })));
+        // A list that does not parse is set aside, not trusted.
+        std::fs::write(dir.join("devices.json"), b"[\"before\"]").unwrap();
+        let (mut fourth, _) = daemon(&dir);
+        assert!(refused(fourth.answer(Request::Open {
+            name: name("before")
+        })));
+        assert!(dir.join("devices.json.bad").exists());
 
         // The record: a list of exports, nothing else, at the one path.
         assert!(refused(h.answer(Request::SaveRecord {

@@ -171,8 +171,8 @@ fn client(stream: UnixStream, registry: &Registry) {
 }
 
 /// A client's stream, read with recvmsg: a file descriptor sent with a request (SCM_RIGHTS:
-/// `add` with `device-fd`) is kept for it. One at a time: another sent meanwhile is closed,
-/// as is one sent with more than one (the kernel's truncated control data).
+/// `add` with `device-fd`) is kept for the request being read. One at a time: another sent
+/// meanwhile is closed; a message with more than one fails the read, which ends the client.
 struct Incoming {
     stream: UnixStream,
     passed: Option<File>,

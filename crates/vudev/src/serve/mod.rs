@@ -186,6 +186,7 @@ fn split(
         scope: Scope::Daemon {
             record: state_dir.join(record::record_name(Some(id.uid))),
             devices: state_dir.join(format!("serve-devices-{}.json", id.uid)),
+            nodes: PathBuf::from("/dev/vduse"),
         },
         device_id: virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
         state_dir: state_dir.clone(),

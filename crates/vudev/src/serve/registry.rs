@@ -239,7 +239,10 @@ impl Registry {
         let handed_over = device.is_some();
         let socket = args.socket().map(Path::to_path_buf);
         match &args {
-            ExportArgs::Vduse(a) if self.helper.is_some() && a.state_dir != self.state_dir => {
+            ExportArgs::Vduse(a)
+                if self.helper.is_some()
+                    && a.state_dir.canonicalize().ok().as_ref() != Some(&self.state_dir) =>
+            {
                 return Err(ApiError::new(
                     Code::InvalidParams,
                     format!(
@@ -746,10 +749,23 @@ fn info(name: &str, slot: &Slot) -> ExportInfo {
     i
 }
 
-/// A file's size, or a block device's (the end of either).
+/// A file's size, or a block device's (the end of either). A regular file this process may
+/// not open (root opened a config export's for a daemon serving as a user) is asked for its
+/// size without opening it.
 fn file_size(path: &Path) -> std::io::Result<u64> {
     use std::io::Seek;
-    std::fs::File::open(path)?.seek(std::io::SeekFrom::End(0))
+    match std::fs::File::open(path) {
+        Ok(mut f) => f.seek(std::io::SeekFrom::End(0)),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let meta = std::fs::metadata(path)?;
+            if meta.is_file() {
+                Ok(meta.len())
+            } else {
+                Err(e)
+            }
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn not_found(name: &str) -> ApiError {

@@ -8,7 +8,8 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::register::Restriction;
+use io_uring::{opcode, squeue, types, IoUring};
 use vm_memory::VolatileSlice;
 
 use super::sync::{aligned, FileQueue};
@@ -48,11 +49,25 @@ pub(crate) struct UringQueue {
 
 impl UringQueue {
     /// A ring for `sync`'s file; fails where io_uring is unavailable (old kernel, seccomp).
+    /// The ring runs only what this queue submits (readv, writev and fsync of its one
+    /// registered file) and takes no registration after its setup: the process that reads
+    /// peers' input cannot make it a way around its seccomp filter (io_uring can open files,
+    /// make sockets and connect them).
     pub(crate) fn new(sync: FileQueue, direct: bool) -> io::Result<Self> {
-        let ring = IoUring::new(RING_ENTRIES)?;
-        ring.submitter().register_files(&[sync.raw_fd()])?;
+        let ring = IoUring::builder().setup_r_disabled().build(RING_ENTRIES)?;
+        let submitter = ring.submitter();
+        submitter.register_files(&[sync.raw_fd()])?;
         let eventfd = eventfd()?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        submitter.register_eventfd(eventfd.as_raw_fd())?;
+        let fixed = squeue::Flags::FIXED_FILE.bits();
+        submitter.register_restrictions(&mut [
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_flags_allowed(fixed),
+            Restriction::sqe_flags_required(fixed),
+        ])?;
+        submitter.register_enable_rings()?;
         Ok(UringQueue {
             ring,
             eventfd,
@@ -249,3 +264,39 @@ impl Drop for UringQueue {
 // keeps mapped for the request's lifetime; the queue is used by one worker thread at a time and
 // nothing in it is tied to the thread that created it.
 unsafe impl Send for UringQueue {}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::backend::kit::Capacity;
+
+    #[test]
+    fn the_ring_runs_only_what_the_queue_submits() {
+        let path = std::env::temp_dir().join(format!("vudev-uring-{}", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        let sync = FileQueue::new(Arc::new(file), Capacity::new(1 << 20), false, false);
+        let mut q = UringQueue::new(sync, false).unwrap();
+        let mut run = |entry: io_uring::squeue::Entry| {
+            // SAFETY: the entries below point at no memory.
+            unsafe { q.ring.submission().push(&entry).unwrap() };
+            q.ring.submit_and_wait(1).unwrap();
+            q.ring.completion().next().unwrap().result()
+        };
+        // What the queue submits runs; anything else (a no-op; a file that is not the
+        // registered one) is refused by the kernel.
+        assert_eq!(run(opcode::Fsync::new(types::Fixed(0)).build()), 0);
+        assert_eq!(run(opcode::Nop::new().build()), -libc::EACCES);
+        let not_fixed = types::Fd(std::io::stdin().as_raw_fd());
+        assert_eq!(run(opcode::Fsync::new(not_fixed).build()), -libc::EACCES);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
