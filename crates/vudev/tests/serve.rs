@@ -1103,3 +1103,97 @@ fn a_device_handed_over_through_the_api_must_be_that_device() {
     );
     assert!(d.names().is_empty());
 }
+
+/// One notification and the pid of the process that sent it (SO_PASSCRED).
+fn notification_with_sender(manager: &UnixDatagram) -> (String, i32) {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 4096];
+    let mut cmsg = [0u8; 64];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: a zeroed msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = cmsg.len();
+    // SAFETY: recvmsg fills the buffers msg points at, within their lengths.
+    let n = unsafe { libc::recvmsg(manager.as_raw_fd(), &mut msg, 0) };
+    assert!(
+        n >= 0,
+        "the daemon fell silent: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: the control buffer holds what the kernel wrote: one SCM_CREDENTIALS message.
+    let pid = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        assert!(!c.is_null() && (*c).cmsg_type == libc::SCM_CREDENTIALS);
+        (*(libc::CMSG_DATA(c) as *const libc::ucred)).pid
+    };
+    (
+        String::from_utf8_lossy(&buf[..n as usize]).into_owned(),
+        pid,
+    )
+}
+
+#[test]
+fn a_daemon_serving_as_a_user_is_heard_from_its_main_process() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test changes users: run it as root"
+    );
+    let dir = scratch("serve-notify-user");
+    let listen = dir.join("notify.sock");
+    let manager = UnixDatagram::bind(&listen).unwrap();
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads the int.
+    let set = unsafe {
+        libc::setsockopt(
+            manager.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PASSCRED,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
+    let mut child = Command::new(VUDEV)
+        .args(["serve", "--user", "nobody", "--control"])
+        .arg(dir.join("control.sock"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .env("NOTIFY_SOCKET", &listen)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let main = child.id() as i32;
+    // systemd takes notifications from the main process only (NotifyAccess=main): the
+    // helper it started passes the daemon's on.
+    let mut heard = Vec::new();
+    while !heard
+        .iter()
+        .any(|(m, _): &(String, i32)| m.contains("READY=1"))
+    {
+        heard.push(notification_with_sender(&manager));
+    }
+    let (watchdog, from) = notification_with_sender(&manager);
+    assert!(watchdog.contains("WATCHDOG=1"), "{watchdog}");
+    heard.push((watchdog, from));
+    assert!(
+        heard.iter().all(|(_, pid)| *pid == main),
+        "{heard:?} not all from {main}"
+    );
+    let st = terminate(
+        &mut child,
+        Duration::from_secs(10),
+        "vudev serve ignored SIGTERM",
+    );
+    assert!(st.success());
+    assert!(!dir.join("control.sock").exists());
+}

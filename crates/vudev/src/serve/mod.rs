@@ -56,9 +56,14 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         );
         return Ok(());
     }
+    // The command line's user and group, or else the config's: never one of each.
+    let (user, group) = match args.sandbox.user {
+        Some(_) => (args.sandbox.user, args.sandbox.group),
+        None => (config.user, config.group),
+    };
     let identity = SandboxArgs {
-        user: args.sandbox.user.or(config.user),
-        group: args.sandbox.group.or(config.group),
+        user,
+        group,
         sandbox: args.sandbox.sandbox,
     }
     .identity()?;
