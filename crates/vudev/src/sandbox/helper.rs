@@ -8,9 +8,9 @@
 //! a name fit for a file name), of the device type served; open its node; put it on the vdpa
 //! bus, take it off, tell whether its block device is in use, destroy it — and the last four
 //! only for a device it created or opened. It opens only a device this export names, or (for
-//! the daemon) one with a state file in the state directory, which only root can make there:
-//! a device served before, by this daemon or a root vudev. Once a device is the child's, and
-//! only then, the helper gives its state file to the user. For the daemon, it also writes
+//! the daemon) one on its own list of the devices it created, which survives a restart. Once
+//! a device is the child's, and only then, the helper opens its state file for the child and
+//! passes it as an fd (the file stays root's). For the daemon, it also writes
 //! the record of run-time exports, which the user may not write in the root-owned state
 //! directory, and passes the daemon's notifications on to the service manager (which takes
 //! them from its main process only). Anything else is refused and logged. No path is opened
@@ -148,8 +148,8 @@ pub struct Policy {
     pub scope: Scope,
     /// The virtio device id they may be created with.
     pub device_id: u32,
-    /// Where the devices' state files are (`NAME.state`), given to `owner` once a device is
-    /// the child's, and removed with the device; and the daemon's record.
+    /// Where the devices' state files are (`NAME.state`), opened for the child once a device
+    /// is its, and removed with the device.
     pub state_dir: PathBuf,
     /// Whom the serving process runs as.
     pub owner: super::Identity,
