@@ -90,25 +90,8 @@ fn ask(stream: &mut dyn Stream, option: u32, name: &str) -> io::Result<bool> {
 
 /// Connects to the server of `uri` and negotiates; the whole handshake ends within `timeout`.
 pub(super) fn connect(uri: &NbdUri, timeout: Duration) -> io::Result<Negotiated> {
-    connect_ticking(uri, timeout, None)
-}
-
-/// [`connect`], calling `on_tick` at least every `tick` while it waits for the server.
-pub(super) fn connect_ticking(
-    uri: &NbdUri,
-    timeout: Duration,
-    tick: Option<(Duration, &dyn Fn())>,
-) -> io::Result<Negotiated> {
-    // The TCP connect itself cannot be cut into ticks: it waits at most a second at a time.
-    let connect_wait = match tick {
-        Some(_) => timeout.min(Duration::from_secs(1)),
-        None => timeout,
-    };
-    let mut sock = Sock::connect(&uri.address, connect_wait)?;
+    let mut sock = Sock::connect(&uri.address, timeout)?;
     let mut stream = Timed::new(&mut sock, timeout);
-    if let Some((every, on_tick)) = tick {
-        stream = stream.with_tick(every, on_tick);
-    }
     let tls = greet(&mut stream, uri)?;
     let (tls, replies, info) = match tls {
         Some(mut conn) => {
@@ -121,7 +104,7 @@ pub(super) fn connect_ticking(
         }
     };
     Ok(Negotiated {
-        link: Link { sock, tls },
+        link: Link::new(sock, tls),
         info,
         replies,
     })

@@ -1,13 +1,13 @@
 //! The byte stream to an NBD server: a TCP or unix socket, with TLS on top when the URI asks
-//! for it. After the handshake a link is split into a writing half (used by the queue threads
-//! that send requests) and a reading half (used by the connection's reply thread), so that
-//! requests go out while replies come in.
+//! for it. The handshake runs on a blocking socket with one deadline ([`Timed`]); after it the
+//! link is non-blocking, and whoever drives the connection sends and receives what the socket
+//! allows at that moment.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::ClientConnection;
@@ -76,14 +76,6 @@ impl Sock {
         }
     }
 
-    /// A second handle on the same socket.
-    pub(super) fn try_clone(&self) -> io::Result<Sock> {
-        Ok(match self {
-            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
-            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
-        })
-    }
-
     /// Ends the connection both ways; a thread blocked reading it wakes up.
     pub(super) fn shutdown(&self) {
         let _ = match self {
@@ -115,13 +107,11 @@ impl Write for Sock {
 }
 
 /// A blocking socket whose reads and writes all end by one deadline: a server that sends or
-/// takes a byte at a time cannot stretch a handshake past it. With a tick, every wait is cut
-/// into ticks and `on_tick` runs between them (to fail requests whose time is up meanwhile).
+/// takes a byte at a time cannot stretch a handshake past it.
 pub(super) struct Timed<'a> {
     sock: &'a mut Sock,
     deadline: Instant,
     total: Duration,
-    tick: Option<(Duration, &'a dyn Fn())>,
 }
 
 impl<'a> Timed<'a> {
@@ -131,26 +121,15 @@ impl<'a> Timed<'a> {
             sock,
             deadline: Instant::now() + total,
             total,
-            tick: None,
         }
     }
 
-    /// Calls `on_tick` at least every `tick` while waiting.
-    pub(super) fn with_tick(mut self, tick: Duration, on_tick: &'a dyn Fn()) -> Timed<'a> {
-        self.tick = Some((tick, on_tick));
-        self
-    }
-
-    /// Gives the socket the time left (at most a tick), or fails once there is none.
+    /// Gives the socket the time left, or fails once there is none.
     fn arm(&mut self) -> io::Result<()> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(self.timed_out());
         }
-        let left = match self.tick {
-            Some((tick, _)) => left.min(tick),
-            None => left,
-        };
         // A zero timeout would mean "block forever" to the kernel.
         let left = left.max(Duration::from_millis(1));
         self.sock.set_timeouts(left, left)
@@ -166,8 +145,7 @@ impl<'a> Timed<'a> {
         )
     }
 
-    /// Runs `op` until it is done, fails, or the deadline passes; a socket timeout (EAGAIN)
-    /// before the deadline is a tick.
+    /// Runs `op` until it is done, fails, or the deadline passes.
     fn run(&mut self, mut op: impl FnMut(&mut Sock) -> io::Result<usize>) -> io::Result<usize> {
         loop {
             self.arm()?;
@@ -180,9 +158,6 @@ impl<'a> Timed<'a> {
                 {
                     if Instant::now() >= self.deadline {
                         return Err(self.timed_out());
-                    }
-                    if let Some((_, on_tick)) = self.tick {
-                        on_tick();
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -207,170 +182,151 @@ impl Write for Timed<'_> {
     }
 }
 
-/// A link in the transmission phase: the socket, and the TLS session if there is one.
+/// A link in the transmission phase: the socket, and the TLS session if there is one. Once
+/// [`Link::go_live`] made it non-blocking, nothing on it waits: [`Link::send`] and
+/// [`Link::receive`] take and give what the socket allows now.
 pub(super) struct Link {
     pub(super) sock: Sock,
     pub(super) tls: Option<ClientConnection>,
-}
-
-impl Link {
-    /// Splits the link, making the socket non-blocking: the writing half, the reading half
-    /// and a handle to end the connection with.
-    pub(super) fn split(self) -> io::Result<(LinkWriter, LinkReader, Sock)> {
-        self.sock.set_nonblocking()?;
-        let read_sock = self.sock.try_clone()?;
-        let kill = self.sock.try_clone()?;
-        let tls = self.tls.map(|c| Arc::new(Mutex::new(c)));
-        let writer = LinkWriter {
-            sock: self.sock,
-            tls: tls.clone(),
-            backlog: Vec::new(),
-            written: 0,
-            since: Instant::now(),
-        };
-        let reader = LinkReader {
-            sock: read_sock,
-            tls,
-            raw: Vec::new(),
-        };
-        Ok((writer, reader, kill))
-    }
+    /// Encrypted bytes the socket has not taken yet (TLS only); the first `sealed_at` of them
+    /// are gone already.
+    sealed: Vec<u8>,
+    sealed_at: usize,
+    /// Encrypted bytes read from the socket (TLS only; reused).
+    raw: Vec<u8>,
 }
 
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}"))
 }
 
-/// The writing half of a link. Writes never block: what the socket does not take stays in the
-/// backlog, in order, until [`LinkWriter::flush`] gets it out.
-pub(super) struct LinkWriter {
-    sock: Sock,
-    tls: Option<Arc<Mutex<ClientConnection>>>,
-    /// Bytes for the socket (encrypted, with TLS) that it has not taken yet; the first
-    /// `written` of them are gone already.
-    backlog: Vec<u8>,
-    written: usize,
-    /// When the socket last took bytes, or the backlog last became non-empty.
-    since: Instant,
+fn closed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the server closed the connection",
+    )
 }
 
-impl LinkWriter {
-    /// Sends `parts`, in order, after whatever the backlog holds. True if everything is out;
-    /// false if some of it waits in the backlog.
-    pub(super) fn send(&mut self, parts: &[&[u8]]) -> io::Result<bool> {
-        if self.tls.is_none() && self.is_flushed() {
-            // The common case: straight from the caller's buffers to the socket.
-            let mut skip = write_some(&self.sock, parts)?;
-            for p in parts {
-                let take = skip.min(p.len());
-                skip -= take;
-                self.backlog.extend_from_slice(&p[take..]);
-            }
-            if self.backlog.is_empty() {
-                return Ok(true);
-            }
-            self.since = Instant::now();
-            return Ok(false);
+impl Link {
+    /// A link on `sock`, in TLS session `tls` if there is one.
+    pub(super) fn new(sock: Sock, tls: Option<ClientConnection>) -> Link {
+        Link {
+            sock,
+            tls,
+            sealed: Vec::new(),
+            sealed_at: 0,
+            raw: Vec::new(),
         }
-        let was_empty = self.is_flushed();
-        if let Some(tls) = &self.tls {
-            let mut conn = tls.lock().unwrap_or_else(|e| e.into_inner());
-            for p in parts {
-                let mut rest = *p;
-                // The session takes at most its buffer limit at a time; what it encrypts
-                // goes to the backlog at once, which makes room again.
-                while !rest.is_empty() {
-                    let n = conn.writer().write(rest)?;
-                    while conn.wants_write() {
-                        conn.write_tls(&mut self.backlog)?;
-                    }
-                    if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::WriteZero,
-                            "the TLS session takes no more data",
-                        ));
-                    }
-                    rest = &rest[n..];
-                }
-            }
-        } else {
-            for p in parts {
-                self.backlog.extend_from_slice(p);
-            }
-        }
-        if was_empty {
-            self.since = Instant::now();
-        }
-        self.flush()
     }
 
-    /// Writes as much of the backlog as the socket takes now; true if it is empty.
-    pub(super) fn flush(&mut self) -> io::Result<bool> {
-        while self.written < self.backlog.len() {
-            match write_some(&self.sock, &[&self.backlog[self.written..]]) {
-                Ok(0) => break,
-                Ok(n) => {
-                    self.written += n;
-                    self.since = Instant::now();
-                }
+    /// Makes the socket non-blocking, for the transmission phase.
+    pub(super) fn go_live(self) -> io::Result<Link> {
+        self.sock.set_nonblocking()?;
+        Ok(self)
+    }
+
+    /// The socket, to poll.
+    pub(super) fn raw_fd(&self) -> RawFd {
+        self.sock.raw_fd()
+    }
+
+    /// Sends what the socket takes of `data` now; returns how many bytes of it are taken
+    /// (with TLS: sealed into the session, whose bytes then go out as the socket allows).
+    pub(super) fn send(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.tls.is_none() {
+            return write_some(&self.sock, data);
+        }
+        self.flush_sealed()?;
+        if self.sealed_at < self.sealed.len() {
+            return Ok(0);
+        }
+        let Some(conn) = self.tls.as_mut() else {
+            return Ok(0);
+        };
+        // The session takes at most its buffer limit at a time.
+        let n = conn.writer().write(data)?;
+        while conn.wants_write() {
+            conn.write_tls(&mut self.sealed)?;
+        }
+        self.flush_sealed()?;
+        Ok(n)
+    }
+
+    /// True if sealed bytes still wait for the socket.
+    pub(super) fn backlogged(&self) -> bool {
+        self.sealed_at < self.sealed.len()
+    }
+
+    /// Writes what the socket takes of the sealed bytes.
+    pub(super) fn flush_sealed(&mut self) -> io::Result<()> {
+        while self.sealed_at < self.sealed.len() {
+            match write_some(&self.sock, &self.sealed[self.sealed_at..])? {
+                0 => return Ok(()),
+                n => self.sealed_at += n,
+            }
+        }
+        self.sealed.clear();
+        self.sealed_at = 0;
+        Ok(())
+    }
+
+    /// Reads what is there into `buf`: 0 if nothing is (never blocks); an error once the
+    /// server has closed the connection.
+    pub(super) fn receive(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(conn) = self.tls.as_mut() else {
+            return read_some(&self.sock, buf);
+        };
+        loop {
+            match conn.reader().read(buf) {
+                Ok(0) if !buf.is_empty() => return Err(closed()),
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-        }
-        if self.written == self.backlog.len() {
-            self.backlog.clear();
-            self.written = 0;
-            // Give back the memory of a large backlog once it is out.
-            if self.backlog.capacity() > 1 << 20 {
-                self.backlog = Vec::new();
+            self.raw.resize(16 << 10, 0);
+            let n = read_some(&self.sock, &mut self.raw)?;
+            if n == 0 {
+                return Ok(0);
             }
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    /// True if nothing waits to be written.
-    pub(super) fn is_flushed(&self) -> bool {
-        self.written == self.backlog.len()
-    }
-
-    /// How long the backlog has waited without the socket taking a byte (zero if empty).
-    pub(super) fn stalled_for(&self) -> Duration {
-        if self.is_flushed() {
-            Duration::ZERO
-        } else {
-            self.since.elapsed()
+            let mut rest = &self.raw[..n];
+            while !rest.is_empty() {
+                conn.read_tls(&mut rest)?;
+                conn.process_new_packets().map_err(tls_error)?;
+            }
         }
     }
 
-    /// Sends `msg` and, over TLS, closes the session properly (close_notify); best effort.
-    pub(super) fn goodbye(&mut self, msg: &[u8]) -> io::Result<()> {
-        self.send(&[msg])?;
-        if let Some(tls) = &self.tls {
-            let mut conn = tls.lock().unwrap_or_else(|e| e.into_inner());
+    /// Sends `msg` and, over TLS, closes the session properly (close_notify); best effort,
+    /// never waiting.
+    pub(super) fn goodbye(&mut self, msg: &[u8]) {
+        let _ = self.send(msg);
+        if let Some(conn) = self.tls.as_mut() {
             conn.send_close_notify();
             while conn.wants_write() {
-                conn.write_tls(&mut self.backlog)?;
+                if conn.write_tls(&mut self.sealed).is_err() {
+                    break;
+                }
             }
+            let _ = self.flush_sealed();
         }
-        self.flush().map(|_| ())
     }
 }
 
-/// Writes what the non-blocking `sock` takes of `parts` now (one `writev`); 0 if it takes
-/// nothing.
-fn write_some(sock: &Sock, parts: &[&[u8]]) -> io::Result<usize> {
-    let iov: Vec<io::IoSlice<'_>> = parts
-        .iter()
-        .filter(|p| !p.is_empty())
-        .map(|p| io::IoSlice::new(p))
-        .collect();
-    if iov.is_empty() {
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.sock.shutdown();
+    }
+}
+
+/// Writes what the non-blocking `sock` takes of `data` now; 0 if it takes nothing.
+fn write_some(sock: &Sock, data: &[u8]) -> io::Result<usize> {
+    if data.is_empty() {
         return Ok(0);
     }
     loop {
         let r = match sock {
-            Sock::Tcp(s) => (&*s).write_vectored(&iov),
-            Sock::Unix(s) => (&*s).write_vectored(&iov),
+            Sock::Tcp(s) => (&*s).write(data),
+            Sock::Unix(s) => (&*s).write(data),
         };
         match r {
             Ok(0) => {
@@ -387,48 +343,20 @@ fn write_some(sock: &Sock, parts: &[&[u8]]) -> io::Result<usize> {
     }
 }
 
-/// The reading half of a link. A read that finds nothing fails with `WouldBlock`; poll
-/// [`LinkReader::raw_fd`] and retry.
-pub(super) struct LinkReader {
-    sock: Sock,
-    tls: Option<Arc<Mutex<ClientConnection>>>,
-    /// Encrypted bytes read from the socket (reused).
-    raw: Vec<u8>,
-}
-
-impl LinkReader {
-    /// The socket, to poll for readability.
-    pub(super) fn raw_fd(&self) -> RawFd {
-        self.sock.raw_fd()
-    }
-}
-
-impl Read for LinkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(tls) = &self.tls else {
-            return self.sock.read(buf);
+/// Reads what the non-blocking `sock` has into `buf`; 0 if nothing is there, an error if
+/// the server closed the connection.
+fn read_some(sock: &Sock, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        let r = match sock {
+            Sock::Tcp(s) => (&*s).read(buf),
+            Sock::Unix(s) => (&*s).read(buf),
         };
-        loop {
-            {
-                let mut conn = tls.lock().unwrap_or_else(|e| e.into_inner());
-                match conn.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            // Nothing decrypted is waiting: read the socket without holding the session.
-            self.raw.resize(16 << 10, 0);
-            let n = self.sock.read(&mut self.raw)?;
-            if n == 0 {
-                return Ok(0);
-            }
-            let mut conn = tls.lock().unwrap_or_else(|e| e.into_inner());
-            let mut rest = &self.raw[..n];
-            while !rest.is_empty() {
-                conn.read_tls(&mut rest)?;
-                conn.process_new_packets().map_err(tls_error)?;
-            }
+        match r {
+            Ok(0) if !buf.is_empty() => return Err(closed()),
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
     }
 }

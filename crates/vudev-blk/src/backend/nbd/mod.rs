@@ -7,12 +7,15 @@
 //! - [`uri`]: the URI forms; [`handshake`]: fixed newstyle, STARTTLS, extended headers or
 //!   structured replies, `NBD_OPT_GO` with the size, flags and block-size limits;
 //!   [`link`]: the socket and TLS session, split into a sending and a receiving half;
-//!   [`wire`]: request and reply headers; [`connection`]: many requests in flight on one
-//!   connection, matched to their replies by cookie, with reconnection and timeouts;
-//!   [`patient`]: the reply thread's reads, which hold the server to its deadlines;
-//!   [`assembly`]: a structured reply checked chunk by chunk; [`error`]: opening errors.
-//! - Each queue has its own connection when the server allows it (`CAN_MULTI_CONN`);
-//!   otherwise the queues share one.
+//!   [`wire`]: request and reply headers; [`engine`]: many requests in flight on one
+//!   connection, matched to their replies by cookie, with reconnection and deadlines, driven
+//!   by the queue's own thread; [`inbound`]: replies read as they come, [`assembly`]: a
+//!   structured reply checked chunk by chunk; [`dialer`]: handshakes off the data path;
+//!   [`wakeup`]: the one fd a queue worker polls; [`error`]: opening errors.
+//! - Each queue has its own connection when the server allows it (`CAN_MULTI_CONN`) and
+//!   drives it itself: requests of one kick go out in one write, replies land in the driver's
+//!   buffers and complete on the same thread. Otherwise the queues share one connection, and
+//!   whichever queue drives it passes the others their results.
 //! - Requests larger than the server's maximum payload are split, and the pieces run in
 //!   parallel.
 //! - A lost connection is connected again with backoff and every unanswered request is sent
@@ -24,28 +27,29 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::RawFd;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use vm_memory::VolatileSlice;
-
 use super::interface::{BlockBackend, IoDone, IoOp, QueueBackend};
-use super::kit::{check_range, total_len};
+use super::kit::{check_range, eventfd, total_len};
 
 mod assembly;
-mod connection;
+mod dialer;
+mod engine;
 mod error;
 mod handshake;
+mod inbound;
 mod link;
-mod patient;
 mod uri;
+mod wakeup;
 mod wire;
 
-use connection::{Conn, Dest, Events, Req, Sink};
+use engine::{Bufs, Engine, Events, Req};
 pub use error::NbdError;
 use handshake::ExportInfo;
 pub use uri::{NbdAddress, NbdTls, NbdUri};
+use wakeup::Wakeup;
 use wire::*;
 
 /// An NBD export as a block backend.
@@ -56,7 +60,7 @@ pub struct NbdBackend {
     replies: Replies,
     read_only: bool,
     /// The one connection every queue shares when the server does not allow several.
-    shared: Option<Arc<Conn>>,
+    shared: Option<Arc<Mutex<Engine>>>,
     events: Arc<Events>,
 }
 
@@ -83,9 +87,9 @@ impl NbdBackend {
         let replies = first.replies;
         let events = Arc::new(Events::default());
         let shared = if info.flags & TF_CAN_MULTI_CONN == 0 {
-            let conn =
-                Conn::start(&parsed, timeout, &info, Some(first), &events).map_err(failed)?;
-            Some(Arc::new(conn))
+            let engine =
+                Engine::new(&parsed, timeout, &info, Some(first), &events).map_err(failed)?;
+            Some(Arc::new(Mutex::new(engine)))
         } else {
             None // each queue connects on its own
         };
@@ -125,24 +129,28 @@ impl BlockBackend for NbdBackend {
         ]
     }
     fn queue(&self) -> io::Result<Box<dyn QueueBackend>> {
-        let conn = match &self.shared {
-            Some(c) => c.clone(),
-            None => Arc::new(Conn::start(
-                &self.uri,
-                self.timeout,
-                &self.info,
-                None,
-                &self.events,
-            )?),
+        let (engine, wake) = match &self.shared {
+            Some(e) => (e.clone(), Some(eventfd()?)),
+            None => {
+                let e = Engine::new(&self.uri, self.timeout, &self.info, None, &self.events)?;
+                (Arc::new(Mutex::new(e)), None)
+            }
         };
-        Ok(Box::new(NbdQueue {
-            conn,
-            sink: Sink::new()?,
+        let mut fixed = vec![lock(&engine).dialer_fd()];
+        fixed.extend(wake.as_ref().map(|w| w.as_raw_fd()));
+        let wakeup = Wakeup::new(&fixed)?;
+        let owner = lock(&engine).attach(wake);
+        let mut q = NbdQueue {
+            engine,
+            owner,
+            wakeup,
             info: self.info,
             parts: HashMap::new(),
             ready: Vec::new(),
             arrived: Vec::new(),
-        }))
+        };
+        q.watch();
+        Ok(Box::new(q))
     }
     fn describe(&self) -> String {
         let at = match &self.uri.address {
@@ -174,10 +182,16 @@ struct Parts {
     error: Option<io::Error>,
 }
 
+fn lock(e: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
+    e.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// One queue's requests to the server.
 struct NbdQueue {
-    conn: Arc<Conn>,
-    sink: Arc<Sink>,
+    engine: Arc<Mutex<Engine>>,
+    /// Who this queue is to the engine.
+    owner: usize,
+    wakeup: Wakeup,
     info: ExportInfo,
     parts: HashMap<u64, Parts>,
     /// Results known at submission (range errors, no-ops).
@@ -205,12 +219,33 @@ impl NbdQueue {
                 error: None,
             },
         );
+        let mut e = lock(&self.engine);
         let mut at = offset;
         while at < offset + len {
             let n = (offset + len - at).min(max) as u32;
-            self.conn.submit(&self.sink, cookie, piece(at, n));
+            e.submit(self.owner, cookie, piece(at, n));
             at += u64::from(n);
         }
+    }
+
+    /// Drives the connection and takes this queue's results; then sets what wakes the worker:
+    /// the socket (for writing too while bytes wait), and the timer while requests wait.
+    fn drive(&mut self) {
+        let mut e = lock(&self.engine);
+        e.drive(self.owner);
+        e.take(self.owner, &mut self.arrived);
+        drop(e);
+        self.watch();
+    }
+
+    fn watch(&mut self) {
+        let e = lock(&self.engine);
+        self.wakeup.watch_socket(e.socket(), e.wants_write());
+        // Failed requests whose replies are owed count too: the server is held to those.
+        let waiting = !self.parts.is_empty() || e.waiting() > 0;
+        let at = waiting.then(|| e.next_tick());
+        drop(e);
+        self.wakeup.arm(at);
     }
 }
 
@@ -221,28 +256,9 @@ fn plain(cmd: u16, flags: u16, offset: u64, len: u32) -> Req {
         flags,
         offset,
         len,
-        payload: None,
-        dest: None,
-    }
-}
-
-/// Copies `out.len()` bytes starting `skip` bytes into the concatenation of `bufs`.
-fn gather(bufs: &[VolatileSlice<'_>], mut skip: usize, out: &mut [u8]) {
-    let mut at = 0;
-    for b in bufs {
-        if at == out.len() {
-            break;
-        }
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let n = (b.len() - skip).min(out.len() - at);
-        if let Ok(s) = b.subslice(skip, n) {
-            s.copy_to(&mut out[at..at + n]);
-        }
-        at += n;
-        skip = 0;
+        bufs: Bufs::new(),
+        skip: 0,
+        zeros: false,
     }
 }
 
@@ -250,27 +266,20 @@ impl QueueBackend for NbdQueue {
     fn submit(&mut self, cookie: u64, op: IoOp<'_>) {
         let flags = self.info.flags;
         match op {
-            IoOp::Read { offset, bufs } => {
-                let list: Arc<[(usize, usize)]> = bufs
+            IoOp::Read { offset, bufs } | IoOp::Write { offset, bufs } => {
+                let cmd = if matches!(op, IoOp::Read { .. }) {
+                    CMD_READ
+                } else {
+                    CMD_WRITE
+                };
+                let list: Bufs = bufs
                     .iter()
                     .map(|b| (b.ptr_guard_mut().as_ptr() as usize, b.len()))
                     .collect();
                 self.split(cookie, offset, total_len(bufs), |at, n| Req {
-                    dest: Some(Dest {
-                        bufs: list.clone(),
-                        skip: (at - offset) as usize,
-                    }),
-                    ..plain(CMD_READ, 0, at, n)
-                });
-            }
-            IoOp::Write { offset, bufs } => {
-                self.split(cookie, offset, total_len(bufs), |at, n| {
-                    let mut data = vec![0u8; n as usize];
-                    gather(bufs, (at - offset) as usize, &mut data);
-                    Req {
-                        payload: Some(Arc::new(data)),
-                        ..plain(CMD_WRITE, 0, at, n)
-                    }
+                    bufs: list.clone(),
+                    skip: (at - offset) as usize,
+                    ..plain(cmd, 0, at, n)
                 });
             }
             IoOp::Flush if flags & TF_SEND_FLUSH != 0 => {
@@ -281,8 +290,7 @@ impl QueueBackend for NbdQueue {
                         error: None,
                     },
                 );
-                self.conn
-                    .submit(&self.sink, cookie, plain(CMD_FLUSH, 0, 0, 0));
+                lock(&self.engine).submit(self.owner, cookie, plain(CMD_FLUSH, 0, 0, 0));
             }
             // A server without a write cache has nothing to flush.
             IoOp::Flush => self.ready.push((cookie, Ok(()))),
@@ -305,19 +313,19 @@ impl QueueBackend for NbdQueue {
                 })
             }
             IoOp::WriteZeroes { offset, len, .. } => self.split(cookie, offset, len, |at, n| Req {
-                payload: Some(Arc::new(vec![0u8; n as usize])),
+                zeros: true,
                 ..plain(CMD_WRITE, 0, at, n)
             }),
         }
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
-        Some(self.sink.fd())
+        Some(self.wakeup.fd())
     }
 
     fn reap(&mut self, out: &mut Vec<IoDone>) {
         out.append(&mut self.ready);
-        self.sink.take(&mut self.arrived);
+        self.drive();
         for (cookie, res) in self.arrived.drain(..) {
             let Some(p) = self.parts.get_mut(&cookie) else {
                 continue;
@@ -339,13 +347,19 @@ impl QueueBackend for NbdQueue {
     }
 
     fn has_results(&mut self) -> bool {
-        !self.ready.is_empty() || self.sink.has_results()
+        if !self.ready.is_empty() {
+            return true;
+        }
+        // A worker that polls looks at the socket itself: no thread will wake it.
+        let mut e = lock(&self.engine);
+        e.drive(self.owner);
+        e.has_results(self.owner)
     }
 }
 
 impl Drop for NbdQueue {
     fn drop(&mut self) {
-        self.conn.detach(&self.sink);
+        lock(&self.engine).detach(self.owner);
     }
 }
 

@@ -218,6 +218,23 @@ fn results(q: &mut Box<dyn QueueBackend>, n: usize) -> Vec<(u64, io::Result<()>)
     out
 }
 
+/// Does what a queue worker does for `dur`: waits on the queue's fd and reaps.
+fn drive_for(q: &mut Box<dyn QueueBackend>, dur: Duration) -> Vec<(u64, io::Result<()>)> {
+    let t = Instant::now();
+    let mut out = Vec::new();
+    while t.elapsed() < dur {
+        let mut fd = libc::pollfd {
+            fd: q.completion_fd().unwrap(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call.
+        unsafe { libc::poll(&mut fd, 1, 50) };
+        q.reap(&mut out);
+    }
+    out
+}
+
 /// Reads `len` bytes at 0 through queue `q`; the result, the data, and how long it took.
 fn read_on(q: &mut Box<dyn QueueBackend>, len: usize) -> (io::Result<()>, Vec<u8>, Duration) {
     let mut buf = vec![0u8; len];
@@ -340,55 +357,111 @@ fn a_simple_reply_inside_a_structured_one_costs_the_connection() {
 }
 
 #[test]
-fn data_without_its_final_chunk_is_not_kept_once_the_request_times_out() {
+fn data_without_its_final_chunk_fails_and_holds_no_memory() {
     const LEN: usize = 64 << 10;
     let (path, _) = server("nodone", Script::structured(), |_, s, r| {
         // Everything but the DONE flag, for every read.
         let _ = s.write_all(&data_chunk(r.cookie, false, r.offset, r.len as usize, 0x66));
     });
     let backend = NbdBackend::connect(&uri(&path), false, Duration::from_secs(1)).unwrap();
-    let conn = backend.shared.clone().unwrap();
+    let engine = backend.shared.clone().unwrap();
+    let held = engine.lock().unwrap().held();
     let mut q = backend.queue().unwrap();
-    let mut bufs = vec![vec![0u8; LEN]; 6];
-    for (i, b) in bufs.iter_mut().enumerate() {
-        let slice = VolatileSlice::from(&mut b[..]);
-        q.submit(
-            i as u64,
-            IoOp::Read {
-                offset: 0,
-                bufs: &[slice],
-            },
-        );
-    }
-    for (_, res) in results(&mut q, 6) {
-        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::TimedOut);
-    }
-    assert!(
-        bufs.iter().flatten().all(|&b| b == 0),
-        "data of an unfinished reply was used"
-    );
-    // One more read: its data is held while it waits, the timed-out ones' no longer.
-    let mut one = vec![0u8; LEN];
-    {
-        let slice = VolatileSlice::from(&mut one[..]);
-        q.submit(
-            9,
-            IoOp::Read {
-                offset: 0,
-                bufs: &[slice],
-            },
-        );
-        let t = Instant::now();
-        while conn.assembling() != LEN && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(5));
+    for round in 0..3 {
+        let mut bufs = vec![vec![0u8; LEN]; 16];
+        for (i, b) in bufs.iter_mut().enumerate() {
+            let slice = VolatileSlice::from(&mut b[..]);
+            q.submit(
+                i as u64,
+                IoOp::Read {
+                    offset: 0,
+                    bufs: &[slice],
+                },
+            );
         }
-        assert_eq!(
-            conn.assembling(),
-            LEN,
-            "partial replies of failed requests are kept"
+        for (_, res) in results(&mut q, 16) {
+            assert_eq!(res.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        }
+        // Replies are never held: what the engine keeps is its fixed staging buffer and
+        // the requests it sends (16 reads: a few hundred bytes).
+        let now = engine.lock().unwrap().held();
+        assert!(
+            now <= held + (64 << 10),
+            "round {round}: {held} -> {now} bytes"
         );
-        results(&mut q, 1);
     }
+}
+
+#[test]
+fn a_reply_after_the_timeout_never_reaches_the_buffer() {
+    static WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let (path, count) = server("late", Script::simple(), |_, s, r| {
+        let reply = move |s: &mut UnixStream| {
+            let _one = WRITES.lock().unwrap();
+            simple_reply(s, r.cookie, 0, &vec![0x5a; r.len as usize]);
+        };
+        if r.offset == 0 {
+            // The whole reply, well after the request timed out, while others are answered.
+            let mut late = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(1500));
+                reply(&mut late);
+            });
+        } else {
+            reply(s);
+        }
+    });
+    let backend = NbdBackend::connect(&uri(&path), false, Duration::from_secs(1)).unwrap();
+    let mut q = backend.queue().unwrap();
+    let mut slow = vec![0u8; 4096];
+    let mut quick = vec![0u8; 4096];
+    let t = Instant::now();
+    let mut failed_at = None;
+    let mut answered = 0;
+    // The slow read, then a quick one at a time for 2.5 s, through the same queue.
+    let slice = VolatileSlice::from(&mut slow[..]);
+    q.submit(
+        1,
+        IoOp::Read {
+            offset: 0,
+            bufs: &[slice],
+        },
+    );
+    while t.elapsed() < Duration::from_millis(2500) {
+        let slice = VolatileSlice::from(&mut quick[..]);
+        q.submit(
+            2,
+            IoOp::Read {
+                offset: 4096,
+                bufs: &[slice],
+            },
+        );
+        let mut got = false;
+        while !got {
+            for (tag, res) in drive_for(&mut q, Duration::from_millis(10)) {
+                match tag {
+                    1 => {
+                        assert_eq!(res.unwrap_err().kind(), io::ErrorKind::TimedOut);
+                        failed_at = Some(t.elapsed());
+                    }
+                    _ => {
+                        res.unwrap();
+                        answered += 1;
+                        got = true;
+                    }
+                }
+            }
+        }
+    }
+    let failed_at = failed_at.expect("the slow read never failed");
+    assert!(failed_at < Duration::from_millis(1400), "{failed_at:?}");
+    assert!(answered > 10, "{answered}");
+    // The late reply came on the same connection, and was dropped.
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    assert!(
+        slow.iter().all(|&b| b == 0),
+        "a late reply was written into the buffer"
+    );
 }
 
 #[test]
@@ -532,7 +605,7 @@ fn a_server_that_drops_every_connection_is_backed_off() {
         },
     );
     let t = Instant::now();
-    std::thread::sleep(Duration::from_secs(4));
+    drive_for(&mut q, Duration::from_secs(4));
     let n = count.load(Ordering::SeqCst);
     // 50 ms doubling to 1 s: about 8 attempts in 4 s, not one every few milliseconds.
     assert!(

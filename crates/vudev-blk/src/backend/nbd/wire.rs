@@ -2,7 +2,7 @@
 //! `extension-ext-header` branch for extended headers): request headers, reply headers, and
 //! the server's error codes.
 
-use std::io::{self, Read};
+use std::io;
 
 pub(super) const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub(super) const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
@@ -95,51 +95,53 @@ pub(super) enum ReplyHeader {
     },
 }
 
-/// Reads one reply header, refusing what the negotiated mode does not allow.
-pub(super) fn read_reply_header(r: &mut dyn Read, replies: Replies) -> io::Result<ReplyHeader> {
-    let mut magic = [0u8; 4];
-    r.read_exact(&mut magic)?;
-    let magic = u32::from_be_bytes(magic);
-    let bytes = |r: &mut dyn Read, n: usize| -> io::Result<[u8; 28]> {
-        let mut b = [0u8; 28];
-        r.read_exact(&mut b[..n])?;
-        Ok(b)
-    };
-    let be16 = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-    let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    let be64 = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().unwrap_or_default());
-    match (magic, replies) {
-        (SIMPLE_REPLY_MAGIC, Replies::Simple | Replies::Structured) => {
-            let b = bytes(r, 12)?;
-            Ok(ReplyHeader::Simple {
-                error: be32(&b[0..4]),
-                cookie: be64(&b[4..12]),
-            })
-        }
-        (STRUCTURED_REPLY_MAGIC, Replies::Structured) => {
-            let b = bytes(r, 16)?;
-            Ok(ReplyHeader::Chunk {
-                flags: be16(&b[0..2]),
-                kind: be16(&b[2..4]),
-                cookie: be64(&b[4..12]),
-                offset: None,
-                len: u64::from(be32(&b[12..16])),
-            })
-        }
-        (EXTENDED_REPLY_MAGIC, Replies::Extended) => {
-            let b = bytes(r, 28)?;
-            Ok(ReplyHeader::Chunk {
-                flags: be16(&b[0..2]),
-                kind: be16(&b[2..4]),
-                cookie: be64(&b[4..12]),
-                offset: Some(be64(&b[12..20])),
-                len: be64(&b[20..28]),
-            })
-        }
-        _ => Err(proto(format!(
-            "unexpected reply magic {magic:#x} ({replies:?} replies negotiated)"
-        ))),
+/// Parses one reply header from the start of `b`, refusing what the negotiated mode does not
+/// allow: the header and its length, or `None` if `b` does not hold all of it yet.
+pub(super) fn parse_reply_header(
+    b: &[u8],
+    replies: Replies,
+) -> io::Result<Option<(ReplyHeader, usize)>> {
+    if b.len() < 4 {
+        return Ok(None);
     }
+    let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    let need = match (magic, replies) {
+        (SIMPLE_REPLY_MAGIC, Replies::Simple | Replies::Structured) => 16,
+        (STRUCTURED_REPLY_MAGIC, Replies::Structured) => 20,
+        (EXTENDED_REPLY_MAGIC, Replies::Extended) => 32,
+        _ => {
+            return Err(proto(format!(
+                "unexpected reply magic {magic:#x} ({replies:?} replies negotiated)"
+            )))
+        }
+    };
+    if b.len() < need {
+        return Ok(None);
+    }
+    let be16 = |at: usize| u16::from_be_bytes([b[at], b[at + 1]]);
+    let be32 = |at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let be64 = |at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or_default());
+    let h = match need {
+        16 => ReplyHeader::Simple {
+            error: be32(4),
+            cookie: be64(8),
+        },
+        20 => ReplyHeader::Chunk {
+            flags: be16(4),
+            kind: be16(6),
+            cookie: be64(8),
+            offset: None,
+            len: u64::from(be32(16)),
+        },
+        _ => ReplyHeader::Chunk {
+            flags: be16(4),
+            kind: be16(6),
+            cookie: be64(8),
+            offset: Some(be64(16)),
+            len: be64(24),
+        },
+    };
+    Ok(Some((h, need)))
 }
 
 /// The server broke the protocol.
@@ -218,7 +220,11 @@ mod tests {
         m.extend_from_slice(&9u64.to_be_bytes());
         m.extend_from_slice(&4096u64.to_be_bytes());
         m.extend_from_slice(&520u64.to_be_bytes());
-        let h = read_reply_header(&mut &m[..], Replies::Extended).unwrap();
+        let (h, n) = parse_reply_header(&m, Replies::Extended).unwrap().unwrap();
+        assert_eq!(n, 32);
+        assert!(parse_reply_header(&m[..31], Replies::Extended)
+            .unwrap()
+            .is_none());
         assert_eq!(
             h,
             ReplyHeader::Chunk {
@@ -230,11 +236,11 @@ mod tests {
             }
         );
         // Each mode refuses the others' replies.
-        assert!(read_reply_header(&mut &m[..], Replies::Structured).is_err());
+        assert!(parse_reply_header(&m, Replies::Structured).is_err());
         let mut s = SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
         s.extend_from_slice(&[0; 12]);
-        assert!(read_reply_header(&mut &s[..], Replies::Extended).is_err());
-        assert!(read_reply_header(&mut &s[..], Replies::Simple).is_ok());
+        assert!(parse_reply_header(&s, Replies::Extended).is_err());
+        assert!(parse_reply_header(&s, Replies::Simple).unwrap().is_some());
     }
 
     #[test]
