@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Completion, ReqFlags};
 
+mod nbd;
 mod profile;
 mod rbd;
 
@@ -64,17 +65,21 @@ struct Workload {
     name: &'static str,
     backend: Backend,
     pattern: Pattern,
+    /// Requests in flight per queue.
     depth: usize,
+    /// Queues of the export and of the client (each driven by its own client thread).
+    queues: usize,
     /// Extra vudev options for this row only.
     vudev_args: &'static str,
 }
 
-const WORKLOADS: [Workload; 15] = [
+const WORKLOADS: [Workload; 18] = [
     Workload {
         name: "null, random read, QD32",
         backend: Backend::Null,
         pattern: Pattern::RandRead,
         depth: 32,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -82,6 +87,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::Null,
         pattern: Pattern::RandRead,
         depth: 1,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -89,6 +95,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::TmpfsFile,
         pattern: Pattern::RandRead,
         depth: 32,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -96,6 +103,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::TmpfsFile,
         pattern: Pattern::RandWrite,
         depth: 32,
+        queues: 1,
         vudev_args: "",
     },
     // vudev's default on tmpfs copies on the queue thread (`--aio auto`); these rows show
@@ -105,6 +113,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::TmpfsFile,
         pattern: Pattern::RandRead,
         depth: 32,
+        queues: 1,
         vudev_args: "--aio io_uring",
     },
     Workload {
@@ -112,6 +121,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::TmpfsFile,
         pattern: Pattern::RandWrite,
         depth: 32,
+        queues: 1,
         vudev_args: "--aio io_uring",
     },
     Workload {
@@ -119,6 +129,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::Nbd,
         pattern: Pattern::RandRead,
         depth: 32,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -126,6 +137,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::Nbd,
         pattern: Pattern::RandWrite,
         depth: 32,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -133,6 +145,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::Nbd,
         pattern: Pattern::RandRead,
         depth: 1,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -140,6 +153,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::NbdTcp,
         pattern: Pattern::RandRead,
         depth: 32,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -147,6 +161,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::NbdTcp,
         pattern: Pattern::RandWrite,
         depth: 32,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -154,6 +169,31 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::NbdTcp,
         pattern: Pattern::RandRead,
         depth: 1,
+        queues: 1,
+        vudev_args: "",
+    },
+    Workload {
+        name: "NBD (qemu-nbd, unix), random read, 2 queues x QD16",
+        backend: Backend::Nbd,
+        pattern: Pattern::RandRead,
+        depth: 16,
+        queues: 2,
+        vudev_args: "",
+    },
+    Workload {
+        name: "NBD (qemu-nbd, unix), random write, 2 queues x QD16",
+        backend: Backend::Nbd,
+        pattern: Pattern::RandWrite,
+        depth: 16,
+        queues: 2,
+        vudev_args: "",
+    },
+    Workload {
+        name: "NBD (qemu-nbd, TCP), random read, 2 queues x QD16",
+        backend: Backend::NbdTcp,
+        pattern: Pattern::RandRead,
+        depth: 16,
+        queues: 2,
         vudev_args: "",
     },
     Workload {
@@ -161,6 +201,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::Rbd,
         pattern: Pattern::RandRead,
         depth: 32,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -168,6 +209,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::Rbd,
         pattern: Pattern::RandWrite,
         depth: 32,
+        queues: 1,
         vudev_args: "",
     },
     Workload {
@@ -175,6 +217,7 @@ const WORKLOADS: [Workload; 15] = [
         backend: Backend::Rbd,
         pattern: Pattern::RandRead,
         depth: 1,
+        queues: 1,
         vudev_args: "",
     },
 ];
@@ -273,12 +316,13 @@ impl Drop for Server {
 fn vudev(
     bin: &Path,
     dir: &Path,
-    backend: Backend,
+    w: &Workload,
     image: &Path,
     poll_us: Option<u32>,
     extra: &str,
 ) -> (Server, String) {
-    let (cmd, socket) = vudev_cmd(bin, dir, backend, image, poll_us, extra);
+    let extra = format!("{extra} --num-queues {}", w.queues);
+    let (cmd, socket) = vudev_cmd(bin, dir, w.backend, image, poll_us, &extra);
     let line = format!("{cmd:?}");
     (Server::start(cmd, socket), line)
 }
@@ -315,15 +359,15 @@ fn vudev_cmd(
     (cmd, socket)
 }
 
-fn qsd(dir: &Path, backend: Backend, image: &Path) -> (Server, String) {
-    let (cmd, socket) = qsd_cmd(dir, backend, image);
+fn qsd(dir: &Path, w: &Workload, image: &Path) -> (Server, String) {
+    let (cmd, socket) = qsd_cmd(dir, w.backend, image, w.queues);
     let line = format!("{cmd:?}");
     (Server::start(cmd, socket), line)
 }
 
 /// The command that runs qemu-storage-daemon's vhost-user-blk export of `backend`, and its
 /// socket.
-fn qsd_cmd(dir: &Path, backend: Backend, image: &Path) -> (Command, PathBuf) {
+fn qsd_cmd(dir: &Path, backend: Backend, image: &Path, queues: usize) -> (Command, PathBuf) {
     let socket = dir.join("qsd.sock");
     let mut cmd = Command::new("qemu-storage-daemon");
     let blockdev = match backend {
@@ -346,7 +390,7 @@ fn qsd_cmd(dir: &Path, backend: Backend, image: &Path) -> (Command, PathBuf) {
         ),
     };
     cmd.arg("--blockdev").arg(blockdev).arg("--export").arg(format!(
-        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+        "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
         socket.display()
     ));
     (cmd, socket)
@@ -364,8 +408,8 @@ fn drive(server: &Server, w: &Workload, secs: f64) -> Result<Figures, String> {
     )
 }
 
-/// Drives `path` through blkio `driver` with one queue for `secs` seconds; the CPU figure is
-/// the server's (NaN without one).
+/// Drives `path` through blkio `driver` with `w.queues` queues (a thread each) for `secs`
+/// seconds; the CPU figure is the server's (NaN without one).
 fn drive_with(
     driver: &str,
     path: &Path,
@@ -379,13 +423,81 @@ fn drive_with(
     b.set_str("path", path.to_str().unwrap())
         .map_err(e("path"))?;
     b.connect().map_err(e("connect"))?;
-    b.set_i32("num-queues", 1).map_err(e("num-queues"))?;
+    b.set_i32("num-queues", w.queues as i32)
+        .map_err(e("num-queues"))?;
     let mut started = b.start().map_err(e("start"))?;
-    let region = b.alloc_mem_region(w.depth * BS).map_err(e("alloc"))?;
+    let region = b
+        .alloc_mem_region(w.queues * w.depth * BS)
+        .map_err(e("alloc"))?;
     b.map_mem_region(&region).map_err(e("map"))?;
-    let q = &mut started.queues[0];
+    window(true);
+    let cpu0 = server.map_or(f64::NAN, Server::cpu_seconds);
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    let runs: Vec<Result<QueueRun, String>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = started
+            .queues
+            .iter_mut()
+            .enumerate()
+            .map(|(i, q)| {
+                let base = region.addr + i * w.depth * BS;
+                scope.spawn(move || run_queue(q, base, i as u64, w, end))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or_else(|_| Err("a client thread panicked".into()))
+            })
+            .collect()
+    });
+    window(false);
+    let elapsed = t0.elapsed().as_secs_f64();
+    let cpu = server.map_or(f64::NAN, Server::cpu_seconds) - cpu0;
+    b.unmap_mem_region(&region);
+    b.free_mem_region(&region);
+    let mut done = 0;
+    let mut client = 0.0;
+    let mut lat = Vec::new();
+    for r in runs {
+        let r = r?;
+        done += r.done;
+        client += r.cpu;
+        lat.extend(r.lat);
+    }
+    lat.sort_unstable();
+    Ok(Figures {
+        ios: done,
+        iops: done as f64 / elapsed,
+        p50_us: lat.get(lat.len() / 2).map_or(0.0, |&ns| ns as f64 / 1000.0),
+        cpu_us_per_io: cpu / done.max(1) as f64 * 1e6,
+        server_busy: cpu / elapsed,
+        client_busy: client / elapsed,
+    })
+}
+
+/// What one client queue did.
+struct QueueRun {
+    done: u64,
+    /// Latencies in ns (QD1 only).
+    lat: Vec<u64>,
+    /// CPU seconds of its thread.
+    cpu: f64,
+}
+
+/// Keeps `w.depth` requests in flight on `q` (buffers from `base`) until `end`.
+fn run_queue(
+    q: &mut blkio::Blkioq,
+    base: usize,
+    seed: u64,
+    w: &Workload,
+    end: Instant,
+) -> Result<QueueRun, String> {
+    let e = |what: &'static str| move |err: blkio::Error| format!("{what}: {}", err.message());
+    let client0 = thread_cpu_seconds();
     let blocks = DISK / BS as u64;
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ (seed << 32);
     let mut next = || {
         x ^= x << 13;
         x ^= x >> 7;
@@ -393,7 +505,7 @@ fn drive_with(
         (x % blocks) * BS as u64
     };
     let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
-        let buf = region.addr + slot * BS;
+        let buf = base + slot * BS;
         match w.pattern {
             Pattern::RandRead => q.read(off, buf as *mut u8, BS, slot, ReqFlags::empty()),
             Pattern::RandWrite => q.write(off, buf as *const u8, BS, slot, ReqFlags::empty()),
@@ -408,11 +520,6 @@ fn drive_with(
     let mut done = 0u64;
     let mut comps: Vec<MaybeUninit<Completion>> =
         (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
-    window(true);
-    let cpu0 = server.map_or(f64::NAN, Server::cpu_seconds);
-    let client0 = thread_cpu_seconds();
-    let t0 = Instant::now();
-    let end = t0 + Duration::from_secs_f64(secs);
     loop {
         let n = q
             .do_io(&mut comps, 1, Some(&mut Duration::from_secs(10)), None)
@@ -440,10 +547,7 @@ fn drive_with(
             break;
         }
     }
-    window(false);
-    let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = server.map_or(f64::NAN, Server::cpu_seconds) - cpu0;
-    let client = thread_cpu_seconds() - client0;
+    let cpu = thread_cpu_seconds() - client0;
     // Drain what is still in flight before disconnecting.
     let mut left = w.depth;
     while left > 0 {
@@ -455,17 +559,7 @@ fn drive_with(
         }
         left = left.saturating_sub(n);
     }
-    lat.sort_unstable();
-    b.unmap_mem_region(&region);
-    b.free_mem_region(&region);
-    Ok(Figures {
-        ios: done,
-        iops: done as f64 / elapsed,
-        p50_us: lat.get(lat.len() / 2).map_or(0.0, |&ns| ns as f64 / 1000.0),
-        cpu_us_per_io: cpu / done.max(1) as f64 * 1e6,
-        server_busy: cpu / elapsed,
-        client_busy: client / elapsed,
-    })
+    Ok(QueueRun { done, lat, cpu })
 }
 
 /// One exporter's figures from the VDUSE guest run (a `BENCH name key=value…` line).
@@ -663,16 +757,40 @@ fn main() {
         })
         .unwrap_or_default();
     let ceph_version = cluster.as_ref().map(rbd::Cluster::version);
+    // The NBD rows' limit: fio's nbd engine on the same servers, one connection.
+    let nbd_uris = [
+        (
+            Backend::Nbd,
+            format!("nbd+unix:///?socket={}", nbd_socket(&dir).display()),
+        ),
+        (Backend::NbdTcp, format!("nbd://127.0.0.1:{port}/")),
+    ];
+    let mut nbd_limits = Vec::new();
+    for w in WORKLOADS
+        .iter()
+        .filter(chosen)
+        .filter(|w| matches!(w.backend, Backend::Nbd | Backend::NbdTcp) && w.queues == 1)
+    {
+        let Some((_, uri)) = nbd_uris.iter().find(|(b, _)| *b == w.backend) else {
+            continue;
+        };
+        let r = nbd::fio_limit(uri, w.pattern == Pattern::RandWrite, w.depth, secs);
+        match &r {
+            Ok(iops) => println!("{:<36} fio nbd engine {iops:>9.0} IOPS", w.name),
+            Err(e) => println!("{}: fio nbd engine failed: {e}", w.name),
+        }
+        nbd_limits.push((w.name, r));
+    }
     for w in WORKLOADS.iter().filter(chosen) {
         // The peers take turns, `rounds` times each; the run with the median IOPS stands for
         // each, so one burst of noise on this shared machine does not decide a ratio.
         let (mut ours, mut theirs, mut plain) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             let args = format!("{extra} {}", w.vudev_args);
-            let (s, cmd) = vudev(&bin, &dir, w.backend, &image, poll_us, &args);
+            let (s, cmd) = vudev(&bin, &dir, w, &image, poll_us, &args);
             ours.push(drive(&s, w, secs));
             drop(s);
-            let (s, cmd2) = qsd(&dir, w.backend, &image);
+            let (s, cmd2) = qsd(&dir, w, &image);
             theirs.push(drive(&s, w, secs));
             drop(s);
             if round == 0 {
@@ -734,7 +852,7 @@ fn main() {
                 "vudev",
                 vudev_cmd(&bin, &dir, w.backend, &image, Some(0), &extra),
             ),
-            ("qemu-storage-daemon", qsd_cmd(&dir, w.backend, &image)),
+            ("qemu-storage-daemon", qsd_cmd(&dir, w.backend, &image, 1)),
         ];
         for (name, (cmd, socket)) in peers {
             let slug: String = w
@@ -794,7 +912,7 @@ fn main() {
         "- peer: {}",
         version("qemu-storage-daemon", "--version")
     );
-    let _ = writeln!(md, "- client: the blkio crate's virtio-blk-vhost-user driver, 1 queue, 4 KiB, {secs} s per run, on the same machine; the peers take turns {rounds} times per workload and each figure is from the run with the median IOPS");
+    let _ = writeln!(md, "- client: the blkio crate's virtio-blk-vhost-user driver, 1 queue (2, each driven by its own thread, where the row says so; the export has as many), 4 KiB, {secs} s per run, on the same machine; the peers take turns {rounds} times per workload and each figure is from the run with the median IOPS");
     let _ = writeln!(
         md,
         "- transport: vhost-user for both in the first tables; VDUSE in the last one\n"
@@ -864,6 +982,39 @@ fn main() {
         Some(us) => format!("vudev runs with `--poll-us {us}` (each queue busy-polls for that long after its last activity; 0 = off)"),
     };
     let _ = writeln!(md, "\nqemu-storage-daemon's null-co runs with the options below (read-zeroes not set; its profile below still shows one large memset per request); vudev's null backend writes zeros into every read buffer. Timings on this shared 2-CPU machine drift by up to 2x between runs (the same plain io_uring row has ranged from 252k to 344k IOPS within minutes), hence the alternating rounds and medians. {polling}; qemu-storage-daemon's iothread polls by default (adaptively, up to 32 us). NBD rows: both keep many requests in flight on their connection to the same qemu-nbd. File rows: vudev's default `--aio auto` copies on the queue's own thread for a tmpfs file, because this kernel cannot read tmpfs without blocking (preadv2 with RWF_NOWAIT gives EOPNOTSUPP), so io_uring hands every request to a kernel worker thread; the `--aio io_uring` rows show what that costs. qemu-storage-daemon runs `aio=io_uring`, which the targets name; its `aio=threads` was not measured.");
+    if !nbd_limits.is_empty() {
+        let _ = writeln!(md, "\nThe NBD rows' limit: fio's own `nbd` engine (libnbd inside fio: no virtio hop, no daemon) on the same qemu-nbd, one connection, 4 KiB, the same depth, {secs} s, run once before the rows.\n");
+        let _ = writeln!(
+            md,
+            "| workload | fio nbd engine IOPS | vudev IOPS | vudev / fio |\n|---|---|---|---|"
+        );
+        for (name, r) in &nbd_limits {
+            let ours = rows
+                .iter()
+                .find(|(w, ..)| w.name == *name)
+                .and_then(|(_, o, ..)| o.as_ref().ok());
+            match (r, ours) {
+                (Ok(l), Some(o)) => {
+                    let _ = writeln!(
+                        md,
+                        "| {name} | {l:.0} | {:.0} | {:.2} |",
+                        o.iops,
+                        o.iops / l
+                    );
+                }
+                (Ok(l), None) => {
+                    let _ = writeln!(md, "| {name} | {l:.0} | failed | |");
+                }
+                (Err(e), _) => {
+                    let _ = writeln!(
+                        md,
+                        "| {name} | failed: {} | | |",
+                        e.lines().next().unwrap_or("")
+                    );
+                }
+            }
+        }
+    }
     if let Some(version) = &ceph_version {
         let _ = writeln!(md, "\nRBD rows: one image of 1 GiB, written through once, on a one-OSD cluster (BlueStore on a sparse file, `tests/ceph/cluster.sh`) on this machine, {version}. vudev runs without librbd's cache (it sets `rbd_cache = false`: a cache in its memory would lose completed writes when it dies); qemu-storage-daemon runs its default, which here is librbd's writeback cache once the client flushes (this client does not). The limit, `rbd bench` on the same image with no virtio in between (librbd in the `rbd` tool, 4 KiB):\n");
         let _ = writeln!(md, "| rbd bench | IOPS |\n|---|---|");
@@ -887,7 +1038,7 @@ fn main() {
         .and_then(|p| std::fs::read_to_string(p).ok())
         .map(|l| vduse_figures(&l))
         .unwrap_or_default();
-    let _ = writeln!(md, "\nVDUSE: fio 4 KiB random read, QD16, libaio, O_DIRECT, on the /dev/vdX of each exporter in the same Debian 6.12 guest (QEMU TCG, 2 vCPUs: every figure is emulated CPU time, far below the host's), file on guest tmpfs, io_uring in both daemons (`tests/vm/scenarios/bench-vduse.sh`). CPU is the daemon's own, per I/O.\n");
+    let _ = writeln!(md, "\nVDUSE: fio 4 KiB random read, QD16, libaio, O_DIRECT, on the /dev/vdX of each exporter (and on rublk's /dev/ublkb0, when scripts/bench could build rublk) in the same Debian 6.12 guest (QEMU TCG, 2 vCPUs: every figure is emulated CPU time, far below the host's), file on guest tmpfs, io_uring in both daemons (`tests/vm/scenarios/bench-vduse.sh`). CPU is the daemon's own, per I/O.\n");
     if guest.is_empty() {
         let _ = writeln!(
             md,
@@ -915,6 +1066,15 @@ fn main() {
                 "VDUSE fio QD16: vudev/qsd IOPS {:.2}, CPU per I/O {:.2}",
                 v.iops / q.iops,
                 (v.user_us_per_io + v.sys_us_per_io) / (q.user_us_per_io + q.sys_us_per_io)
+            );
+            println!("{line}");
+            let _ = writeln!(md, "\n{line}.");
+        }
+        if let (Some(v), Some(u)) = (find("vudev"), find("rublk")) {
+            let line = format!(
+                "VDUSE against ublk (rublk's loop target on the same file, in the same guest), fio QD16: vudev/rublk IOPS {:.2}, CPU per I/O {:.2}",
+                v.iops / u.iops,
+                (v.user_us_per_io + v.sys_us_per_io) / (u.user_us_per_io + u.sys_us_per_io)
             );
             println!("{line}");
             let _ = writeln!(md, "\n{line}.");

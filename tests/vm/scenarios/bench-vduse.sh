@@ -1,6 +1,6 @@
 # Benchmark (not a test): fio 4 KiB random reads at QD16 on the VDUSE block device of
-# qemu-storage-daemon's vduse-blk export, then of vudev's, on the same tmpfs file in the same
-# guest. Prints `BENCH name iops=N utime=T stime=T hz=H ios=N secs=S` per exporter (the
+# qemu-storage-daemon's vduse-blk export, then of vudev's, then on rublk's ublk loop device
+# (if rublk is there), on the same tmpfs file in the same guest. Prints `BENCH name iops=N utime=T stime=T hz=H ios=N secs=S` per exporter (the
 # daemon's user and system CPU over the run, in clock ticks of 1/H s) and a check per run so that run.sh reports it.
 . /lib.sh
 SECS=${BENCH_SECS:-10}
@@ -34,4 +34,17 @@ vpid=$!
 dev=$(wait_blkdev vb0 20)
 bench vudev $vpid "$dev"
 stop_export $vpid vb0
+
+# The path container users pick instead of VDUSE: ublk, with rublk's loop target over the
+# same file (when scripts/bench could build rublk and gave it to the guest).
+if command -v rublk >/dev/null; then
+    rublk add loop -f /tmp/b.img >/tmp/rublk-add.log 2>&1
+    if wait_for /dev/ublkb0 20; then
+        rpid=$(pgrep -f "rublk" | head -1)
+        bench rublk "$rpid" /dev/ublkb0
+    else
+        echo "bench: rublk made no /dev/ublkb0: $(cat /tmp/rublk-add.log)"
+    fi
+    rublk del -a >/dev/null 2>&1 || true
+fi
 echo SCENARIO DONE

@@ -465,6 +465,64 @@ fn a_reply_after_the_timeout_never_reaches_the_buffer() {
 }
 
 #[test]
+fn queues_sharing_a_connection_get_each_their_own_results() {
+    let (path, count) = server("shared", Script::simple(), |_, s, r| {
+        let byte = (r.offset / 4096) as u8;
+        simple_reply(s, r.cookie, 0, &vec![byte; r.len as usize]);
+    });
+    let backend = NbdBackend::connect(&uri(&path), false, Duration::from_secs(5)).unwrap();
+    assert!(
+        backend.shared.is_some(),
+        "the scripted server has no multi-conn"
+    );
+    let mut q1 = backend.queue().unwrap();
+    let mut q2 = backend.queue().unwrap();
+    let mut b1 = vec![0u8; 4096];
+    let mut b2 = vec![0u8; 4096];
+    q1.submit(
+        1,
+        IoOp::Read {
+            offset: 4096,
+            bufs: &[VolatileSlice::from(&mut b1[..])],
+        },
+    );
+    q2.submit(
+        2,
+        IoOp::Read {
+            offset: 8192,
+            bufs: &[VolatileSlice::from(&mut b2[..])],
+        },
+    );
+    // Only the first queue drives the connection: it sends both requests and reads both
+    // replies, keeps its own result and hands the other over, waking the second queue.
+    let mine = drive_for(&mut q1, Duration::from_millis(300));
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].0, 1);
+    let mut fd = libc::pollfd {
+        fd: q2.completion_fd().unwrap(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call.
+    assert_eq!(
+        unsafe { libc::poll(&mut fd, 1, 0) },
+        1,
+        "the second queue was not woken"
+    );
+    let mut theirs = Vec::new();
+    q2.reap(&mut theirs);
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(theirs[0].0, 2);
+    theirs.pop().unwrap().1.unwrap();
+    assert!(b1.iter().all(|&b| b == 1) && b2.iter().all(|&b| b == 2));
+    assert_eq!(
+        count.load(Ordering::SeqCst),
+        1,
+        "one connection for both queues"
+    );
+}
+
+#[test]
 fn a_reply_trickled_a_byte_at_a_time_ends_by_the_timeout() {
     let (path, count) = server("trickle", Script::simple(), |n, s, r| {
         if n == 0 {
