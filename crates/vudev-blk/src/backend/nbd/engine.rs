@@ -343,13 +343,32 @@ impl Engine {
             let Some(live) = self.live.as_mut() else {
                 break;
             };
+            // Read data still to come lands straight in the driver's buffers, the bytes after
+            // it in the staging buffer, in one call.
+            let direct = self
+                .inbound
+                .direct()
+                .filter(|_| live.link.tls.is_none())
+                .map(|(cookie, at, left)| (self.book.iovecs(cookie, at, left), left))
+                .filter(|(iov, _)| !iov.is_empty());
             let space = self.inbound.space();
             let room = space.len();
-            let n = live.link.receive(space)?;
-            if n == 0 {
-                break;
-            }
-            self.inbound.received(n, replies, &mut self.book)?;
+            let n = match direct {
+                Some((mut iov, left)) => {
+                    iov.push(libc::iovec {
+                        iov_base: space.as_mut_ptr().cast(),
+                        iov_len: room,
+                    });
+                    let n = live.link.receive_vectored(&iov)?;
+                    self.inbound.received_direct(n, replies, &mut self.book)?;
+                    n.saturating_sub(left as usize)
+                }
+                None => {
+                    let n = live.link.receive(space)?;
+                    self.inbound.received(n, replies, &mut self.book)?;
+                    n
+                }
+            };
             if n < room {
                 break; // the socket had no more
             }
@@ -514,6 +533,41 @@ impl Engine {
     #[cfg(test)]
     pub(super) fn held(&self) -> usize {
         self.inbound.capacity() + self.out.capacity()
+    }
+}
+
+impl Book {
+    /// The buffers of request `cookie` from `at` bytes into its range, `n` bytes of them, as
+    /// iovecs to receive into; none if the request has failed (its data is dropped). They
+    /// may be written while the request waits: its queue keeps their memory mapped until it
+    /// reaps the answer, and a queue that goes away first detaches (see `land`).
+    fn iovecs(&self, cookie: u64, at: u64, n: u64) -> SmallVec<[libc::iovec; 8]> {
+        let mut out = SmallVec::new();
+        let Some(p) = self.pending.get(&cookie).filter(|p| !p.failed) else {
+            return out;
+        };
+        let mut skip = p.req.skip + at as usize;
+        let mut want = n as usize;
+        for &(addr, len) in p.req.bufs.iter() {
+            if want == 0 {
+                break;
+            }
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let k = (len - skip).min(want);
+            out.push(libc::iovec {
+                iov_base: (addr + skip) as *mut libc::c_void,
+                iov_len: k,
+            });
+            want -= k;
+            skip = 0;
+        }
+        if want > 0 {
+            out.clear(); // shorter than the request: never happens; stage it instead
+        }
+        out
     }
 }
 

@@ -107,6 +107,53 @@ impl Inbound {
         &mut self.buf[self.hi..]
     }
 
+    /// Where the next bytes belong when they are read data with nothing of them staged:
+    /// the request's cookie, how far into its range, and how many are still to come. The
+    /// caller may then receive them straight into the request's buffers (with the staging
+    /// space after them) and call [`Inbound::received_direct`].
+    pub(super) fn direct(&self) -> Option<(u64, u64, u64)> {
+        match self.state {
+            State::Data {
+                cookie, at, left, ..
+            } if self.lo == self.hi => Some((cookie, at, left)),
+            _ => None,
+        }
+    }
+
+    /// Takes `n` bytes received as [`Inbound::direct`] said: the first of them (up to what
+    /// the data still lacked) are in the request's buffers already, the rest in
+    /// [`Inbound::space`].
+    pub(super) fn received_direct(
+        &mut self,
+        n: usize,
+        replies: Replies,
+        to: &mut dyn Answers,
+    ) -> io::Result<()> {
+        if let State::Data {
+            cookie,
+            at,
+            left,
+            chunk,
+        } = self.state
+        {
+            let k = (n as u64).min(left);
+            self.bytes += k;
+            if k == left {
+                self.state = State::Header;
+                self.end_message(cookie, chunk, to);
+            } else {
+                self.state = State::Data {
+                    cookie,
+                    at: at + k,
+                    left: left - k,
+                    chunk,
+                };
+            }
+            return self.received(n - k as usize, replies, to);
+        }
+        self.received(n, replies, to)
+    }
+
     /// Takes `n` bytes received into [`Inbound::space`], and every reply they complete.
     pub(super) fn received(
         &mut self,

@@ -296,6 +296,33 @@ impl Link {
         }
     }
 
+    /// Reads what is there into `iov`, in order (no TLS: its records must be opened first):
+    /// 0 if nothing is, an error once the server has closed the connection.
+    ///
+    /// Every iovec must be memory that may be written for the call; the caller says why
+    /// where it makes them.
+    pub(super) fn receive_vectored(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        debug_assert!(self.tls.is_none());
+        loop {
+            // SAFETY: `iov` is a valid array of iovecs over writable memory (see above), for
+            // the duration of the call; the socket is ours.
+            let r =
+                unsafe { libc::readv(self.sock.raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+            if r > 0 {
+                return Ok(r as usize);
+            }
+            if r == 0 {
+                return Err(closed());
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return Ok(0),
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+        }
+    }
+
     /// Sends `msg` and, over TLS, closes the session properly (close_notify); best effort,
     /// never waiting.
     pub(super) fn goodbye(&mut self, msg: &[u8]) {

@@ -464,6 +464,85 @@ fn a_reply_after_the_timeout_never_reaches_the_buffer() {
     );
 }
 
+/// The byte at `offset` of the scripted servers' large reads.
+fn byte_at(offset: u64) -> u8 {
+    (offset % 251) as u8
+}
+
+#[test]
+fn large_reads_land_whole_and_in_place() {
+    // Two reads at once, within the 1 MiB export.
+    const LEN: usize = 512 << 10;
+    for script in [Script::simple(), Script::structured()] {
+        let structured = script.structured;
+        let (path, _) = server("large", script, move |_, s, r| {
+            let data: Vec<u8> = (r.offset..r.offset + u64::from(r.len))
+                .map(byte_at)
+                .collect();
+            if !structured {
+                simple_reply(s, r.cookie, 0, &data);
+                return;
+            }
+            // Three chunks out of order, each written in two pieces with a pause between.
+            let third = data.len() / 3;
+            for (i, (from, to)) in [(third, 2 * third), (0, third), (2 * third, data.len())]
+                .into_iter()
+                .enumerate()
+            {
+                let mut body = (r.offset + from as u64).to_be_bytes().to_vec();
+                body.extend_from_slice(&data[from..to]);
+                let m = chunk(r.cookie, i == 2, CHUNK_OFFSET_DATA, &body);
+                let (a, b) = m.split_at(m.len() / 2);
+                let _ = s.write_all(a);
+                std::thread::sleep(Duration::from_millis(5));
+                let _ = s.write_all(b);
+            }
+        });
+        let backend = NbdBackend::connect(&uri(&path), false, Duration::from_secs(5)).unwrap();
+        let mut q = backend.queue().unwrap();
+        // Two reads at once, each over two driver buffers of odd sizes.
+        let mut bufs = [vec![0u8; 4096 + 7], vec![0u8; LEN - 4096 - 7]];
+        let mut more = [vec![0u8; 100_003], vec![0u8; LEN - 100_003]];
+        {
+            let [a, b] = &mut bufs;
+            let [c, d] = &mut more;
+            q.submit(
+                1,
+                IoOp::Read {
+                    offset: 0,
+                    bufs: &[
+                        VolatileSlice::from(&mut a[..]),
+                        VolatileSlice::from(&mut b[..]),
+                    ],
+                },
+            );
+            q.submit(
+                2,
+                IoOp::Read {
+                    offset: LEN as u64 / 2,
+                    bufs: &[
+                        VolatileSlice::from(&mut c[..]),
+                        VolatileSlice::from(&mut d[..]),
+                    ],
+                },
+            );
+            for (_, res) in results(&mut q, 2) {
+                res.unwrap();
+            }
+        }
+        let first = bufs.concat();
+        let second = more.concat();
+        assert!(first
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == byte_at(i as u64)));
+        assert!(second
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == byte_at((LEN / 2 + i) as u64)));
+    }
+}
+
 #[test]
 fn queues_sharing_a_connection_get_each_their_own_results() {
     let (path, count) = server("shared", Script::simple(), |_, s, r| {
