@@ -6,16 +6,24 @@
 SECS=${BENCH_SECS:-10}
 dd if=/dev/urandom of=/tmp/b.img bs=1M count=256 2>/dev/null
 hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
-bench() { # name pid device
-    u0=$(awk '{print $14}' /proc/$2/stat); s0=$(awk '{print $15}' /proc/$2/stat)
-    out=$(fio --name=b --filename="$3" --rw=randread --bs=4k --iodepth=16 --ioengine=libaio \
+# cpu FIELD PID...: the sum of one /proc/PID/stat field (14 utime, 15 stime) over the pids
+cpu() {
+    f=$1; shift
+    t=0
+    for p in "$@"; do t=$((t + $(awk -v f="$f" '{print $f}' "/proc/$p/stat"))); done
+    echo $t
+}
+bench() { # name device pid...
+    name=$1 dev=$2; shift 2
+    u0=$(cpu 14 "$@"); s0=$(cpu 15 "$@")
+    out=$(fio --name=b --filename="$dev" --rw=randread --bs=4k --iodepth=16 --ioengine=libaio \
         --direct=1 --time_based --runtime="$SECS" --ramp_time=1 --norandommap \
-        --output-format=terse --terse-version=3 2>/tmp/fio-$1.err)
-    u1=$(awk '{print $14}' /proc/$2/stat); s1=$(awk '{print $15}' /proc/$2/stat)
+        --output-format=terse --terse-version=3 2>/tmp/fio-$name.err)
+    u1=$(cpu 14 "$@"); s1=$(cpu 15 "$@")
     iops=$(echo "$out" | cut -d';' -f8)
     ios=$(echo "$out" | cut -d';' -f6)   # KiB read = 4 KiB I/Os * 4
-    echo "BENCH $1 iops=$iops utime=$((u1 - u0)) stime=$((s1 - s0)) hz=$hz ios=$((ios / 4)) secs=$SECS"
-    check "bench-$1-ran" [ -n "$iops" ]
+    echo "BENCH $name iops=$iops utime=$((u1 - u0)) stime=$((s1 - s0)) hz=$hz ios=$((ios / 4)) secs=$SECS"
+    check "bench-$name-ran" [ -n "$iops" ]
 }
 
 qemu-storage-daemon --blockdev driver=file,filename=/tmp/b.img,node-name=d0,aio=io_uring \
@@ -25,14 +33,14 @@ qsd=$!
 wait_for /dev/vduse/qb0 20
 vdpa dev add name qb0 mgmtdev vduse
 dev=$(wait_blkdev qb0 20)
-bench qsd $qsd "$dev"
+bench qsd "$dev" $qsd
 vdpa dev del qb0
 kill -TERM $qsd; wait $qsd 2>/dev/null
 
 vudev export vduse --name vb0 --file /tmp/b.img --num-queues 1 2>/tmp/vb0.log &
 vpid=$!
 dev=$(wait_blkdev vb0 20)
-bench vudev $vpid "$dev"
+bench vudev "$dev" $vpid
 stop_export $vpid vb0
 
 # The path container users pick instead of VDUSE: ublk, with rublk's loop target over the
@@ -40,8 +48,8 @@ stop_export $vpid vb0
 if command -v rublk >/dev/null; then
     rublk add loop -f /tmp/b.img >/tmp/rublk-add.log 2>&1
     if wait_for /dev/ublkb0 20; then
-        rpid=$(pgrep -f "rublk" | head -1)
-        bench rublk "$rpid" /dev/ublkb0
+        # Every rublk process: the daemon serving the device is one of them.
+        bench rublk /dev/ublkb0 $(ps -o pid,comm | awk '$2 == "rublk" {print $1}')
     else
         echo "bench: rublk made no /dev/ublkb0: $(cat /tmp/rublk-add.log)"
     fi
