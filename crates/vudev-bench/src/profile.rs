@@ -28,7 +28,7 @@ pub(crate) fn profile(
         .arg(format!("--callgrind-out-file={}", out.display()))
         .arg(server.get_program())
         .args(server.get_args());
-    let s = Server::start(cmd, socket.to_path_buf());
+    let s = Server::try_start(cmd, socket.to_path_buf())?;
     let pid = s.child.id().to_string();
     let instr = |on: bool| {
         let _ = Command::new("callgrind_control")

@@ -20,15 +20,6 @@ fn status(pid: u32, name: &str) -> String {
         .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
 }
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test changes users: run it as root"
-    );
-}
-
 /// A scratch directory nobody may create the socket in.
 fn dir_for_nobody(name: &str) -> common::Scratch {
     let dir = scratch(name);
@@ -39,7 +30,7 @@ fn dir_for_nobody(name: &str) -> common::Scratch {
 
 #[test]
 fn an_export_serves_as_nobody_with_nothing_left_to_gain() {
-    require_root();
+    common::require_root("this test changes users");
     let dir = dir_for_nobody("nobody");
     // A file only root may open: the export opens it before it gives root up.
     let image = sparse_image(&dir);
@@ -76,7 +67,7 @@ fn an_export_serves_as_nobody_with_nothing_left_to_gain() {
 
 #[test]
 fn seccomp_is_on_by_default_and_off_when_asked() {
-    require_root();
+    common::require_root("this test changes users");
     let dir = scratch("default");
     let s = Server::vudev(&dir, &["--memory", "64M"]);
     assert_eq!(status(s.pid(), "Seccomp"), "2");
@@ -122,7 +113,7 @@ fn refused(prefix: &[&str], extra: &[&str]) -> String {
 
 #[test]
 fn what_cannot_be_done_is_refused_with_the_reason() {
-    require_root();
+    common::require_root("this test changes users");
     let err = refused(&[], &["--user", "no-such-user-here"]);
     assert!(err.contains("no such user 'no-such-user-here'"), "{err}");
     // A uid with no entry in the user database has no primary group to take.

@@ -945,12 +945,7 @@ fn proc_status(pid: u32, field: &str) -> String {
 
 #[test]
 fn a_daemon_serving_as_a_user_keeps_root_in_its_helper_only() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test changes users: run it as root"
-    );
+    common::require_root("this test changes users");
     let dir = scratch("serve-nobody");
     // The user's directory, for the vhost-user sockets it makes; the rest (the state
     // directory's parent) root's.
@@ -1140,12 +1135,7 @@ fn notification_with_sender(manager: &UnixDatagram) -> (String, i32) {
 
 #[test]
 fn a_daemon_serving_as_a_user_is_heard_from_its_main_process() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test changes users: run it as root"
-    );
+    common::require_root("this test changes users");
     let dir = scratch("serve-notify-user");
     let listen = dir.join("notify.sock");
     let manager = UnixDatagram::bind(&listen).unwrap();

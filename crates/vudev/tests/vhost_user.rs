@@ -150,12 +150,7 @@ fn the_socket_is_given_to_a_user_and_group() {
             Err(_) => 3,
         });
     }
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test gives sockets away: run it as root"
-    );
+    common::require_root("this test gives sockets away");
     let dir = scratch("owner");
     std::fs::set_permissions(&*dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let as_nobody = |socket: &Path| {

@@ -321,6 +321,13 @@ pub fn writable_suite(socket: &Path, queues: i32) {
     assert!(c.buf()[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0));
 }
 
+/// Fails the test unless it runs as root; `why` says what it needs root for ("this test
+/// changes users").
+pub fn require_root(why: &str) {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "{why}: run it as root");
+}
+
 /// Sends SIGTERM to `child` and waits (at most `within`) for it to exit; kills it and panics
 /// with `what` if it does not.
 pub fn terminate(child: &mut Child, within: Duration, what: &str) -> std::process::ExitStatus {
