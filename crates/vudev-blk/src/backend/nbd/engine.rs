@@ -19,11 +19,11 @@
 //! When the server does not allow several connections, the queues share one engine under a
 //! mutex; whichever queue drives it hands the others' results over with their eventfds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,13 @@ const MAX_PAUSE: Duration = Duration::from_secs(1);
 const HEALTHY: Duration = Duration::from_secs(2);
 /// Receive calls per drive: the queue goes back to its ring between bursts.
 const RECEIVES: usize = 8;
+/// Requests are encoded for the socket while less than this waits to go out: a server that
+/// reads slowly costs at most this (and one request) of copies, not all of them.
+const OUT_HIGH: usize = 4 << 20;
+/// Most driver buffers one direct receive lands in (IOV_MAX is 1024, less the staging one).
+const MAX_IOVECS: usize = 1023;
+/// Flags a server that comes back must still have, if it had them: what the queues rely on.
+const KEPT_FLAGS: u16 = TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_CAN_MULTI_CONN;
 
 /// What happened to a backend's connections, for metrics; shared by all of them.
 #[derive(Debug, Default)]
@@ -60,6 +67,13 @@ pub(super) struct Events {
     pub(super) reconnects: AtomicU64,
     /// Requests failed because the server did not answer in time.
     pub(super) timeouts: AtomicU64,
+    /// Writes the server acknowledged, and how many of them a successful flush covers: a
+    /// server with a write cache holds the others only in its memory.
+    pub(super) acked_writes: AtomicU64,
+    pub(super) flushed_writes: AtomicU64,
+    /// A connection went away while writes it acknowledged were not flushed: if the server
+    /// died they are gone, so the next flush fails rather than claim they are safe.
+    pub(super) unflushed_lost: AtomicBool,
 }
 
 /// Driver buffers, as (address, length) pairs.
@@ -90,10 +104,13 @@ struct Pending {
     failed: bool,
     /// Sent on some connection (so a new one sends it again).
     sent: bool,
+    /// For a FLUSH: the writes acknowledged when it was taken (those it covers).
+    covers: u64,
 }
 
 /// A queue the engine answers to.
 struct Owner {
+    attached: bool,
     done: Vec<(u64, io::Result<()>)>,
     /// Written when another queue left results here (shared engines only).
     wake: Option<File>,
@@ -122,15 +139,19 @@ struct Marks {
 struct Book {
     pending: HashMap<u64, Pending>,
     owners: Vec<Owner>,
+    events: Arc<Events>,
 }
 
 /// One connection's requests and bytes; see the module documentation.
 pub(super) struct Engine {
     timeout: Duration,
-    /// The export as first seen: a server that comes back with another size is refused.
-    size: u64,
+    /// The export as first seen: a server that comes back with another size, smaller
+    /// limits or fewer of the flags the queues rely on is refused.
+    info: ExportInfo,
     events: Arc<Events>,
     book: Book,
+    /// Requests taken and not yet encoded for the connection, oldest first.
+    unsent: VecDeque<u64>,
     next_cookie: u64,
     live: Option<Live>,
     /// Counts connections installed, so a queue knows when the socket changed.
@@ -145,8 +166,20 @@ pub(super) struct Engine {
     out_at: usize,
     sent: u64,
     inbound: Inbound,
+    /// The TLS session held decrypted data after the last drive.
+    buffered: bool,
     marks: Marks,
     last_tick: Instant,
+}
+
+/// Why a flush fails after a connection was lost with writes not flushed.
+fn lost_writes() -> io::Error {
+    let e = io::Error::other(
+        "NBD: the connection was lost while the server held acknowledged writes it had not \
+         flushed; if it restarted they are gone, so this flush fails",
+    );
+    tracing::warn!("{e}");
+    e
 }
 
 fn timed_out(what: String) -> io::Error {
@@ -165,12 +198,14 @@ impl Engine {
     ) -> io::Result<Engine> {
         let mut e = Engine {
             timeout,
-            size: info.size,
+            info: *info,
             events: events.clone(),
             book: Book {
                 pending: HashMap::new(),
                 owners: Vec::new(),
+                events: events.clone(),
             },
+            unsent: VecDeque::new(),
             next_cookie: 1,
             live: None,
             generation: 0,
@@ -182,6 +217,7 @@ impl Engine {
             out_at: 0,
             sent: 0,
             inbound: Inbound::new(),
+            buffered: false,
             marks: Marks::default(),
             last_tick: Instant::now(),
         };
@@ -195,12 +231,24 @@ impl Engine {
     /// A queue to answer to; with `wake`, its results are signalled when another queue
     /// finds them.
     pub(super) fn attach(&mut self, wake: Option<File>) -> usize {
-        self.book.owners.push(Owner {
+        let owner = Owner {
+            attached: true,
             done: Vec::new(),
             wake,
             signalled: false,
-        });
-        self.book.owners.len() - 1
+        };
+        // A slot a detached queue left (a device reset makes its queues again).
+        let owners = &mut self.book.owners;
+        match owners.iter().position(|o| !o.attached) {
+            Some(i) => {
+                owners[i] = owner;
+                i
+            }
+            None => {
+                owners.push(owner);
+                owners.len() - 1
+            }
+        }
     }
 
     /// Forgets `owner`'s requests: their results are never delivered and nothing is written
@@ -214,6 +262,7 @@ impl Engine {
         }
         if let Some(o) = self.book.owners.get_mut(owner) {
             *o = Owner {
+                attached: false,
                 done: Vec::new(),
                 wake: None,
                 signalled: false,
@@ -226,18 +275,32 @@ impl Engine {
     pub(super) fn submit(&mut self, owner: usize, tag: u64, req: Req) {
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
+        let now = Instant::now();
         let p = Pending {
+            covers: self.events.acked_writes.load(Ordering::Acquire),
             req,
             owner,
             tag,
-            deadline: Instant::now() + self.timeout,
+            deadline: now.checked_add(self.timeout).unwrap_or(now + MAX_PAUSE),
             failed: false,
-            sent: self.live.is_some(),
+            sent: false,
         };
-        if let Some(live) = &self.live {
-            encode(&mut self.out, live.replies, cookie, &p.req);
-        }
         self.book.pending.insert(cookie, p);
+        self.unsent.push_back(cookie);
+    }
+
+    /// Encodes waiting requests for the connection while little waits to go out.
+    fn fill(&mut self) {
+        let Some(live) = &self.live else { return };
+        while self.out.len() - self.out_at < OUT_HIGH {
+            let Some(c) = self.unsent.pop_front() else {
+                break;
+            };
+            if let Some(p) = self.book.pending.get_mut(&c).filter(|p| !p.failed) {
+                encode(&mut self.out, live.replies, c, &p.req);
+                p.sent = true;
+            }
+        }
     }
 
     /// Moves `owner`'s results into `out`.
@@ -321,13 +384,22 @@ impl Engine {
             return Ok(());
         };
         live.link.flush_sealed()?;
-        while self.out_at < self.out.len() {
+        self.fill();
+        while let Some(live) = self.live.as_mut() {
+            if self.out_at == self.out.len() {
+                break;
+            }
             match live.link.send(&self.out[self.out_at..])? {
                 0 => break,
                 n => {
                     self.out_at += n;
                     self.sent += n as u64;
                 }
+            }
+            if self.out_at == self.out.len() {
+                self.out.clear();
+                self.out_at = 0;
+                self.fill();
             }
         }
         if self.out_at == self.out.len() {
@@ -338,7 +410,9 @@ impl Engine {
                 self.out = Vec::new();
             }
         }
-        let replies = live.replies;
+        let Some(replies) = self.live.as_ref().map(|l| l.replies) else {
+            return Ok(());
+        };
         for _ in 0..RECEIVES {
             let Some(live) = self.live.as_mut() else {
                 break;
@@ -373,11 +447,36 @@ impl Engine {
                 break; // the socket had no more
             }
         }
+        if let Some(live) = self.live.as_mut() {
+            // Decrypted data the socket will not wake the queue for.
+            self.buffered = live.link.buffered();
+        }
         Ok(())
+    }
+
+    /// True if the last drive left data to take that no fd will signal.
+    pub(super) fn more_to_take(&self) -> bool {
+        self.buffered
     }
 
     /// Fails the requests that have waited longer than the timeout.
     fn expire(&mut self, now: Instant) {
+        // Never sent: nothing is owed for it.
+        let owners = &mut self.book.owners;
+        let (timeout, events) = (self.timeout, &self.events);
+        self.book.pending.retain(|_, p| {
+            if p.failed || p.sent || p.deadline > now {
+                return true;
+            }
+            events.timeouts.fetch_add(1, Ordering::Relaxed);
+            owners[p.owner].done.push((
+                p.tag,
+                Err(timed_out(format!(
+                    "NBD server did not answer within {timeout:?}"
+                ))),
+            ));
+            false
+        });
         for p in self.book.pending.values_mut() {
             if !p.failed && p.deadline <= now {
                 self.events.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -456,9 +555,28 @@ impl Engine {
         };
         let lasted = live.up.elapsed();
         drop(live);
-        self.out.clear();
+        self.out = Vec::new();
         self.out_at = 0;
+        self.unsent.clear();
         self.inbound.reset();
+        self.buffered = false;
+        // Replies owed on that connection never come.
+        self.book.pending.retain(|_, p| !p.failed);
+        let e = &self.events;
+        if e.acked_writes.load(Ordering::Acquire) > e.flushed_writes.load(Ordering::Acquire) {
+            // The server may have died with writes it acknowledged in its cache: no flush
+            // waiting now, nor the next one, may say they are safe.
+            e.unflushed_lost.store(true, Ordering::Release);
+            for p in self.book.pending.values_mut() {
+                if p.req.cmd == CMD_FLUSH {
+                    p.failed = true;
+                    self.book.owners[p.owner]
+                        .done
+                        .push((p.tag, Err(lost_writes())));
+                }
+            }
+            self.book.pending.retain(|_, p| !p.failed);
+        }
         self.marks = Marks::default();
         self.down_since = Instant::now();
         if lasted >= HEALTHY {
@@ -492,10 +610,25 @@ impl Engine {
 
     /// Makes `n` the connection and sends it every request still waiting.
     fn install(&mut self, n: Negotiated) -> io::Result<()> {
-        if n.info.size != self.size {
+        let (was, now) = (&self.info, &n.info);
+        let changed = if now.size != was.size {
+            Some(format!("{} bytes, not {}", now.size, was.size))
+        } else if now.max_payload < was.max_payload || now.min_block > was.min_block {
+            Some(format!(
+                "block sizes {}..{}, not {}..{}",
+                now.min_block, now.max_payload, was.min_block, was.max_payload
+            ))
+        } else if (now.flags & TF_SEND_FLUSH) != (was.flags & TF_SEND_FLUSH)
+            || was.flags & KEPT_FLAGS & !now.flags != 0
+            || now.flags & TF_READ_ONLY & !was.flags != 0
+        {
+            Some(format!("flags {:#x}, not {:#x}", now.flags, was.flags))
+        } else {
+            None
+        };
+        if let Some(what) = changed {
             return Err(io::Error::other(format!(
-                "the export is now {} bytes, not {}: not using it",
-                n.info.size, self.size
+                "the export now has {what}: not using it"
             )));
         }
         let link = n.link.go_live()?;
@@ -503,14 +636,8 @@ impl Engine {
         self.book.pending.retain(|_, p| !p.failed);
         let mut cookies: Vec<u64> = self.book.pending.keys().copied().collect();
         cookies.sort_unstable();
-        let mut resent = 0;
-        for c in &cookies {
-            if let Some(p) = self.book.pending.get_mut(c) {
-                encode(&mut self.out, n.replies, *c, &p.req);
-                resent += usize::from(p.sent);
-                p.sent = true;
-            }
-        }
+        let resent = cookies.iter().filter(|c| self.book.pending[c].sent).count();
+        self.unsent = cookies.into();
         self.generation += 1;
         self.live = Some(Live {
             link,
@@ -564,8 +691,10 @@ impl Book {
             want -= k;
             skip = 0;
         }
-        if want > 0 {
-            out.clear(); // shorter than the request: never happens; stage it instead
+        // Shorter than the request (never happens), or more than readv takes with the
+        // staging buffer after them: stage it instead.
+        if want > 0 || out.len() >= MAX_IOVECS {
+            out.clear();
         }
         out
     }
@@ -604,10 +733,25 @@ impl Answers for Book {
         }
     }
 
-    fn answer(&mut self, cookie: u64, result: io::Result<()>) {
+    fn answer(&mut self, cookie: u64, mut result: io::Result<()>) {
         let Some(p) = self.pending.remove(&cookie) else {
             return;
         };
+        if result.is_ok() {
+            let e = &self.events;
+            match p.req.cmd {
+                CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
+                    e.acked_writes.fetch_add(1, Ordering::AcqRel);
+                }
+                CMD_FLUSH if e.unflushed_lost.swap(false, Ordering::AcqRel) => {
+                    result = Err(lost_writes());
+                }
+                CMD_FLUSH => {
+                    e.flushed_writes.fetch_max(p.covers, Ordering::AcqRel);
+                }
+                _ => {}
+            }
+        }
         if !p.failed {
             self.owners[p.owner].done.push((p.tag, result));
         }

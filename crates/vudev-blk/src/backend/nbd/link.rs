@@ -182,6 +182,9 @@ impl Write for Timed<'_> {
     }
 }
 
+/// Socket reads one [`Link::receive`] makes at most over TLS.
+const TLS_READS: usize = 4;
+
 /// A link in the transmission phase: the socket, and the TLS session if there is one. Once
 /// [`Link::go_live`] made it non-blocking, nothing on it waits: [`Link::send`] and
 /// [`Link::receive`] take and give what the socket allows now.
@@ -192,8 +195,6 @@ pub(super) struct Link {
     /// are gone already.
     sealed: Vec<u8>,
     sealed_at: usize,
-    /// Encrypted bytes read from the socket (TLS only; reused).
-    raw: Vec<u8>,
 }
 
 fn tls_error(e: rustls::Error) -> io::Error {
@@ -215,7 +216,6 @@ impl Link {
             tls,
             sealed: Vec::new(),
             sealed_at: 0,
-            raw: Vec::new(),
         }
     }
 
@@ -254,11 +254,17 @@ impl Link {
 
     /// True if sealed bytes still wait for the socket.
     pub(super) fn backlogged(&self) -> bool {
-        self.sealed_at < self.sealed.len()
+        self.sealed_at < self.sealed.len() || self.tls.as_ref().is_some_and(|c| c.wants_write())
     }
 
-    /// Writes what the socket takes of the sealed bytes.
+    /// Writes what the socket takes of the sealed bytes (and of what the session itself
+    /// wants to send: a key update's answer, an alert).
     pub(super) fn flush_sealed(&mut self) -> io::Result<()> {
+        if let Some(conn) = self.tls.as_mut() {
+            while conn.wants_write() {
+                conn.write_tls(&mut self.sealed)?;
+            }
+        }
         while self.sealed_at < self.sealed.len() {
             match write_some(&self.sock, &self.sealed[self.sealed_at..])? {
                 0 => return Ok(()),
@@ -271,29 +277,47 @@ impl Link {
     }
 
     /// Reads what is there into `buf`: 0 if nothing is (never blocks); an error once the
-    /// server has closed the connection.
+    /// server has closed the connection. With TLS, at most [`TLS_READS`] socket reads of a
+    /// few KiB each, whatever the server sends (records without data included): what is
+    /// left waits in the socket, which stays readable.
     pub(super) fn receive(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let Some(conn) = self.tls.as_mut() else {
-            return read_some(&self.sock, buf);
+        let Link { sock, tls, .. } = self;
+        let Some(conn) = tls.as_mut() else {
+            return read_some(sock, buf);
         };
-        loop {
+        for round in 0..=TLS_READS {
             match conn.reader().read(buf) {
                 Ok(0) if !buf.is_empty() => return Err(closed()),
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
-            self.raw.resize(16 << 10, 0);
-            let n = read_some(&self.sock, &mut self.raw)?;
-            if n == 0 {
-                return Ok(0);
+            if round == TLS_READS {
+                break;
             }
-            let mut rest = &self.raw[..n];
-            while !rest.is_empty() {
-                conn.read_tls(&mut rest)?;
-                conn.process_new_packets().map_err(tls_error)?;
+            // rustls reads straight from the socket, about 4 KiB a call, and only while
+            // its plaintext buffer has room: decrypted data is taken before it reads more.
+            match conn.read_tls(sock) {
+                // A session that has seen close_notify takes nothing more.
+                Ok(0) => return Err(closed()),
+                Ok(_) => {
+                    conn.process_new_packets().map_err(tls_error)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
+        Ok(0)
+    }
+
+    /// True if the TLS session holds decrypted data not read yet (the socket may not be
+    /// readable for it).
+    pub(super) fn buffered(&mut self) -> bool {
+        self.tls.as_mut().is_some_and(|c| {
+            c.process_new_packets()
+                .is_ok_and(|s| s.plaintext_bytes_to_read() > 0)
+        })
     }
 
     /// Reads what is there into `iov`, in order (no TLS: its records must be opened first):

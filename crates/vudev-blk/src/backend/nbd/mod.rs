@@ -6,7 +6,7 @@
 //! client exists):
 //! - [`uri`]: the URI forms; [`handshake`]: fixed newstyle, STARTTLS, extended headers or
 //!   structured replies, `NBD_OPT_GO` with the size, flags and block-size limits;
-//!   [`link`]: the socket and TLS session, split into a sending and a receiving half;
+//!   [`link`]: the socket and TLS session, non-blocking after the handshake;
 //!   [`wire`]: request and reply headers; [`engine`]: many requests in flight on one
 //!   connection, matched to their replies by cookie, with reconnection and deadlines, driven
 //!   by the queue's own thread; [`inbound`]: replies read as they come, [`assembly`]: a
@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::interface::{BlockBackend, IoDone, IoOp, QueueBackend};
 use super::kit::{check_range, eventfd, total_len};
@@ -149,7 +149,7 @@ impl BlockBackend for NbdBackend {
             ready: Vec::new(),
             arrived: Vec::new(),
         };
-        q.watch();
+        NbdQueue::watch(&mut q.wakeup, &lock(&q.engine), false);
         Ok(Box::new(q))
     }
     fn describe(&self) -> String {
@@ -182,6 +182,17 @@ struct Parts {
     error: Option<io::Error>,
 }
 
+/// Most NBD requests one request of the driver is split into (a server with a tiny maximum
+/// payload cannot make one request cost millions).
+const MAX_PIECES: u64 = 4096;
+
+/// Pieces of a request without payload (trim, write-zeroes): as large as a request header
+/// takes, whole blocks.
+fn no_payload_max(min_block: u32) -> u64 {
+    let max = u64::from(u32::MAX);
+    max - max % u64::from(min_block.max(1))
+}
+
 fn lock(e: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
     e.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -203,6 +214,19 @@ impl NbdQueue {
     /// Sends a request over `[offset, offset + len)` in pieces of at most the server's
     /// payload limit; `piece(at, n)` makes the piece at `at` of `n` bytes.
     fn split(&mut self, cookie: u64, offset: u64, len: u64, piece: impl Fn(u64, u32) -> Req) {
+        let max = u64::from(self.info.max_payload);
+        self.split_by(cookie, offset, len, max, piece)
+    }
+
+    /// [`NbdQueue::split`] in pieces of at most `max` bytes.
+    fn split_by(
+        &mut self,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        max: u64,
+        piece: impl Fn(u64, u32) -> Req,
+    ) {
         if let Err(e) = check_range(offset, len, self.info.size) {
             self.ready.push((cookie, Err(e)));
             return;
@@ -211,7 +235,17 @@ impl NbdQueue {
             self.ready.push((cookie, Ok(())));
             return;
         }
-        let max = u64::from(self.info.max_payload);
+        if len.div_ceil(max) > MAX_PIECES {
+            self.ready.push((
+                cookie,
+                Err(io::Error::other(format!(
+                    "{len} bytes would take {} NBD requests of at most {max} bytes (the \
+                     server's limit): refused, at most {MAX_PIECES} per request",
+                    len.div_ceil(max)
+                ))),
+            ));
+            return;
+        }
         self.parts.insert(
             cookie,
             Parts {
@@ -228,24 +262,26 @@ impl NbdQueue {
         }
     }
 
-    /// Drives the connection and takes this queue's results; then sets what wakes the worker:
-    /// the socket (for writing too while bytes wait), and the timer while requests wait.
+    /// Drives the connection and takes this queue's results, then sets what wakes the
+    /// worker.
     fn drive(&mut self) {
         let mut e = lock(&self.engine);
         e.drive(self.owner);
         e.take(self.owner, &mut self.arrived);
-        drop(e);
-        self.watch();
+        Self::watch(&mut self.wakeup, &e, !self.parts.is_empty());
     }
 
-    fn watch(&mut self) {
-        let e = lock(&self.engine);
-        self.wakeup.watch_socket(e.socket(), e.wants_write());
-        // Failed requests whose replies are owed count too: the server is held to those.
-        let waiting = !self.parts.is_empty() || e.waiting() > 0;
-        let at = waiting.then(|| e.next_tick());
-        drop(e);
-        self.wakeup.arm(at);
+    /// What wakes the worker: the socket (for writing too while bytes wait), and the timer
+    /// while requests wait (failed ones whose replies are owed too: the server is held to
+    /// those), or at once if data waits that no fd signals.
+    fn watch(wakeup: &mut Wakeup, e: &Engine, ours: bool) {
+        wakeup.watch_socket(e.socket(), e.wants_write());
+        let at = if e.more_to_take() {
+            Some(Instant::now())
+        } else {
+            (ours || e.waiting() > 0).then(|| e.next_tick())
+        };
+        wakeup.arm(at);
     }
 }
 
@@ -295,7 +331,8 @@ impl QueueBackend for NbdQueue {
             // A server without a write cache has nothing to flush.
             IoOp::Flush => self.ready.push((cookie, Ok(()))),
             IoOp::Discard { offset, len } if flags & TF_SEND_TRIM != 0 => {
-                self.split(cookie, offset, len, |at, n| plain(CMD_TRIM, 0, at, n))
+                let max = no_payload_max(self.info.min_block);
+                self.split_by(cookie, offset, len, max, |at, n| plain(CMD_TRIM, 0, at, n))
             }
             // Discard is advisory.
             IoOp::Discard { offset, len } => {
@@ -308,7 +345,8 @@ impl QueueBackend for NbdQueue {
                 may_unmap,
             } if flags & TF_SEND_WRITE_ZEROES != 0 => {
                 let f = if may_unmap { 0 } else { CMD_FLAG_NO_HOLE };
-                self.split(cookie, offset, len, |at, n| {
+                let max = no_payload_max(self.info.min_block);
+                self.split_by(cookie, offset, len, max, |at, n| {
                     plain(CMD_WRITE_ZEROES, f, at, n)
                 })
             }
