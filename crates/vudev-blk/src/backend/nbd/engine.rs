@@ -23,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -68,12 +68,9 @@ pub(super) struct Events {
     /// Requests failed because the server did not answer in time.
     pub(super) timeouts: AtomicU64,
     /// Writes the server acknowledged, and how many of them a successful flush covers: a
-    /// server with a write cache holds the others only in its memory.
+    /// server with a write cache may hold the others only in its memory.
     pub(super) acked_writes: AtomicU64,
     pub(super) flushed_writes: AtomicU64,
-    /// A connection went away while writes it acknowledged were not flushed: if the server
-    /// died they are gone, so the next flush fails rather than claim they are safe.
-    pub(super) unflushed_lost: AtomicBool,
 }
 
 /// Driver buffers, as (address, length) pairs.
@@ -170,16 +167,6 @@ pub(super) struct Engine {
     buffered: bool,
     marks: Marks,
     last_tick: Instant,
-}
-
-/// Why a flush fails after a connection was lost with writes not flushed.
-fn lost_writes() -> io::Error {
-    let e = io::Error::other(
-        "NBD: the connection was lost while the server held acknowledged writes it had not \
-         flushed; if it restarted they are gone, so this flush fails",
-    );
-    tracing::warn!("{e}");
-    e
 }
 
 fn timed_out(what: String) -> io::Error {
@@ -563,19 +550,18 @@ impl Engine {
         // Replies owed on that connection never come.
         self.book.pending.retain(|_, p| !p.failed);
         let e = &self.events;
-        if e.acked_writes.load(Ordering::Acquire) > e.flushed_writes.load(Ordering::Acquire) {
-            // The server may have died with writes it acknowledged in its cache: no flush
-            // waiting now, nor the next one, may say they are safe.
-            e.unflushed_lost.store(true, Ordering::Release);
-            for p in self.book.pending.values_mut() {
-                if p.req.cmd == CMD_FLUSH {
-                    p.failed = true;
-                    self.book.owners[p.owner]
-                        .done
-                        .push((p.tag, Err(lost_writes())));
-                }
-            }
-            self.book.pending.retain(|_, p| !p.failed);
+        let unflushed = e
+            .acked_writes
+            .load(Ordering::Acquire)
+            .saturating_sub(e.flushed_writes.load(Ordering::Acquire));
+        if unflushed > 0 && self.info.flags & TF_SEND_FLUSH != 0 {
+            // Nothing tells a server that restarted from one that lost its cache: the guest
+            // is not told (a restart stays invisible), the operator is.
+            tracing::warn!(
+                "{unflushed} writes the NBD server acknowledged were not flushed when the \
+                 connection went: if the server lost its write cache (its machine died), \
+                 they are gone"
+            );
         }
         self.marks = Marks::default();
         self.down_since = Instant::now();
@@ -733,7 +719,7 @@ impl Answers for Book {
         }
     }
 
-    fn answer(&mut self, cookie: u64, mut result: io::Result<()>) {
+    fn answer(&mut self, cookie: u64, result: io::Result<()>) {
         let Some(p) = self.pending.remove(&cookie) else {
             return;
         };
@@ -742,9 +728,6 @@ impl Answers for Book {
             match p.req.cmd {
                 CMD_WRITE | CMD_WRITE_ZEROES | CMD_TRIM => {
                     e.acked_writes.fetch_add(1, Ordering::AcqRel);
-                }
-                CMD_FLUSH if e.unflushed_lost.swap(false, Ordering::AcqRel) => {
-                    result = Err(lost_writes());
                 }
                 CMD_FLUSH => {
                     e.flushed_writes.fetch_max(p.covers, Ordering::AcqRel);
