@@ -241,6 +241,8 @@ impl Engine {
     /// Forgets `owner`'s requests: their results are never delivered and nothing is written
     /// into their buffers any more (the queue is going away with its memory).
     pub(super) fn detach(&mut self, owner: usize) {
+        // Not sent yet: nothing is owed for them.
+        self.book.pending.retain(|_, p| p.owner != owner || p.sent);
         for p in self.book.pending.values_mut() {
             if p.owner == owner {
                 p.failed = true;
@@ -268,7 +270,10 @@ impl Engine {
             req,
             owner,
             tag,
-            deadline: now.checked_add(self.timeout).unwrap_or(now + MAX_PAUSE),
+            // A timeout too large for the clock: as good as none.
+            deadline: now
+                .checked_add(self.timeout)
+                .unwrap_or(now + Duration::from_secs(1 << 32)),
             failed: false,
             sent: false,
         };
