@@ -1073,23 +1073,24 @@ fn main() {
             );
         }
         let find = |n: &str| guest.iter().find(|(k, _)| k == n).map(|(_, g)| g);
-        if let (Some(v), Some(q)) = (find("vudev"), find("qsd")) {
-            let line = format!(
-                "VDUSE fio QD16: vudev/qsd IOPS {:.2}, CPU per I/O {:.2}",
-                v.iops / q.iops,
-                (v.user_us_per_io + v.sys_us_per_io) / (q.user_us_per_io + q.sys_us_per_io)
-            );
-            println!("{line}");
-            let _ = writeln!(md, "\n{line}.");
-        }
-        if let (Some(v), Some(u)) = (find("vudev"), find("rublk")) {
-            let line = format!(
-                "VDUSE against ublk (rublk's loop target on the same file, in the same guest), fio QD16: vudev/rublk IOPS {:.2}, CPU per I/O {:.2}",
-                v.iops / u.iops,
-                (v.user_us_per_io + v.sys_us_per_io) / (u.user_us_per_io + u.sys_us_per_io)
-            );
-            println!("{line}");
-            let _ = writeln!(md, "\n{line}.");
+        // vudev against each other exporter of the same guest run.
+        for (peer, what) in [
+            ("qsd", "VDUSE fio QD16"),
+            (
+                "rublk",
+                "VDUSE against ublk (rublk's loop target on the same file, in the same guest), fio QD16",
+            ),
+        ] {
+            if let (Some(v), Some(p)) = (find("vudev"), find(peer)) {
+                let cpu = |g: &GuestFigures| g.user_us_per_io + g.sys_us_per_io;
+                let line = format!(
+                    "{what}: vudev/{peer} IOPS {:.2}, CPU per I/O {:.2}",
+                    v.iops / p.iops,
+                    cpu(v) / cpu(p)
+                );
+                println!("{line}");
+                let _ = writeln!(md, "\n{line}.");
+            }
         }
     }
     let _ = writeln!(md, "\n## Where the time goes\n\nInstructions per request, counted by callgrind (`valgrind --tool=callgrind --instr-atstart=no`, switched on with `callgrind_control` only while the client runs 3 s of steady I/O, so start-up and connection set-up are left out), 4 KiB random read, on the null backend (the daemons' own cost) and on RBD (where librbd's and librados' cost is the same for both daemons: compare their share with the null rows'). Instruction counts are stable here where timings are not; they leave out time in the kernel and waiting.\n");
