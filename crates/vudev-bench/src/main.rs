@@ -571,6 +571,8 @@ struct GuestFigures {
     iops: f64,
     user_us_per_io: f64,
     sys_us_per_io: f64,
+    /// The whole guest's busy CPU time (all vCPUs: fio, the daemon, the guest kernel) per I/O.
+    guest_us_per_io: f64,
 }
 
 /// The `BENCH` lines of the VDUSE guest run, by exporter name.
@@ -598,6 +600,7 @@ fn vduse_figures(log: &str) -> Vec<(String, GuestFigures)> {
                 iops: get("iops"),
                 user_us_per_io: per_io(get("utime")),
                 sys_us_per_io: per_io(get("stime")),
+                guest_us_per_io: per_io(get("guest")),
             },
         ));
     }
@@ -838,7 +841,7 @@ fn main() {
         rows.push((w, ours, theirs, plain));
     }
     // Instructions per request under callgrind, for the null rows (the daemons' own cost)
-    // and for RBD random reads at QD32 (where librbd's cost, the same in both, shows).
+    // and for NBD and RBD random reads at QD32, one queue (the remote client's own cost).
     let mut profiles = Vec::new();
     let valgrind = Command::new("valgrind")
         .arg("--version")
@@ -848,7 +851,10 @@ fn main() {
         valgrind
             && chosen(w)
             && (w.backend == Backend::Null
-                || (w.backend == Backend::Rbd && w.depth == 32 && w.pattern == Pattern::RandRead))
+                || (matches!(w.backend, Backend::Nbd | Backend::NbdTcp | Backend::Rbd)
+                    && w.depth == 32
+                    && w.queues == 1
+                    && w.pattern == Pattern::RandRead))
     }) {
         let peers = [
             // No polling here: spinning would count as cost per request.
@@ -1050,7 +1056,7 @@ fn main() {
         .and_then(|p| std::fs::read_to_string(p).ok())
         .map(|l| vduse_figures(&l))
         .unwrap_or_default();
-    let _ = writeln!(md, "\nVDUSE: fio 4 KiB random read, QD16, libaio, O_DIRECT, on the /dev/vdX of each exporter (and on rublk's /dev/ublkb0, when scripts/bench could build rublk) in the same Debian 6.12 guest (QEMU TCG, 2 vCPUs: every figure is emulated CPU time, far below the host's), file on guest tmpfs, io_uring in both daemons (`tests/vm/scenarios/bench-vduse.sh`). CPU is the daemon's own, per I/O.\n");
+    let _ = writeln!(md, "\nVDUSE: fio 4 KiB random read, QD16, libaio, O_DIRECT, on the /dev/vdX of each exporter (and on rublk's /dev/ublkb0, when scripts/bench could build rublk) in the same Debian 6.12 guest (QEMU TCG, 2 vCPUs: every figure is emulated CPU time, far below the host's), file on guest tmpfs, io_uring in both daemons (`tests/vm/scenarios/bench-vduse.sh`). CPU is the daemon's own, per I/O; the whole guest's is all busy vCPU time per I/O (fio, the daemon, the guest kernel's block and VDUSE or ublk path): the vCPUs are what the exporters share, so it bounds the IOPS.\n");
     if guest.is_empty() {
         let _ = writeln!(
             md,
@@ -1059,17 +1065,18 @@ fn main() {
     } else {
         let _ = writeln!(
             md,
-            "| exporter | IOPS | CPU µs/IO | of which user | of which system |"
+            "| exporter | IOPS | CPU µs/IO | of which user | of which system | whole guest CPU µs/IO |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|");
         for (name, g) in &guest {
             let _ = writeln!(
                 md,
-                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
                 g.iops,
                 g.user_us_per_io + g.sys_us_per_io,
                 g.user_us_per_io,
-                g.sys_us_per_io
+                g.sys_us_per_io,
+                g.guest_us_per_io
             );
         }
         let find = |n: &str| guest.iter().find(|(k, _)| k == n).map(|(_, g)| g);
@@ -1093,7 +1100,7 @@ fn main() {
             }
         }
     }
-    let _ = writeln!(md, "\n## Where the time goes\n\nInstructions per request, counted by callgrind (`valgrind --tool=callgrind --instr-atstart=no`, switched on with `callgrind_control` only while the client runs 3 s of steady I/O, so start-up and connection set-up are left out), 4 KiB random read, on the null backend (the daemons' own cost) and on RBD (where librbd's and librados' cost is the same for both daemons: compare their share with the null rows'). Instruction counts are stable here where timings are not; they leave out time in the kernel and waiting.\n");
+    let _ = writeln!(md, "\n## Where the time goes\n\nInstructions per request, counted by callgrind (`valgrind --tool=callgrind --instr-atstart=no`, switched on with `callgrind_control` only while the client runs 3 s of steady I/O, so start-up and connection set-up are left out), 4 KiB random read, on the null backend (the daemons' own cost), on NBD (each daemon's own NBD client, against the same qemu-nbd) and on RBD (where librbd's and librados' cost is the same for both daemons: compare their share with the null rows'). Instruction counts are stable here where timings are not; they leave out time in the kernel and waiting.\n");
     if profiles.is_empty() {
         let why = if valgrind {
             "no profiled workload was chosen"

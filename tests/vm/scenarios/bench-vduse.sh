@@ -1,7 +1,8 @@
 # Benchmark (not a test): fio 4 KiB random reads at QD16 on the VDUSE block device of
 # qemu-storage-daemon's vduse-blk export, then of vudev's, then on rublk's ublk loop device
-# (if rublk is there), on the same tmpfs file in the same guest. Prints `BENCH name iops=N utime=T stime=T hz=H ios=N secs=S` per exporter (the
-# daemon's user and system CPU over the run, in clock ticks of 1/H s) and a check per run so that run.sh reports it.
+# (if rublk is there), on the same tmpfs file in the same guest. Prints `BENCH name iops=N utime=T stime=T guest=T hz=H ios=N secs=S` per exporter (the
+# daemon's user and system CPU over the run, and the whole guest's busy time over all vCPUs, in
+# clock ticks of 1/H s) and a check per run so that run.sh reports it.
 . /lib.sh
 SECS=${BENCH_SECS:-10}
 dd if=/dev/urandom of=/tmp/b.img bs=1M count=256 2>/dev/null
@@ -13,16 +14,18 @@ cpu() {
     for p in "$@"; do t=$((t + $(awk -v f="$f" '{print $f}' "/proc/$p/stat"))); done
     echo $t
 }
+# busy: the guest's busy ticks summed over its vCPUs (user, nice, system, irq, softirq)
+busy() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 bench() { # name device pid...
     name=$1 dev=$2; shift 2
-    u0=$(cpu 14 "$@"); s0=$(cpu 15 "$@")
+    u0=$(cpu 14 "$@"); s0=$(cpu 15 "$@"); g0=$(busy)
     out=$(fio --name=b --filename="$dev" --rw=randread --bs=4k --iodepth=16 --ioengine=libaio \
         --direct=1 --time_based --runtime="$SECS" --ramp_time=1 --norandommap \
         --output-format=terse --terse-version=3 2>/tmp/fio-$name.err)
-    u1=$(cpu 14 "$@"); s1=$(cpu 15 "$@")
+    u1=$(cpu 14 "$@"); s1=$(cpu 15 "$@"); g1=$(busy)
     iops=$(echo "$out" | cut -d';' -f8)
     ios=$(echo "$out" | cut -d';' -f6)   # KiB read = 4 KiB I/Os * 4
-    echo "BENCH $name iops=$iops utime=$((u1 - u0)) stime=$((s1 - s0)) hz=$hz ios=$((ios / 4)) secs=$SECS"
+    echo "BENCH $name iops=$iops utime=$((u1 - u0)) stime=$((s1 - s0)) guest=$((g1 - g0)) hz=$hz ios=$((ios / 4)) secs=$SECS"
     check "bench-$name-ran" [ -n "$iops" ]
 }
 
