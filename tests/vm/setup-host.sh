@@ -7,7 +7,8 @@ set -euo pipefail
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 # QEMU 10 or newer (bookworm's own 7.2 lacks what the tests use): an older one is upgraded.
-qemu_major=$(qemu-system-x86_64 --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
+# (No QEMU at all, on a fresh machine, must not stop this script under `set -e`.)
+qemu_major=$({ qemu-system-x86_64 --version 2>/dev/null || true; } | sed -n 's/^QEMU emulator version \([0-9]*\).*/\1/p')
 [[ ${qemu_major:-0} -ge 10 ]] || need+=(qemu-system-x86)
 have fio || need+=(fio)
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed' || need+=(busybox-static)
