@@ -23,7 +23,7 @@ done
 for ver in 6.12 7.3; do
     as=()
     [[ $ver == 7.3 ]] && as=(--env "AS=--user nobody")
-    for s in qsd-reference vudev-basic vudev-options vudev-lifecycle vudev-crash vudev-nbd-faults vudev-serve; do
+    for s in qsd-reference vudev-basic vudev-options vudev-lifecycle vudev-crash vudev-nbd-faults vudev-serve vudev-net; do
         set +e
         "$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/$s.sh" "${bins[@]}" "${as[@]}" --timeout 400 \
             > "$root/target/vm/$s-$ver.out" 2>&1

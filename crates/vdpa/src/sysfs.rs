@@ -211,13 +211,31 @@ fn child_with_number(dir: &Path, dev: &str, prefix: &str) -> Option<String> {
 /// virtio_blk drives it: the entry of `/sys/bus/vdpa/devices/DEV/virtioN/block/`. `None` when
 /// there is none (yet).
 pub fn block_device_of(dev: &str) -> Option<String> {
-    block_device_in(Path::new(VDPA_BUS), dev)
+    node_in(Path::new(VDPA_BUS), dev, "block")
 }
 
-fn block_device_in(bus: &Path, dev: &str) -> Option<String> {
+/// The network interface (`eth1`) the virtio_vdpa driver made of vdpa device `dev`, if any.
+pub fn net_device_of(dev: &str) -> Option<String> {
+    node_in(Path::new(VDPA_BUS), dev, "net")
+}
+
+/// True if virtio_net drives vdpa device `dev`, whether or not its interface can be seen
+/// from here: one moved to another network namespace leaves the `net` directory empty.
+pub fn is_net_device(dev: &str) -> bool {
+    has_class_in(Path::new(VDPA_BUS), dev, "net")
+}
+
+/// True if vdpa device `dev`'s virtio device has a `class` directory.
+fn has_class_in(bus: &Path, dev: &str, class: &str) -> bool {
+    let dir = bus.join("devices").join(dev);
+    child_with_number(&dir, dev, "virtio").is_some_and(|v| dir.join(v).join(class).is_dir())
+}
+
+/// The node of `class` (`block`, `net`) under vdpa device `dev`'s virtio device.
+fn node_in(bus: &Path, dev: &str, class: &str) -> Option<String> {
     let dir = bus.join("devices").join(dev);
     let virtio = child_with_number(&dir, dev, "virtio")?;
-    fs::read_dir(dir.join(virtio).join("block"))
+    fs::read_dir(dir.join(virtio).join(class))
         .ok()?
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
@@ -347,7 +365,7 @@ mod tests {
         let bus = FakeBus::new("nodes");
         let d = bus.add_device("vd0", None);
         assert_eq!(vhost_vdpa_name_in(&bus.0, "vd0"), None);
-        assert_eq!(block_device_in(&bus.0, "vd0"), None);
+        assert_eq!(node_in(&bus.0, "vd0", "block"), None);
 
         fs::create_dir(d.join("vhost-vdpa-12")).unwrap();
         fs::create_dir(d.join("vhost-vdpa-x")).unwrap();
@@ -360,11 +378,17 @@ mod tests {
         // virtioN without a disk yet, then with one.
         fs::create_dir_all(d.join("virtio3")).unwrap();
         fs::create_dir_all(d.join("virtio_extra/block/sdz")).unwrap();
-        assert_eq!(block_device_in(&bus.0, "vd0"), None);
+        assert_eq!(node_in(&bus.0, "vd0", "block"), None);
         fs::create_dir_all(d.join("virtio3/block/vdb")).unwrap();
-        assert_eq!(block_device_in(&bus.0, "vd0").as_deref(), Some("vdb"));
+        assert_eq!(node_in(&bus.0, "vd0", "block").as_deref(), Some("vdb"));
+        assert!(!has_class_in(&bus.0, "vd0", "net"));
+        // An interface moved to another network namespace: its directory, seen empty.
+        fs::create_dir_all(d.join("virtio3/net")).unwrap();
+        assert!(has_class_in(&bus.0, "vd0", "net"));
+        assert_eq!(node_in(&bus.0, "vd0", "net"), None);
 
-        assert_eq!(block_device_in(&bus.0, "../devices/vd0"), None);
+        assert_eq!(node_in(&bus.0, "../devices/vd0", "block"), None);
+        assert!(!has_class_in(&bus.0, "../devices/vd0", "block"));
         assert_eq!(vhost_vdpa_name_in(&bus.0, ".."), None);
     }
 

@@ -18,6 +18,11 @@ const ATTACH_WAIT: Duration = Duration::from_secs(10);
 pub enum Attached {
     /// A block device of this host (`vda`), through virtio_vdpa.
     Block(String),
+    /// A network interface of this host (`eth1`), through virtio_vdpa.
+    Net(String),
+    /// A network interface, through virtio_vdpa, in another network namespace (an adopted
+    /// device whose interface was moved into a container's): its name is not seen from here.
+    NetElsewhere,
     /// Bound to another vdpa bus driver (`vhost_vdpa`: a VM's or a userspace driver's).
     Driver(String),
     /// On the bus, but no node appeared in time (is the virtio driver loaded?).
@@ -28,6 +33,10 @@ impl std::fmt::Display for Attached {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Attached::Block(b) => write!(f, "/dev/{b}"),
+            Attached::Net(n) => write!(f, "network interface {n}"),
+            Attached::NetElsewhere => {
+                write!(f, "a network interface in another network namespace")
+            }
             Attached::Driver(d) => write!(f, "bound to {d}"),
             Attached::NoNode => write!(f, "on the vdpa bus, with no device node"),
         }
@@ -45,13 +54,21 @@ impl VduseExport {
     /// running: the driver talks to the device at once.
     pub fn attach(&self) -> Result<Attached, TransportError> {
         let name = self.name();
-        if !self.is_attached() {
+        let was = self.is_attached();
+        if !was {
             self.authority.attach(name)?;
         }
         let deadline = Instant::now() + ATTACH_WAIT;
         loop {
             if let Some(blk) = sysfs::block_device_of(name) {
                 return Ok(Attached::Block(blk));
+            }
+            if let Some(net) = sysfs::net_device_of(name) {
+                return Ok(Attached::Net(net));
+            }
+            // A fresh interface is made in this namespace: only an adopted one can be away.
+            if was && sysfs::is_net_device(name) {
+                return Ok(Attached::NetElsewhere);
             }
             if let Ok(Some(driver)) = sysfs::bound_driver(name) {
                 if driver != VIRTIO_VDPA {

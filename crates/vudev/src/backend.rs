@@ -26,10 +26,13 @@ pub fn check_options(args: &BackendArgs, opts: &BackendOptions) -> Result<(), St
         "--null"
     } else if args.nbd.is_some() {
         "--nbd"
-    } else {
+    } else if args.rbd.is_some() {
         "--rbd"
+    } else {
+        "--net-tap"
     };
     let not_rbd = args.rbd.is_none();
+    let not_net = args.net_tap.is_none();
     let misplaced = [
         (opts.direct && args.file.is_none(), "--direct", "--file"),
         (opts.aio.is_some() && args.file.is_none(), "--aio", "--file"),
@@ -45,6 +48,8 @@ pub fn check_options(args: &BackendArgs, opts: &BackendOptions) -> Result<(), St
             "--rbd-timeout",
             "--rbd",
         ),
+        (opts.mac.is_some() && not_net, "--mac", "--net-tap"),
+        (opts.mtu.is_some() && not_net, "--mtu", "--net-tap"),
     ];
     match misplaced.iter().find(|m| m.0) {
         Some((_, opt, only)) => Err(format!(

@@ -25,7 +25,8 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Export a virtio-blk device until SIGINT or SIGTERM.
+    /// Export a virtio-blk device (or, with --net-tap, a virtio-net one) until SIGINT or
+    /// SIGTERM.
     #[command(subcommand)]
     Export(ExportCommand),
     /// Run the daemon: the exports of a config file, and more added and removed at run time
@@ -328,6 +329,11 @@ pub struct BackendArgs {
     /// A Ceph RBD image: POOL[/NAMESPACE]/IMAGE, or POOL/IMAGE@SNAP for a snapshot (read-only).
     #[arg(long, value_name = "IMAGE")]
     pub rbd: Option<String>,
+    /// Not a disk but a network interface: a virtio-net device whose frames go in and out of
+    /// this TAP interface (created if missing; create it with `ip tuntap add dev NAME mode
+    /// tap` to keep it, and what is configured on it, across restarts).
+    #[arg(long, value_name = "NAME")]
+    pub net_tap: Option<String>,
 }
 
 /// Options of one backend each: given with another backend, they are refused with the reason
@@ -357,6 +363,13 @@ pub struct BackendOptions {
     /// (default 30).
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub rbd_timeout: Option<u64>,
+    /// The MAC address of --net-tap's device (default: one derived from the TAP's name, the
+    /// same at every start).
+    #[arg(long, value_name = "ADDR")]
+    pub mac: Option<String>,
+    /// The MTU of --net-tap's device, 68 to 65535; the TAP is given the same (default 1500).
+    #[arg(long, value_name = "BYTES")]
+    pub mtu: Option<u32>,
 }
 
 /// How long an NBD request waits for the server unless --nbd-timeout says otherwise.

@@ -1,21 +1,90 @@
-//! Building the virtio-blk device of an export from its options: the checks that need
-//! nothing opened ([`check`], also what `vudev serve --check` runs), then the backend.
+//! Building the device of an export from its options: the checks that need nothing opened
+//! ([`check`], also what `vudev serve --check` runs), then the backend: a virtio-blk device
+//! over storage, or with `--net-tap` a virtio-net device over a TAP.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use vudev_blk::{BlockConfig, BlockDevice};
-use vudev_core::{Polling, WorkerOptions};
+use vudev_core::{Device, Polling, WorkerOptions};
+use vudev_net::{MacAddress, NetConfig, NetDevice, Tap};
 
 use crate::backend;
 use crate::cli::{BackendArgs, BackendOptions, DeviceArgs};
 
+/// The device an export serves.
+#[derive(Clone)]
+pub enum Exported {
+    /// A disk.
+    Block(Arc<BlockDevice>),
+    /// A network interface.
+    Net(Arc<NetDevice>),
+}
+
 /// A built device and what its backend is, for logs and `vudev ctl list`.
 pub struct Built {
     /// The device.
-    pub device: Arc<BlockDevice>,
+    pub device: Exported,
     /// The backend, e.g. `file /srv/disk.img (io_uring)`.
     pub description: String,
+}
+
+impl Built {
+    /// The device, for a transport.
+    pub fn virtio(&self) -> Arc<dyn Device> {
+        match &self.device {
+            Exported::Block(b) => b.clone(),
+            Exported::Net(n) => n.clone(),
+        }
+    }
+
+    /// The block device, unless this is a net export.
+    pub fn block(&self) -> Option<&Arc<BlockDevice>> {
+        match &self.device {
+            Exported::Block(b) => Some(b),
+            Exported::Net(_) => None,
+        }
+    }
+}
+
+/// The default MTU of a net export.
+const DEFAULT_MTU: u32 = 1500;
+
+/// A net export's settings from its options; `tap` is its TAP's name.
+pub(crate) fn net_config(
+    tap: &str,
+    opts: &BackendOptions,
+    dev: &DeviceArgs,
+) -> Result<NetConfig, String> {
+    // What the block options mean has no sense for a NIC: refused rather than ignored.
+    let misplaced = [
+        (
+            dev.num_queues != 1,
+            "--num-queues (a net export has one queue pair)",
+        ),
+        (dev.readonly, "--readonly"),
+        (!dev.serial.is_empty(), "--serial"),
+        (
+            dev.logical_block_size.bytes() != 512,
+            "--logical-block-size",
+        ),
+    ];
+    if let Some((_, opt)) = misplaced.iter().find(|m| m.0) {
+        return Err(format!(
+            "{opt} applies to disks, and this export is --net-tap {tap}: drop it"
+        ));
+    }
+    vudev_net::tap::valid_name(tap).map_err(|e| e.to_string())?;
+    let cfg = NetConfig {
+        mac: match &opts.mac {
+            Some(m) => m.parse()?,
+            None => MacAddress::derived(tap),
+        },
+        mtu: opts.mtu.unwrap_or(DEFAULT_MTU),
+        queue_size: dev.queue_size,
+    };
+    cfg.check()?;
+    Ok(cfg)
 }
 
 /// Checks the options without opening anything.
@@ -41,14 +110,18 @@ pub fn check(backend: &BackendArgs, opts: &BackendOptions, dev: &DeviceArgs) -> 
         ));
     }
     backend::check_options(backend, opts)?;
+    if let Some(tap) = &backend.net_tap {
+        net_config(tap, opts, dev)?;
+    }
     for size in [&backend.memory, &backend.null].into_iter().flatten() {
         backend::checked_size(size, dev.logical_block_size.bytes())?;
     }
     Ok(())
 }
 
-/// Checks the options, opens the backend and builds the virtio-blk device; `file` is the
-/// backend's `--file` if it was opened already (by root, for a sandboxed process).
+/// Checks the options, opens the backend and builds the device; `file` is the backend's
+/// `--file`, or the `--net-tap` TAP, if it was opened already (by root, for a sandboxed
+/// process).
 pub fn build(
     backend: &BackendArgs,
     opts: &BackendOptions,
@@ -56,6 +129,19 @@ pub fn build(
     file: Option<std::fs::File>,
 ) -> Result<Built, String> {
     check(backend, opts, dev)?;
+    if let Some(name) = &backend.net_tap {
+        let cfg = net_config(name, opts, dev)?;
+        let tap = match file {
+            // Opened by root before it was given up (--user).
+            Some(f) => Tap::from_file(f, name),
+            None => Tap::open(name).map_err(|e| e.to_string())?,
+        };
+        let net = NetDevice::new(cfg, tap).map_err(|e| e.to_string())?;
+        return Ok(Built {
+            description: net.describe(),
+            device: Exported::Net(Arc::new(net)),
+        });
+    }
     let block_size = dev.logical_block_size.bytes();
     let backend = backend::open(backend, opts, dev, block_size, file)?;
     let cfg = BlockConfig {
@@ -71,7 +157,7 @@ pub fn build(
     };
     Ok(Built {
         description: backend.describe(),
-        device: Arc::new(BlockDevice::new(cfg, backend)),
+        device: Exported::Block(Arc::new(BlockDevice::new(cfg, backend))),
     })
 }
 

@@ -36,9 +36,9 @@ fn build_unless_terminated(
 const FOLLOW_SIZE: Duration = Duration::from_secs(2);
 
 /// Waits for SIGINT/SIGTERM. Meanwhile, every [`FOLLOW_SIZE`], takes on a size the storage
-/// took by other hands (an `rbd resize`) and tells the driver with `tell`.
+/// of a disk (`device`) took by other hands (an `rbd resize`) and tells the driver with `tell`.
 fn wait_for_signal(
-    device: &BlockDevice,
+    device: Option<&BlockDevice>,
     tell: impl Fn() -> Result<String, String>,
 ) -> Result<(), String> {
     loop {
@@ -48,6 +48,7 @@ fn wait_for_signal(
                 return Ok(());
             }
             Ok(None) => {
+                let Some(device) = device else { continue };
                 let was = device.size();
                 let Some(bytes) = device.adopt_changed_size() else {
                     continue;
@@ -97,7 +98,7 @@ pub fn run_vhost_user(args: VhostUserArgs, sandbox: SandboxArgs) -> Result<(), S
         ),
         None => e,
     })?;
-    let waited = wait_for_signal(&built.device, || {
+    let waited = wait_for_signal(built.block().map(|b| &**b), || {
         serving.config_changed().map(|told| match told {
             true => "the frontend was told".to_string(),
             false => "no frontend to tell (the next one sees the new size)".to_string(),
@@ -125,7 +126,7 @@ pub fn run_vduse(
         return Ok(());
     };
     let serving = VduseServing::start(&args, &built, authority)?;
-    let waited = wait_for_signal(&built.device, || {
+    let waited = wait_for_signal(built.block().map(|b| &**b), || {
         serving
             .config_changed()
             .map(|()| "the driver was told".to_string())

@@ -35,7 +35,7 @@ impl VduseServing {
         let dev = &args.device;
         let owned = authority.owns_device();
         let export = VduseExport::create(
-            built.device.clone(),
+            built.virtio(),
             &VduseOptions {
                 name: args.name.clone(),
                 queue_size: dev.queue_size,
@@ -85,7 +85,7 @@ impl VduseServing {
         };
         match &on {
             Attached::NoNode => tracing::warn!(
-                "attached {}, but no device node appeared: is virtio_blk loaded?",
+                "attached {}, but no device node appeared: is virtio_blk (or virtio_net) loaded?",
                 args.name
             ),
             // An adopted device stays where the previous daemon put it.
@@ -147,7 +147,7 @@ impl VhostUserServing {
         on_failure: impl FnOnce() + Send + 'static,
     ) -> Result<Self, String> {
         let server = VhostUserServer::bind(
-            built.device.clone(),
+            built.virtio(),
             &VhostUserOptions {
                 socket: args.socket.clone(),
                 socket_access: Access {

@@ -46,7 +46,7 @@ fn create(args: &VduseArgs, owner: Option<Identity>) -> Result<(), String> {
     let built = device::build(&args.backend, &args.backend_options, &args.device, None)?;
     let local = Local::open().map_err(|e| e.to_string())?;
     let export = VduseExport::create(
-        built.device.clone(),
+        built.virtio(),
         &VduseOptions {
             name: args.name.clone(),
             queue_size: args.device.queue_size,

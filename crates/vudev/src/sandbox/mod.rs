@@ -234,8 +234,9 @@ pub fn check_device_node(file: &std::fs::File, name: &str) -> Result<(), String>
 }
 
 /// What root does for a process about to become `id`, which it could not do itself: opens
-/// `--file` (now, once, as the export will use it: the file is returned, for the backend) and
-/// makes the user's RBD record directory.
+/// `--file` (now, once, as the export will use it: the file is returned, for the backend),
+/// or opens `--net-tap` and gives it its MTU (both need CAP_NET_ADMIN for a TAP that is not
+/// the user's: the open TAP is returned), and makes the user's RBD record directory.
 pub fn before_dropping(
     id: Identity,
     backend: &BackendArgs,
@@ -244,6 +245,14 @@ pub fn before_dropping(
 ) -> Result<Option<File>, String> {
     if backend.rbd.is_some() {
         give_rbd_records(id)?;
+    }
+    if let Some(name) = &backend.net_tap {
+        let cfg = crate::device::net_config(name, opts, dev)?;
+        let tap = vudev_net::tap::Tap::open(name).map_err(|e| e.to_string())?;
+        if tap.mtu().map_err(|e| e.to_string())? != cfg.mtu {
+            tap.set_mtu(cfg.mtu).map_err(|e| e.to_string())?;
+        }
+        return Ok(Some(tap.into_file()));
     }
     Ok(open_file_first(backend, opts, dev))
 }

@@ -16,7 +16,7 @@ use super::{before_dropping, confine, Identity};
 use crate::cli::{Switch, VduseArgs};
 
 /// `vudev export vduse --user U`: the helper grants this export's device only. The child
-/// gets the helper's client and `--file`, opened by root.
+/// gets the helper's client and `--file` (or `--net-tap`), opened by root.
 pub fn fork_export(
     args: &VduseArgs,
     local: Local,
@@ -31,7 +31,10 @@ pub fn fork_export(
     }
     let policy = Policy {
         scope: Scope::Export(args.name.clone()),
-        device_id: virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+        device_id: match args.backend.net_tap {
+            Some(_) => virtio_bindings::virtio_ids::VIRTIO_ID_NET,
+            None => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+        },
         state_dir,
         owner: id,
     };

@@ -665,6 +665,13 @@ fn start(
     let (backend, opts, dev) = args.parts();
     let built =
         device::build(backend, opts, dev, file).map_err(|e| ApiError::new(Code::Backend, e))?;
+    // ExportArgs::parse refuses net exports; a block device is what the registry keeps.
+    let Some(block) = built.block().cloned() else {
+        return Err(ApiError::new(
+            Code::InvalidParams,
+            "vudev serve does not serve net exports yet".to_string(),
+        ));
+    };
     let serving = match args {
         ExportArgs::Vduse(a) => match (device, helper) {
             (Some(node), _) => Ok(Arc::new(HandedOver::new(&a.name, node)) as Arc<dyn Authority>),
@@ -686,7 +693,7 @@ fn start(
         .filter(|p| p.metadata().is_ok_and(|m| m.is_file()));
     Ok(Box::new(Export {
         file,
-        device: built.device,
+        device: block,
         serving,
     }))
 }

@@ -1,0 +1,118 @@
+//! The virtio-net device: one queue pair (receive queue 0, transmit queue 1) over a TAP.
+
+use std::io;
+use std::sync::Arc;
+
+use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use vudev_core::{Device, QueueHandler};
+
+use crate::config::{guest_offloads, max_frame, NetConfig};
+use crate::rx::RxQueue;
+use crate::stats::NetStats;
+use crate::tap::{Offloads, Tap};
+use crate::tx::TxQueue;
+
+/// virtio device id of a network device.
+pub const VIRTIO_ID_NET: u32 = 1;
+
+/// A virtio-net device over a TAP.
+pub struct NetDevice {
+    cfg: NetConfig,
+    tap: Tap,
+    /// What the TAP accepted to hand over, hence what the driver is offered.
+    offloads: Offloads,
+    stats: Arc<NetStats>,
+}
+
+impl NetDevice {
+    /// A device over `tap`: its MTU is set to the config's, and the offloads it accepts are
+    /// what the driver is offered.
+    pub fn new(cfg: NetConfig, tap: Tap) -> io::Result<NetDevice> {
+        cfg.check()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if tap.mtu()? != cfg.mtu {
+            tap.set_mtu(cfg.mtu)?;
+        }
+        let offloads = tap.probe_offloads(Offloads {
+            csum: true,
+            tso4: true,
+            tso6: true,
+            ecn: true,
+            ufo: true,
+        });
+        tracing::info!(
+            tap = tap.name(),
+            mac = %cfg.mac,
+            mtu = cfg.mtu,
+            "net device over TAP {}; offloads it hands over: {offloads:?}",
+            tap.name()
+        );
+        Ok(NetDevice {
+            cfg,
+            tap,
+            offloads,
+            stats: Arc::new(NetStats::default()),
+        })
+    }
+
+    /// The device's settings.
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &NetStats {
+        &self.stats
+    }
+
+    /// The device in one line, for logs and `vudev ctl list`.
+    pub fn describe(&self) -> String {
+        format!(
+            "TAP {}, MAC {}, MTU {}",
+            self.tap.name(),
+            self.cfg.mac,
+            self.cfg.mtu
+        )
+    }
+}
+
+impl Device for NetDevice {
+    fn device_id(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+    fn features(&self) -> u64 {
+        self.cfg.features(self.offloads)
+    }
+    fn config(&self) -> Vec<u8> {
+        self.cfg.config_space()
+    }
+    fn num_queues(&self) -> u16 {
+        2
+    }
+    fn max_queue_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+    fn queue_handler(&self, index: u16, features: u64) -> io::Result<Box<dyn QueueHandler>> {
+        let tap = self.tap.try_clone()?;
+        let stats = self.stats.clone();
+        match index {
+            0 => {
+                // What the driver takes decides what the TAP may hand over.
+                let offloads = guest_offloads(features);
+                let mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+                let frame = max_frame(features, self.cfg.mtu, false);
+                Ok(Box::new(RxQueue::new(
+                    tap, offloads, mergeable, frame, stats,
+                )?))
+            }
+            1 => {
+                let frame = max_frame(features, self.cfg.mtu, true);
+                Ok(Box::new(TxQueue::new(tap, frame, stats)))
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a net device has queues 0 (receive) and 1 (transmit), not {index}"),
+            )),
+        }
+    }
+}
