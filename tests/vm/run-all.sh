@@ -60,6 +60,8 @@ host_test() {
 # vhost-user: vudev on this host, a QEMU guest as the frontend (the guest kernel is not what
 # is tested here, so one kernel is enough).
 host_test vhost-user "$here/vhost-user.sh" 7.3
+# vhost-user net: the guest's NIC served by vudev, its TAP in a namespace made for the test
+host_test vhost-user-net "$here/vhost-user-net.sh" 7.3
 # live migration of a guest between two vudev processes sharing one image, under I/O
 host_test vhost-user-migrate "$here/vhost-user-migrate.sh" 7.3 --backend vudev
 # SIGKILL of vudev under guest I/O, restarted each time; QEMU's chardev reconnects

@@ -20,6 +20,7 @@ mod session;
 mod status;
 #[cfg(test)]
 mod tests;
+mod vring_enable;
 mod wire;
 
 pub use frontend_channel::FrontendChannel;

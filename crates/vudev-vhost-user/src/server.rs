@@ -19,6 +19,7 @@ use crate::backend_channel::take_channel;
 use crate::frontend_channel::FrontendChannel;
 use crate::session::{lock, Session};
 use crate::status::status_message;
+use crate::vring_enable::early_vring_enable;
 
 /// Options of a vhost-user export that are not the device's.
 #[derive(Clone, Debug)]
@@ -209,12 +210,13 @@ pub fn serve_frontend(
         }
         if fds[0].revents != 0 {
             let taken = status_message(&sock, &state)
-                .and_then(|taken| Ok(taken || take_channel(&sock, &state)?));
+                .and_then(|taken| Ok(taken || take_channel(&sock, &state)?))
+                .and_then(|taken| Ok(taken || early_vring_enable(&sock, &state)?));
             let request = match taken {
                 Ok(true) => Ok(()),
                 Ok(false) => handler.handle_request(),
                 Err(e) => {
-                    tracing::warn!("frontend sent a bad status message ({e}); disconnecting it");
+                    tracing::warn!("frontend sent a bad message ({e}); disconnecting it");
                     break false;
                 }
             };

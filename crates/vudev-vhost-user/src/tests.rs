@@ -306,3 +306,51 @@ fn the_backend_channel_carries_config_changes_and_a_bad_one_costs_the_session() 
         }
     }
 }
+
+/// QEMU's virtio-net order: SET_VRING_ENABLE before any SET_FEATURES. Each gets its ack
+/// (0 done, 1 refused: a queue that does not exist, a value other than 0 or 1), the session
+/// carries on, and after SET_FEATURES the same request is answered as before.
+#[test]
+fn vring_enable_before_set_features_is_answered() {
+    use std::os::unix::net::UnixStream;
+    let dev: Arc<dyn vudev_core::Device> = Arc::new(MockDevice::new(2));
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let stop = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let served = std::thread::spawn(move || {
+        crate::serve_frontend(
+            dev,
+            256,
+            &WorkerOptions::default(),
+            theirs,
+            &stop,
+            None,
+            &crate::FrontendChannel::default(),
+        )
+    });
+    let ack_of = |index: u32, num: u32| {
+        let mut state = index.to_le_bytes().to_vec();
+        state.extend_from_slice(&num.to_le_bytes());
+        send_msg(&ours, 18, 0x8, &state, &[]); // SET_VRING_ENABLE, reply wanted
+        let ack = read_exact(&ours, 20);
+        assert_eq!(u32::from_le_bytes(ack[0..4].try_into().unwrap()), 18);
+        u64::from_le_bytes(ack[12..20].try_into().unwrap())
+    };
+    send_msg(&ours, 3, 0, &[], &[]); // SET_OWNER
+    send_msg(&ours, 1, 0, &[], &[]); // GET_FEATURES
+    let offered = u64::from_le_bytes(read_exact(&ours, 20)[12..20].try_into().unwrap());
+    let protocol: u64 = 1 << 3; // REPLY_ACK
+    send_msg(&ours, 16, 0, &protocol.to_le_bytes(), &[]); // SET_PROTOCOL_FEATURES
+    assert_eq!(ack_of(0, 1), 0, "queue 0 enabled");
+    assert_eq!(ack_of(1, 0), 0, "queue 1 disabled");
+    assert_eq!(ack_of(2, 1), 1, "no queue 2");
+    assert_eq!(ack_of(0, 7), 1, "7 is neither on nor off");
+    send_msg(&ours, 2, 0, &offered.to_le_bytes(), &[]); // SET_FEATURES
+    assert_eq!(
+        ack_of(1, 1),
+        0,
+        "after SET_FEATURES, the crate's own handling"
+    );
+    drop(ours);
+    served.join().unwrap();
+}

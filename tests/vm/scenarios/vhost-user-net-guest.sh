@@ -1,0 +1,74 @@
+# The guest of tests/vm/vhost-user-net.sh: its NIC (virtio-net-pci, MAC 52:54:00:aa:00:02) is
+# served by vudev on the host over vhost-user, the TAP behind it at 10.10.0.1 with an iperf3
+# server. Ping and iperf3 TCP/UDP both ways; then a real reboot (a driver reset of the NIC,
+# with QEMU and vudev staying up): the second boot, which finds the marker written on the
+# plain virtio-blk disk /dev/vda, checks that the link came back.
+. /lib.sh
+IP=/usr/bin/ip
+MAC=52:54:00:aa:00:02
+ifc=
+i=0
+while [ -z "$ifc" ] && [ $i -lt 100 ]; do
+    for n in /sys/class/net/*; do
+        [ "$(cat "$n/address")" = $MAC ] && ifc=$(basename "$n")
+    done
+    [ -n "$ifc" ] || { i=$((i + 1)); sleep 0.1; }
+done
+check vu-net-nic-present [ -n "$ifc" ]
+$IP addr add 10.10.0.2/24 dev "$ifc"
+$IP link set "$ifc" up
+
+has_marker() { dd if=/dev/vda bs=512 count=1 2>/dev/null | grep -q 'net marker before the reboot'; }
+# iperf_run TAG ARGS... : one iperf3 client run against the TAP's side; prints its summary.
+iperf_run() {
+    tag=$1; shift
+    out=$(iperf3 -c 10.10.0.1 -t 3 "$@" 2>&1); rc=$?
+    echo "$out" | grep -E "sender|receiver" | sed "s/^/vu-net: iperf3 $tag: /"
+    [ $rc -eq 0 ] || { echo "CHECK FAIL vu-net-iperf3-$tag: status $rc: $(echo "$out" | tail -3 | tr '\n' ' ')"; return; }
+    case "$tag" in
+    udp*)
+        # "12/3456 (0.35%)": lost/total datagrams, on the receiver's line.
+        got=$(echo "$out" | awk '/receiver/ { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\/[0-9]+$/) { split($i, a, "/"); print a[2] - a[1] } }')
+        check "vu-net-iperf3-$tag-datagrams-arrived" [ "${got:-0}" -gt 0 ] ;;
+    *) check "vu-net-iperf3-$tag" [ -n "$(echo "$out" | grep receiver)" ] ;;
+    esac
+}
+
+if has_marker; then
+    echo "CHECK PASS vu-net-second-boot"
+    check vu-net-ping-after-reboot ping -c 3 -W 10 10.10.0.1
+    iperf_run tcp-after-reboot
+else
+    check vu-net-ping ping -c 3 -W 10 10.10.0.1
+    iperf_run tcp
+    iperf_run tcp-reverse -R
+    iperf_run udp -u -b 50M
+    iperf_run udp-reverse -u -b 50M -R
+    # Reset of the device by the driver, without a reboot: unbind and bind virtio_net.
+    dev=$(basename "$(readlink -f /sys/class/net/$ifc/device)")
+    echo "$dev" > /sys/bus/virtio/drivers/virtio_net/unbind
+    echo "$dev" > /sys/bus/virtio/drivers/virtio_net/bind
+    ifc2=
+    i=0
+    while [ -z "$ifc2" ] && [ $i -lt 100 ]; do
+        for n in /sys/class/net/*; do
+            [ "$(cat "$n/address")" = $MAC ] && ifc2=$(basename "$n")
+        done
+        [ -n "$ifc2" ] || { i=$((i + 1)); sleep 0.1; }
+    done
+    check vu-net-rebound [ -n "$ifc2" ]
+    $IP addr add 10.10.0.2/24 dev "$ifc2"
+    $IP link set "$ifc2" up
+    check vu-net-ping-after-rebind ping -c 3 -W 10 10.10.0.1
+    echo "net marker before the reboot" | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null
+    if has_marker; then
+        echo "REBOOTING"
+        sync
+        reboot -f
+        sleep 30
+        echo "CHECK FAIL vu-net-reboot: still running 30 s after reboot -f"
+    else
+        echo "CHECK FAIL vu-net-marker-written: the marker does not read back"
+    fi
+fi
+echo SCENARIO DONE

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# vhost-user net end to end: vudev serves a virtio-net NIC over vhost-user to a QEMU TCG guest,
+# backed by a TAP in a network namespace made here (10.10.0.1, with an iperf3 server); nothing
+# leaves the machine. The guest pings and runs iperf3 TCP/UDP both ways, rebinds its driver
+# (a device reset), then reboots for real (QEMU without -no-reboot) and finds the link again.
+# Last, SIGTERM ends vudev with status 0.
+#   [VUDEV=PATH] vhost-user-net.sh KERNEL   (prints CHECK lines and `N passed, M failed`)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+ver=${1:-7.3}
+vudev=${VUDEV:-$root/target/release/vudev}
+work=$(mktemp -d "$root/target/vm/vunet-XXXXXX")
+ns=vudev-vunet-$$
+pids=()
+cleanup() {
+    kill "${pids[@]}" 2>/dev/null || true
+    [[ -f $work/iperf.pid ]] && kill "$(cat "$work/iperf.pid")" 2>/dev/null
+    ip netns del "$ns" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+pass=0 fail=0
+check() { # name, command...
+    local name=$1; shift
+    if "$@"; then echo "CHECK PASS $name"; pass=$((pass + 1)); else echo "CHECK FAIL $name"; fail=$((fail + 1)); fi
+}
+tally() { # output of run.sh
+    local line; line=$(grep -E "^[0-9]+ passed, [0-9]+ failed$" <<<"$1" | tail -1 || true)
+    grep -E 'CHECK|FAIL|timed out' <<<"$1" | grep -v '^[0-9]' || true
+    local p=${line%% passed*} f=${line#*passed, }; f=${f%% failed}
+    pass=$((pass + ${p:-0})); fail=$((fail + ${f:-1}))
+}
+ip netns add "$ns"
+ip -n "$ns" link set lo up
+ip netns exec "$ns" ip tuntap add dev vnet9 mode tap
+ip -n "$ns" addr add 10.10.0.1/24 dev vnet9
+ip -n "$ns" link set vnet9 up
+ip netns exec "$ns" iperf3 -s -D -B 10.10.0.1 --pidfile "$work/iperf.pid"
+sock=$work/net.sock
+ip netns exec "$ns" "$vudev" export vhost-user --socket "$sock" --net-tap vnet9 2>"$work/vudev.log" &
+pid=$!; pids+=("$pid")
+for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
+truncate -s 1M "$work/marker.img"
+out=$("$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-net-guest.sh" --allow-reboot \
+    --log-name vhost-user-net --timeout 400 \
+    --qemu-arg -object --qemu-arg "memory-backend-memfd,id=mem,size=2G,share=on" \
+    --qemu-arg -numa --qemu-arg "node,memdev=mem" \
+    --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock" \
+    --qemu-arg -netdev --qemu-arg "vhost-user,id=n0,chardev=c0" \
+    --qemu-arg -device --qemu-arg "virtio-net-pci,netdev=n0,mac=52:54:00:aa:00:02" \
+    --qemu-arg -drive --qemu-arg "file=$work/marker.img,if=none,id=m0,format=raw" \
+    --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=m0" 2>&1) || true
+tally "$out"
+check vu-net-two-boots [ "$(grep -c 'INIT: kernel' "$root/target/vm/logs/vhost-user-net-$ver.log")" = 2 ]
+check vu-net-vudev-alive kill -0 "$pid"
+kill -TERM "$pid"
+set +e; wait "$pid"; rc=$?; set -e
+check vu-net-sigterm-exit-0 [ "$rc" = 0 ]
+check vu-net-socket-removed [ ! -e "$sock" ]
+echo "--- vudev log"; tail -n 15 "$work/vudev.log"
+echo "$pass passed, $fail failed"
+[[ $fail == 0 ]]
