@@ -187,12 +187,18 @@ pub fn read_all(stream: &UnixStream) -> Vec<u8> {
 /// Sets ring 0 up (256 entries, the given frontend addresses, a kick) and asks to enable it,
 /// with a reply; returns the kick eventfd (the caller closes it).
 pub fn start_ring_0(stream: &UnixStream, desc: u64, used: u64, avail: u64) -> i32 {
+    start_ring(stream, 0, desc, used, avail)
+}
+
+/// [`start_ring_0`] for ring `index`.
+pub fn start_ring(stream: &UnixStream, index: u32, desc: u64, used: u64, avail: u64) -> i32 {
     let mut num = Vec::new();
-    num.extend_from_slice(&0u32.to_le_bytes());
+    num.extend_from_slice(&index.to_le_bytes());
     num.extend_from_slice(&256u32.to_le_bytes());
     (&*stream).write_all(&msg(SET_VRING_NUM, 0, &num)).unwrap();
     // index, flags, then descriptor/used/available/log addresses.
-    let mut addr = vec![0u8; 8];
+    let mut addr = index.to_le_bytes().to_vec();
+    addr.extend_from_slice(&0u32.to_le_bytes());
     for a in [desc, used, avail, 0] {
         addr.extend_from_slice(&a.to_le_bytes());
     }
@@ -201,9 +207,13 @@ pub fn start_ring_0(stream: &UnixStream, desc: u64, used: u64, avail: u64) -> i3
         .unwrap();
     // SAFETY: plain eventfd creation; the caller closes the fd.
     let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    send_with_fds(stream, &msg(SET_VRING_KICK, 0, &u64_body(0)), &[kick]);
+    send_with_fds(
+        stream,
+        &msg(SET_VRING_KICK, 0, &u64_body(u64::from(index))),
+        &[kick],
+    );
     let mut enable = Vec::new();
-    enable.extend_from_slice(&0u32.to_le_bytes());
+    enable.extend_from_slice(&index.to_le_bytes());
     enable.extend_from_slice(&1u32.to_le_bytes());
     (&*stream)
         .write_all(&msg(SET_VRING_ENABLE, NEED_REPLY, &enable))
