@@ -9,6 +9,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use crate::error::{Result, VduseError};
 use crate::uapi::*;
 
+/// The virtio device id of a network device (virtio spec 5.1).
+const VIRTIO_ID_NET: u32 = 1;
+
 /// Path of the VDUSE control node.
 pub const CONTROL_PATH: &str = "/dev/vduse/control";
 
@@ -157,6 +160,10 @@ impl VduseControl {
             let err = io::Error::last_os_error();
             return Err(match err.raw_os_error() {
                 Some(libc::EEXIST) => VduseError::NameTaken(cfg.name.clone()),
+                // The control node is open, so it is the device kind that was refused.
+                Some(libc::EPERM) if cfg.device_id == VIRTIO_ID_NET => {
+                    VduseError::NetNeedsNetAdmin(cfg.name.clone())
+                }
                 Some(libc::EPERM) | Some(libc::EACCES) => VduseError::PermissionDenied {
                     path: CONTROL_PATH.into(),
                 },

@@ -14,6 +14,12 @@ pub enum VduseError {
         /// The node that was refused.
         path: String,
     },
+    /// The kernel refused to create a net device: that takes CAP_NET_ADMIN as well.
+    #[error(
+        "creating VDUSE net device '{0}' was refused: a VDUSE net device needs CAP_NET_ADMIN \
+         (run vudev as root, or give it that capability)"
+    )]
+    NetNeedsNetAdmin(String),
     /// A device of this name exists already and is served by another process.
     #[error(
         "a VDUSE device named '{0}' already exists and another process serves it: pick \

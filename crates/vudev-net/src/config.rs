@@ -164,6 +164,30 @@ pub fn guest_offloads(features: u64) -> Offloads {
     }
 }
 
+/// The virtio-net features among `features`, by their spec names, for the log.
+pub fn feature_names(features: u64) -> Vec<&'static str> {
+    [
+        (VIRTIO_NET_F_CSUM, "CSUM"),
+        (VIRTIO_NET_F_GUEST_CSUM, "GUEST_CSUM"),
+        (VIRTIO_NET_F_MTU, "MTU"),
+        (VIRTIO_NET_F_MAC, "MAC"),
+        (VIRTIO_NET_F_GUEST_TSO4, "GUEST_TSO4"),
+        (VIRTIO_NET_F_GUEST_TSO6, "GUEST_TSO6"),
+        (VIRTIO_NET_F_GUEST_ECN, "GUEST_ECN"),
+        (VIRTIO_NET_F_GUEST_UFO, "GUEST_UFO"),
+        (VIRTIO_NET_F_HOST_TSO4, "HOST_TSO4"),
+        (VIRTIO_NET_F_HOST_TSO6, "HOST_TSO6"),
+        (VIRTIO_NET_F_HOST_ECN, "HOST_ECN"),
+        (VIRTIO_NET_F_HOST_UFO, "HOST_UFO"),
+        (VIRTIO_NET_F_MRG_RXBUF, "MRG_RXBUF"),
+        (VIRTIO_NET_F_STATUS, "STATUS"),
+    ]
+    .into_iter()
+    .filter(|&(bit, _)| features & (1 << bit) != 0)
+    .map(|(_, name)| name)
+    .collect()
+}
+
 /// The largest frame (without the virtio-net header) either side may send with `features`
 /// negotiated and `mtu` offered.
 pub fn max_frame(features: u64, mtu: u32, from_driver: bool) -> u32 {
@@ -191,6 +215,13 @@ pub fn max_frame(features: u64, mtu: u32, from_driver: bool) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn feature_names_follow_the_bits() {
+        let f = (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_MRG_RXBUF) | (1u64 << 32);
+        assert_eq!(feature_names(f), ["MAC", "MRG_RXBUF"]);
+        assert!(feature_names(0).is_empty());
+    }
 
     #[test]
     fn mac_addresses_parse_and_print() {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vudev_core::{Device, QueueHandler};
 
-use crate::config::{guest_offloads, max_frame, NetConfig};
+use crate::config::{feature_names, guest_offloads, max_frame, NetConfig};
 use crate::rx::RxQueue;
 use crate::stats::NetStats;
 use crate::tap::{Offloads, Tap};
@@ -97,6 +97,17 @@ impl Device for NetDevice {
         let stats = self.stats.clone();
         match index {
             0 => {
+                let offered = self.features();
+                let refused = feature_names(offered & !features);
+                tracing::info!(
+                    "the driver took {}; it left {}",
+                    feature_names(features & offered).join(" "),
+                    if refused.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        refused.join(" ")
+                    }
+                );
                 // What the driver takes decides what the TAP may hand over.
                 let offloads = guest_offloads(features);
                 let mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;

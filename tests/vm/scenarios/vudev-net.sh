@@ -2,7 +2,8 @@
 # the guest's initial network namespace (vdpa management works only there, and a restarted
 # vudev must find its TAP by name), the VDUSE device's interface is moved into a namespace
 # made here (vmns): every frame between 10.9.0.1 (TAP) and 10.9.0.2 (the VDUSE interface)
-# goes through vudev, as between a host and a container. Ping (also 8972-byte payloads at
+# goes through vudev, as between a host and a container. First, without CAP_NET_ADMIN the
+# device is refused with a message that says so. Then ping (also 8972-byte payloads at
 # MTU 9000), a 256 MiB transfer whose checksum must match, iperf3 TCP and UDP both ways,
 # offloads off and on, and vudev killed (-9) during a transfer and
 # started again: the device is adopted and the transfer completes.
@@ -10,6 +11,18 @@
 # iproute2's ip (network namespaces), by path: busybox sh would run its own applet.
 IP=/usr/bin/ip
 MAC=52:54:00:12:34:56
+# Without CAP_NET_ADMIN (root otherwise, with a TAP that root may open without it: one owned
+# by uid 0), creating a VDUSE net device is refused, and vudev says what it needs.
+$IP tuntap add dev vnetcap mode tap user 0
+# (capout: check() keeps its own output in $out.)
+capout=$(timeout 30 $SETPRIV --inh-caps=-net_admin --bounding-set=-net_admin \
+    vudev export vduse --name netcap --net-tap vnetcap 2>&1); rc=$?
+check net-without-net-admin-refused [ "$rc" -ne 0 -a "$rc" -ne 124 ]
+check net-without-net-admin-says-so sh -c 'echo "$1" | grep -q "needs CAP_NET_ADMIN"' - "$capout"
+check net-without-net-admin-leaves-nothing [ ! -e /dev/vduse/netcap ]
+echo "net: without CAP_NET_ADMIN: status $rc: $(echo "$capout" | tail -1)"
+$IP link del vnetcap
+
 $IP netns add vmns
 # A persistent TAP, so that a restarted vudev finds it (and its address) again. It is root's
 # even when vudev serves as nobody ($AS): root opens it before giving root up.
@@ -40,6 +53,8 @@ sandbox_check net "$pid"
 check net-mac-from-config [ "$(cat /sys/class/net/$ifc/address)" = "$MAC" ]
 check net-mtu-from-config [ "$(cat /sys/class/net/$ifc/mtu)" = 9000 ]
 check net-log-says-tap grep -q "TAP vnet0" /tmp/net0.log
+# The kernel's virtio_net takes mergeable buffers and the offloads: the log says what it took.
+check net-log-says-what-the-driver-took grep -q "the driver took .*MRG_RXBUF.*" /tmp/net0.log
 $IP link set "$ifc" netns vmns
 $IP -n vmns addr add 10.9.0.2/24 dev "$ifc"
 $IP -n vmns link set "$ifc" up
