@@ -219,6 +219,31 @@ fn stats_table(exports: &Value) -> String {
             ));
         }
     }
+    // Network interfaces have frames, not reads and writes: a table of their own.
+    let nics: Vec<&Value> = exports
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["net"].is_object())
+        .collect();
+    if !nics.is_empty() {
+        lines.push(format!(
+            "\n{:<16} {:>12} {:>14} {:>12} {:>14} {:>9}",
+            "NET EXPORT", "RX FRAMES", "RX BYTES", "TX FRAMES", "TX BYTES", "DROPPED"
+        ));
+        for e in nics {
+            let n = |k: &str| e["net"][k].as_u64().unwrap_or(0);
+            lines.push(format!(
+                "{:<16} {:>12} {:>14} {:>12} {:>14} {:>9}",
+                e["name"].as_str().unwrap_or("?"),
+                n("rx_packets"),
+                n("rx_bytes"),
+                n("tx_packets"),
+                n("tx_bytes"),
+                n("rx_dropped") + n("rx_bad_chains") + n("tx_bad_chains") + n("tx_errors"),
+            ));
+        }
+    }
     lines.join("\n")
 }
 

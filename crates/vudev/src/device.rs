@@ -29,6 +29,16 @@ pub struct Built {
     pub description: String,
 }
 
+impl Exported {
+    /// The block device, unless this is a net export.
+    pub fn block(&self) -> Option<&Arc<BlockDevice>> {
+        match self {
+            Exported::Block(b) => Some(b),
+            Exported::Net(_) => None,
+        }
+    }
+}
+
 impl Built {
     /// The device, for a transport.
     pub fn virtio(&self) -> Arc<dyn Device> {
@@ -40,10 +50,7 @@ impl Built {
 
     /// The block device, unless this is a net export.
     pub fn block(&self) -> Option<&Arc<BlockDevice>> {
-        match &self.device {
-            Exported::Block(b) => Some(b),
-            Exported::Net(_) => None,
-        }
+        self.device.block()
     }
 }
 

@@ -1187,3 +1187,99 @@ fn a_daemon_serving_as_a_user_is_heard_from_its_main_process() {
     assert!(st.success());
     assert!(!dir.join("control.sock").exists());
 }
+
+/// A TAP made for a test (persistent, up), removed on drop.
+struct TestTap(String);
+
+impl TestTap {
+    fn new(tag: &str) -> TestTap {
+        common::require_root("a net export needs a TAP");
+        let name = format!("vst{}{tag}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            let st = Command::new("ip").args(args).status().expect("run ip");
+            assert!(st.success(), "ip {args:?}: {st}");
+        };
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
+        ip(&["link", "set", &name, "up"]);
+        TestTap(name)
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_net_export_is_served_listed_counted_and_never_resized() {
+    let dir = scratch("serve-net");
+    let (tap1, tap2) = (TestTap::new("a"), TestTap::new("b"));
+    let metrics = dir.join("metrics.sock");
+    let config = format!(
+        "[[export]]\ntransport = \"vhost-user\"\nname = \"n1\"\nsocket = \"{}\"\n\
+         net-tap = \"{}\"\nmac = \"52:54:00:ab:cd:ef\"\nmtu = 9000\n",
+        dir.join("n1.sock").display(),
+        tap1.0
+    );
+    let d = Daemon::start(
+        &dir,
+        Some(&config),
+        &["--metrics", metrics.to_str().unwrap()],
+    );
+    let mtu = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", tap1.0)).unwrap();
+    assert_eq!(mtu.trim(), "9000", "the TAP took the export's MTU");
+    common::frontend::transmit_one_frame(&dir.join("n1.sock"));
+    let stats = d.call("stats", json!({"name": "n1"})).unwrap();
+    assert_eq!(stats[0]["net"]["tx_packets"], 1, "{stats}");
+    assert_eq!(stats[0]["net"]["tx_bytes"], 60, "{stats}");
+    assert_eq!(stats[0]["queues"], json!([]), "{stats}");
+    let reply = http(
+        UnixStream::connect(&metrics).unwrap(),
+        "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(
+        sample(
+            &reply,
+            "vudev_net_total{export=\"n1\",counter=\"tx_packets\"}"
+        ),
+        Some(1),
+        "{reply}"
+    );
+    assert_eq!(
+        sample(&reply, "vudev_export_size_bytes{export=\"n1\"}"),
+        None
+    );
+    let list = d.call("list", json!({})).unwrap();
+    let n1 = &list[0];
+    assert!(
+        n1["backend"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("TAP {}", tap1.0)),
+        "{n1}"
+    );
+    assert!(n1["size"].is_null(), "{n1}");
+    let (code, message) = d
+        .call("resize", json!({"name": "n1", "size": "1G"}))
+        .unwrap_err();
+    assert_eq!(code, -32602, "{message}");
+    assert!(message.contains("only disks are resized"), "{message}");
+    // Added and removed at run time, as a disk is; block options are refused.
+    let add = |extra: Value| {
+        let mut p = json!({"transport": "vhost-user", "name": "n2",
+            "socket": dir.join("n2.sock"), "net-tap": tap2.0});
+        p.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        d.call("add", p)
+    };
+    let (_, message) = add(json!({"readonly": true})).unwrap_err();
+    assert!(message.contains("--readonly applies to disks"), "{message}");
+    add(json!({})).unwrap();
+    common::frontend::transmit_one_frame(&dir.join("n2.sock"));
+    let stats = d.call("stats", json!({"name": "n2"})).unwrap();
+    assert_eq!(stats[0]["net"]["tx_packets"], 1, "{stats}");
+    d.call("remove", json!({"name": "n2"})).unwrap();
+    assert_eq!(d.names(), ["n1"]);
+}

@@ -6,7 +6,8 @@
 # device is refused with a message that says so. Then ping (also 8972-byte payloads at
 # MTU 9000), a 256 MiB transfer whose checksum must match, iperf3 TCP and UDP both ways,
 # offloads off and on, and vudev killed (-9) during a transfer and
-# started again: the device is adopted and the transfer completes.
+# started again: the device is adopted and the transfer completes. Last, the same NIC from
+# a `vudev serve` config.
 . /lib.sh
 # iproute2's ip (network namespaces), by path: busybox sh would run its own applet.
 IP=/usr/bin/ip
@@ -141,5 +142,37 @@ check net-adopted-no-warning sh -c '! grep -q "no device node" /tmp/net0.log'
 check net-ping-after-restart $IP netns exec vmns ping -c 2 -W 5 10.9.0.1
 
 stop_export "$pid" net0
+
+# The same NIC from a `vudev serve` config (with $AS, root opens the TAP before the daemon
+# becomes the user): the interface appears, is moved into vmns and answers ping; `vudev ctl`
+# lists it with its TAP and counts its frames.
+cat > /tmp/net.toml <<TOML
+[[export]]
+transport = "vduse"
+name = "snet"
+net-tap = "vnet0"
+mac = "$MAC"
+mtu = 9000
+TOML
+vudev serve --config /tmp/net.toml $AS 2>>/tmp/serve-net.log &
+spid=$!
+i=0
+while ! netdev_of snet >/dev/null && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
+sifc=$(netdev_of snet)
+check net-serve-interface-appeared [ -n "$sifc" ]
+sandbox_check net-serve "$spid"
+$IP link set "$sifc" netns vmns
+$IP -n vmns addr add 10.9.0.2/24 dev "$sifc"
+$IP -n vmns link set "$sifc" up
+check net-serve-ping $IP netns exec vmns ping -c 3 -W 5 10.9.0.1
+check net-serve-ctl-list sh -c "vudev ctl list | grep snet | grep -q serving"
+check net-serve-ctl-show sh -c "vudev ctl show snet | grep -q 'TAP vnet0'"
+check net-serve-ctl-stats sh -c "vudev ctl stats | grep -A2 'NET EXPORT' | grep -q snet"
+kill -TERM "$spid"
+wait_exit "$spid" 60
+rc=$?
+check net-serve-sigterm-exit-0 [ "$rc" -eq 0 ]
+check net-serve-removed [ ! -e /sys/bus/vdpa/devices/snet ]
+echo "--- serve log"; tail -n 10 /tmp/serve-net.log
 echo "--- vudev log"; tail -n 20 /tmp/net0.log
 echo SCENARIO DONE

@@ -146,8 +146,8 @@ pub enum Scope {
 pub struct Policy {
     /// The devices it may create.
     pub scope: Scope,
-    /// The virtio device id they may be created with.
-    pub device_id: u32,
+    /// The virtio device ids they may be created with.
+    pub device_ids: Vec<u32>,
     /// Where the devices' state files are (`NAME.state`), opened for the child once a device
     /// is its, and removed with the device.
     pub state_dir: PathBuf,
@@ -323,10 +323,10 @@ impl<A: Authority> Helper<A> {
                 if let Some(why) = self.not_grantable(&name, false) {
                     return refused(format!("create {why}"));
                 }
-                if device_id != self.policy.device_id {
+                if !self.policy.device_ids.contains(&device_id) {
                     return refused(format!(
-                        "create '{name}' as virtio device {device_id}: this export is device {}",
-                        self.policy.device_id
+                        "create '{name}' as virtio device {device_id}: only {:?} are granted",
+                        self.policy.device_ids
                     ));
                 }
                 let cfg = DeviceConfig {
@@ -826,7 +826,7 @@ mod tests {
         let helper = Helper::new(
             Policy {
                 scope: Scope::Export("mine".into()),
-                device_id: 2,
+                device_ids: vec![2],
                 state_dir: state_file.parent().unwrap().to_path_buf(),
                 owner: me(),
             },
@@ -845,7 +845,7 @@ mod tests {
                     devices: dir.join("devices.json"),
                     nodes: dir.join("nodes"),
                 },
-                device_id: 2,
+                device_ids: vec![2],
                 state_dir: dir.to_path_buf(),
                 owner: me(),
             },

@@ -247,24 +247,33 @@ pub fn before_dropping(
         give_rbd_records(id)?;
     }
     if let Some(name) = &backend.net_tap {
-        let cfg = crate::device::net_config(name, opts, dev)?;
-        let tap = vudev_net::tap::Tap::open(name).map_err(|e| e.to_string())?;
-        if tap.mtu().map_err(|e| e.to_string())? != cfg.mtu {
-            tap.set_mtu(cfg.mtu).map_err(|e| e.to_string())?;
-        }
-        return Ok(Some(tap.into_file()));
+        return open_tap(name, opts, dev).map(Some);
     }
     Ok(open_file_first(backend, opts, dev))
 }
 
-/// Opens a backend's `--file` now, as root, as the export will use it. `None` if there is
-/// none, or it cannot be opened now: the backend then opens it itself, as the serving user,
-/// whose error the export reports.
+/// Opens the TAP `name` now, as root, and gives it the export's MTU: both need
+/// CAP_NET_ADMIN for a TAP that is not the serving user's.
+fn open_tap(name: &str, opts: &BackendOptions, dev: &DeviceArgs) -> Result<File, String> {
+    let cfg = crate::device::net_config(name, opts, dev)?;
+    let tap = vudev_net::tap::Tap::open(name).map_err(|e| e.to_string())?;
+    if tap.mtu().map_err(|e| e.to_string())? != cfg.mtu {
+        tap.set_mtu(cfg.mtu).map_err(|e| e.to_string())?;
+    }
+    Ok(tap.into_file())
+}
+
+/// Opens a backend's `--file` (or `--net-tap`) now, as root, as the export will use it.
+/// `None` if there is none, or it cannot be opened now: the backend then opens it itself,
+/// as the serving user, whose error the export reports.
 pub fn open_file_first(
     backend: &BackendArgs,
     opts: &BackendOptions,
     dev: &DeviceArgs,
 ) -> Option<File> {
+    if let Some(name) = &backend.net_tap {
+        return open_tap(name, opts, dev).ok();
+    }
     let path = backend.file.as_ref()?;
     let mut o = std::fs::OpenOptions::new();
     o.read(true).write(!dev.readonly);

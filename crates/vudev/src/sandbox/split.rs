@@ -31,10 +31,10 @@ pub fn fork_export(
     }
     let policy = Policy {
         scope: Scope::Export(args.name.clone()),
-        device_id: match args.backend.net_tap {
+        device_ids: vec![match args.backend.net_tap {
             Some(_) => virtio_bindings::virtio_ids::VIRTIO_ID_NET,
             None => virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
-        },
+        }],
         state_dir,
         owner: id,
     };

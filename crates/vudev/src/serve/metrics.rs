@@ -55,7 +55,17 @@ pub fn json(stats: &[ExportStats]) -> Value {
                 .iter()
                 .map(|(k, v)| (k.to_string(), json!(v)))
                 .collect();
-            json!({"name": e.name, "size": e.size, "queues": queues, "backend": backend})
+            let mut v =
+                json!({"name": e.name, "size": e.size, "queues": queues, "backend": backend});
+            if !e.net.is_empty() {
+                let net: serde_json::Map<String, Value> = e
+                    .net
+                    .iter()
+                    .map(|(k, n)| (k.to_string(), json!(n)))
+                    .collect();
+                v["net"] = net.into();
+            }
+            v
         })
         .collect();
     Value::Array(exports)
@@ -86,13 +96,30 @@ pub fn prometheus(stats: &[ExportStats]) -> String {
         "gauge",
         "Capacity of each export.",
         &mut |o| {
-            for e in stats {
+            // A network interface has none.
+            for e in stats.iter().filter(|e| e.net.is_empty()) {
                 let _ = writeln!(
                     o,
                     "vudev_export_size_bytes{{export=\"{}\"}} {}",
                     label(&e.name),
                     e.size
                 );
+            }
+        },
+    );
+    family(
+        "vudev_net_total",
+        "counter",
+        "What went through each net export: frames and bytes each way, and what was dropped.",
+        &mut |o| {
+            for e in stats {
+                for (counter, v) in &e.net {
+                    let _ = writeln!(
+                        o,
+                        "vudev_net_total{{export=\"{}\",counter=\"{counter}\"}} {v}",
+                        label(&e.name)
+                    );
+                }
             }
         },
     );

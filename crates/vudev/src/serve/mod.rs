@@ -193,7 +193,10 @@ fn split(
             devices: state_dir.join(format!("serve-devices-{}.json", id.uid)),
             nodes: PathBuf::from("/dev/vduse"),
         },
-        device_id: virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+        device_ids: vec![
+            virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK,
+            virtio_bindings::virtio_ids::VIRTIO_ID_NET,
+        ],
         state_dir: state_dir.clone(),
         owner: id,
     };

@@ -18,7 +18,7 @@ use vudev_vduse::lifecycle::Attached;
 
 use super::record::Record;
 use super::spec::{ExportArgs, Spec};
-use crate::device;
+use crate::device::{self, Exported};
 use crate::rpc::{ApiError, Code};
 use crate::sandbox;
 use crate::sandbox::helper::{in_use, Client};
@@ -35,6 +35,8 @@ pub struct ExportStats {
     pub queues: Vec<QueueSnapshot>,
     /// The backend's event counts (an NBD client's reconnects and timeouts).
     pub backend: Vec<(&'static str, u64)>,
+    /// A net export's counters (frames and bytes each way, drops); empty for a disk.
+    pub net: Vec<(&'static str, u64)>,
 }
 
 /// How long a stopping daemon waits for adds and removes under way.
@@ -80,7 +82,7 @@ enum Serving {
 struct Export {
     /// A regular file behind the export, whose growth the daemon follows.
     file: Option<PathBuf>,
-    device: Arc<BlockDevice>,
+    device: Exported,
     serving: Serving,
 }
 
@@ -401,6 +403,12 @@ impl Registry {
                     format!("{name} is being resized: try again once that is done"),
                 ));
             }
+            let Some(block) = export.device.block().cloned() else {
+                return Err(ApiError::new(
+                    Code::InvalidParams,
+                    format!("{name} is a network interface: only disks are resized"),
+                ));
+            };
             let args = ExportArgs::parse(&slot.spec)
                 .map_err(|e| ApiError::new(Code::InvalidParams, e.message))?;
             let (backend, _, _) = args.parts();
@@ -418,7 +426,7 @@ impl Registry {
             };
             slot.resizing = true;
             self.resizes.fetch_add(1, Ordering::SeqCst);
-            (export.device.clone(), bytes)
+            (block, bytes)
         };
         // Outside the lock: the storage may take its time (an RBD image: up to its timeout),
         // and the other exports' calls must not wait for it. A panic must not leave the
@@ -436,7 +444,7 @@ impl Registry {
         let mut slot = inner
             .slots
             .get_mut(name)
-            .filter(|s| matches!(&s.state, State::Serving(e) if Arc::ptr_eq(&e.device, &device)));
+            .filter(|s| matches!(&s.state, State::Serving(e) if is(e, &device)));
         if let Some(s) = slot.as_mut() {
             s.resizing = false;
         }
@@ -483,11 +491,21 @@ impl Registry {
             .iter()
             .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
             .filter_map(|(n, s)| match &s.state {
-                State::Serving(e) => Some(ExportStats {
-                    name: n.clone(),
-                    size: e.device.size(),
-                    queues: e.device.stats().iter().map(|q| q.snapshot()).collect(),
-                    backend: e.device.backend_events(),
+                State::Serving(e) => Some(match &e.device {
+                    Exported::Block(b) => ExportStats {
+                        name: n.clone(),
+                        size: b.size(),
+                        queues: b.stats().iter().map(|q| q.snapshot()).collect(),
+                        backend: b.backend_events(),
+                        net: Vec::new(),
+                    },
+                    Exported::Net(d) => ExportStats {
+                        name: n.clone(),
+                        size: 0,
+                        queues: Vec::new(),
+                        backend: Vec::new(),
+                        net: d.stats().snapshot(),
+                    },
                 }),
                 _ => None,
             })
@@ -506,12 +524,15 @@ impl Registry {
                 .slots
                 .iter()
                 .filter_map(|(n, s)| match &s.state {
-                    State::Serving(e) => Some((
-                        n.clone(),
-                        e.file.clone()?,
-                        e.device.size(),
-                        u64::from(e.device.config().logical_block_size),
-                    )),
+                    State::Serving(e) => {
+                        let b = e.device.block()?;
+                        Some((
+                            n.clone(),
+                            e.file.clone()?,
+                            b.size(),
+                            u64::from(b.config().logical_block_size),
+                        ))
+                    }
                     _ => None,
                 })
                 .collect()
@@ -533,7 +554,7 @@ impl Registry {
                 .slots
                 .iter()
                 .filter_map(|(n, s)| match &s.state {
-                    State::Serving(e) => Some((n.clone(), e.device.clone())),
+                    State::Serving(e) => Some((n.clone(), e.device.block()?.clone())),
                     _ => None,
                 })
                 .collect()
@@ -546,7 +567,7 @@ impl Registry {
             };
             let inner = self.lock();
             let told = match inner.slots.get(&name).map(|s| &s.state) {
-                Some(State::Serving(e)) if Arc::ptr_eq(&e.device, &device) => tell(e),
+                Some(State::Serving(e)) if is(e, &device) => tell(e),
                 _ => continue, // removed meanwhile
             };
             match told {
@@ -654,6 +675,14 @@ impl Registry {
     }
 }
 
+/// True if `export` serves the disk `device` (not one added since under the same name).
+fn is(export: &Export, device: &Arc<BlockDevice>) -> bool {
+    export
+        .device
+        .block()
+        .is_some_and(|b| Arc::ptr_eq(b, device))
+}
+
 /// Opens the backend and sets the transport up; a VDUSE device's privileged half is done by
 /// `helper`, if there is one, else here, unless the device was handed over (`device`).
 fn start(
@@ -665,13 +694,6 @@ fn start(
     let (backend, opts, dev) = args.parts();
     let built =
         device::build(backend, opts, dev, file).map_err(|e| ApiError::new(Code::Backend, e))?;
-    // ExportArgs::parse refuses net exports; a block device is what the registry keeps.
-    let Some(block) = built.block().cloned() else {
-        return Err(ApiError::new(
-            Code::InvalidParams,
-            "vudev serve does not serve net exports yet".to_string(),
-        ));
-    };
     let serving = match args {
         ExportArgs::Vduse(a) => match (device, helper) {
             (Some(node), _) => Ok(Arc::new(HandedOver::new(&a.name, node)) as Arc<dyn Authority>),
@@ -693,7 +715,7 @@ fn start(
         .filter(|p| p.metadata().is_ok_and(|m| m.is_file()));
     Ok(Box::new(Export {
         file,
-        device: block,
+        device: built.device.clone(),
         serving,
     }))
 }
@@ -728,13 +750,19 @@ fn info(name: &str, slot: &Slot) -> ExportInfo {
             i.error = Some(e.clone());
         }
         State::Serving(export) => {
-            i.backend = Some(export.device.describe());
-            i.size = Some(export.device.size());
+            match &export.device {
+                Exported::Block(b) => {
+                    i.backend = Some(b.describe());
+                    i.size = Some(b.size());
+                }
+                Exported::Net(n) => i.backend = Some(n.describe()),
+            }
             match &export.serving {
                 Serving::Vduse(v) => {
                     i.state = "serving";
                     match v.attached() {
                         Some(Attached::Block(b)) => i.device = Some(format!("/dev/{b}")),
+                        Some(Attached::Net(n)) => i.device = Some(n.clone()),
                         Some(Attached::Driver(d)) => i.driver = Some(d.clone()),
                         _ => {}
                     }

@@ -96,13 +96,6 @@ impl ExportArgs {
         }
         .map_err(|e| error(None, clap_message(&e)))?;
         let (backend, opts, dev) = parsed.parts();
-        if backend.net_tap.is_some() {
-            return Err(error(
-                Some("net-tap"),
-                "vudev serve does not serve net exports yet: run this one with `vudev export`"
-                    .to_string(),
-            ));
-        }
         device::check(backend, opts, dev).map_err(|e| error(None, e))?;
         let name = parsed.name();
         let fits = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);

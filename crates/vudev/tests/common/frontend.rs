@@ -220,3 +220,49 @@ pub fn start_ring(stream: &UnixStream, index: u32, desc: u64, used: u64, avail: 
         .unwrap();
     kick
 }
+
+/// A frontend sets up the transmit ring (1) and puts one frame on it (a virtio-net header
+/// and a 60-byte broadcast Ethernet frame, in one descriptor): it must come back on the used
+/// ring within 10 s.
+pub fn transmit_one_frame(socket: &Path) {
+    use std::os::unix::fs::FileExt;
+    let m = memfd(1 << 20);
+    // Descriptors at 0, available ring at 0x1000, used ring at 0x2000, the frame at 0x3000.
+    let mut desc = 0x3000u64.to_le_bytes().to_vec();
+    desc.extend_from_slice(&72u32.to_le_bytes());
+    desc.extend_from_slice(&[0; 4]);
+    m.write_all_at(&desc, 0).unwrap();
+    let mut frame = vec![0u8; 12]; // the header: nothing offloaded
+    frame.extend_from_slice(&[0xff; 6]); // to everyone
+    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    frame.extend_from_slice(&[0x88, 0xb5]); // an experimental EtherType
+    frame.resize(72, 0x5a);
+    m.write_all_at(&frame, 0x3000).unwrap();
+    m.write_all_at(&0u16.to_le_bytes(), 0x1004).unwrap();
+    m.write_all_at(&1u16.to_le_bytes(), 0x1002).unwrap();
+    let stream = session_with_memory(socket, &m);
+    let kick = start_ring(&stream, 1, 0x7000_0000, 0x7000_2000, 0x7000_1000);
+    let replies = read_all(&stream);
+    assert_eq!(
+        acks_of(SET_VRING_ENABLE, &replies),
+        vec![0],
+        "the transmit ring was refused"
+    );
+    // SAFETY: writing to our own eventfd.
+    unsafe { libc::eventfd_write(kick, 1) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut used = [0u8; 2];
+    loop {
+        m.read_exact_at(&mut used, 0x2002).unwrap();
+        if u16::from_le_bytes(used) == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the frame was not sent within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(kick) };
+}
