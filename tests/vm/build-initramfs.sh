@@ -2,7 +2,7 @@
 # Builds the base guest initramfs for a kernel version (once; cached by its inputs):
 # busybox, fio, e2fsprogs, blkdiscard, iproute2's vdpa and ip (network namespaces), ethtool, iperf3,
 # qemu-storage-daemon (the reference
-# VDUSE device), their libraries, the VDUSE/vhost-vdpa/ext4/virtio-net/tun/ublk modules with their dependencies
+# VDUSE device), their libraries, the VDUSE/vhost-vdpa/ext4/virtio-net/tun/veth/ublk modules with their dependencies
 # in load order, and /init. Prints the path of the .cpio.gz.
 set -euo pipefail
 ver=${1:?usage: build-initramfs.sh 6.12|7.3}
@@ -16,7 +16,7 @@ flock 9
 
 tools=(fio mke2fs mkfs.ext4 e2fsck resize2fs blkdiscard blockdev vdpa qemu-storage-daemon truncate setpriv ip ethtool iperf3)
 wanted_modules=(vhost_iotlb vdpa vduse virtio_vdpa virtio_blk irqbypass vhost vhost_vdpa ext4 crc32c_generic
-    virtio_net ublk_drv tun)
+    virtio_net ublk_drv tun veth)
 
 key=$( { cat "$here/build-initramfs.sh" "$here/init.sh"; echo "$kdir"; for t in "${tools[@]}"; do command -v "$t"; done | xargs sha256sum; } | sha256sum | cut -c1-16)
 if [[ -f $out && -f $out.key && $(cat "$out.key") == "$key" ]]; then echo "$out"; exit 0; fi
