@@ -2,8 +2,8 @@
 # vhost-user net end to end: vudev serves a virtio-net NIC over vhost-user to a QEMU TCG guest,
 # backed by a TAP in a network namespace made here (10.10.0.1, with an iperf3 server); nothing
 # leaves the machine. The guest pings and runs iperf3 TCP/UDP both ways, rebinds its driver
-# (a device reset), then reboots for real (QEMU without -no-reboot) and finds the link again.
-# Last, SIGTERM ends vudev with status 0.
+# (a device reset), then reboots for real (QEMU without -no-reboot) and finds the link again;
+# SIGTERM ends vudev with status 0. Then the same with two queue pairs over a multi-queue TAP.
 #   [VUDEV=PATH] vhost-user-net.sh KERNEL   (prints CHECK lines and `N passed, M failed`)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,5 +59,31 @@ set +e; wait "$pid"; rc=$?; set -e
 check vu-net-sigterm-exit-0 [ "$rc" = 0 ]
 check vu-net-socket-removed [ ! -e "$sock" ]
 echo "--- vudev log"; tail -n 15 "$work/vudev.log"
+
+# Two queue pairs over a multi-queue TAP (the same address, the first TAP gone).
+ip -n "$ns" link del vnet9
+ip netns exec "$ns" ip tuntap add dev vnetmq mode tap multi_queue
+ip -n "$ns" addr add 10.10.0.1/24 dev vnetmq
+ip -n "$ns" link set vnetmq up
+sock=$work/mq.sock
+ip netns exec "$ns" "$vudev" export vhost-user --socket "$sock" --net-tap vnetmq --num-queues 2 \
+    2>"$work/vudev-mq.log" &
+pid=$!; pids+=("$pid")
+for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
+out=$("$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-net-guest.sh" \
+    --env MODE=mq --log-name vhost-user-net-mq --timeout 400 \
+    --qemu-arg -object --qemu-arg "memory-backend-memfd,id=mem,size=2G,share=on" \
+    --qemu-arg -numa --qemu-arg "node,memdev=mem" \
+    --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock" \
+    --qemu-arg -netdev --qemu-arg "vhost-user,id=n0,chardev=c0,queues=2" \
+    --qemu-arg -device --qemu-arg "virtio-net-pci,netdev=n0,mac=52:54:00:aa:00:02,mq=on,vectors=6" \
+    --qemu-arg -drive --qemu-arg "file=$work/marker.img,if=none,id=m0,format=raw" \
+    --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=m0" 2>&1) || true
+tally "$out"
+check vu-net-mq-log-says-pairs grep -q "2 queue pairs" "$work/vudev-mq.log"
+kill -TERM "$pid"
+set +e; wait "$pid"; rc=$?; set -e
+check vu-net-mq-sigterm-exit-0 [ "$rc" = 0 ]
+echo "--- vudev log (two queue pairs)"; tail -n 10 "$work/vudev-mq.log"
 echo "$pass passed, $fail failed"
 [[ $fail == 0 ]]

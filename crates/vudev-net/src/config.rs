@@ -84,7 +84,12 @@ pub struct NetConfig {
     pub mtu: u32,
     /// The largest queue the device accepts.
     pub queue_size: u16,
+    /// Receive/transmit queue pairs (MQ, over a multi-queue TAP), 1 to [`MAX_QUEUE_PAIRS`].
+    pub queue_pairs: u16,
 }
+
+/// The most queue pairs a net export takes.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
 
 impl NetConfig {
     /// Checks the MTU and the queue size.
@@ -93,6 +98,12 @@ impl NetConfig {
             return Err(format!(
                 "invalid MTU {}: use {MIN_MTU} to {MAX_MTU}",
                 self.mtu
+            ));
+        }
+        if !(1..=MAX_QUEUE_PAIRS).contains(&self.queue_pairs) {
+            return Err(format!(
+                "invalid number of queue pairs {}: use 1 to {MAX_QUEUE_PAIRS}",
+                self.queue_pairs
             ));
         }
         if !self.queue_size.is_power_of_two() || self.queue_size < 2 {
@@ -120,6 +131,10 @@ impl NetConfig {
         ]
         .iter()
         .fold(0u64, |f, &b| f | 1 << b);
+        // Several queue pairs: the frontend's control queue chooses how many are used.
+        if self.queue_pairs > 1 {
+            f |= 1 << VIRTIO_NET_F_MQ;
+        }
         // The TAP takes UFO frames written to it where it also hands them over.
         if tap.ufo {
             f |= 1 << VIRTIO_NET_F_HOST_UFO;
@@ -140,12 +155,12 @@ impl NetConfig {
         f
     }
 
-    /// The config space: mac, status (link up), max_virtqueue_pairs (1), mtu.
+    /// The config space: mac, status (link up), max_virtqueue_pairs, mtu.
     pub fn config_space(&self) -> Vec<u8> {
         let mut c = Vec::with_capacity(12);
         c.extend_from_slice(&self.mac.0);
         c.extend_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c.extend_from_slice(&1u16.to_le_bytes());
+        c.extend_from_slice(&self.queue_pairs.to_le_bytes());
         c.extend_from_slice(&(self.mtu as u16).to_le_bytes());
         c
     }
@@ -181,6 +196,7 @@ pub fn feature_names(features: u64) -> Vec<&'static str> {
         (VIRTIO_NET_F_HOST_UFO, "HOST_UFO"),
         (VIRTIO_NET_F_MRG_RXBUF, "MRG_RXBUF"),
         (VIRTIO_NET_F_STATUS, "STATUS"),
+        (VIRTIO_NET_F_MQ, "MQ"),
     ]
     .into_iter()
     .filter(|&(bit, _)| features & (1 << bit) != 0)
@@ -251,8 +267,28 @@ mod tests {
             mac: MacAddress([2, 1, 2, 3, 4, 5]),
             mtu: 9000,
             queue_size: 256,
+            queue_pairs: 1,
         };
         assert_eq!(c.config_space(), [2, 1, 2, 3, 4, 5, 1, 0, 1, 0, 0x28, 0x23]);
+        let mq = NetConfig {
+            queue_pairs: 4,
+            ..c.clone()
+        };
+        assert_eq!(mq.config_space()[8..10], [4, 0]);
+        assert_ne!(mq.features(Offloads::default()) & (1 << VIRTIO_NET_F_MQ), 0);
+        assert_eq!(
+            c.features(Offloads::default()) & (1 << VIRTIO_NET_F_MQ),
+            0,
+            "one pair: no MQ"
+        );
+        for bad in [0, MAX_QUEUE_PAIRS + 1] {
+            assert!(NetConfig {
+                queue_pairs: bad,
+                ..c.clone()
+            }
+            .check()
+            .is_err());
+        }
         let none = c.features(Offloads::default());
         assert_eq!(none & (1 << VIRTIO_NET_F_GUEST_CSUM), 0);
         assert_eq!(

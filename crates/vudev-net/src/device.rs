@@ -1,4 +1,5 @@
-//! The virtio-net device: one queue pair (receive queue 0, transmit queue 1) over a TAP.
+//! The virtio-net device: queue pairs (receive queue 2N, transmit queue 2N+1) over the
+//! queues of a TAP, one TAP queue per pair.
 
 use std::io;
 use std::sync::Arc;
@@ -18,18 +19,30 @@ pub const VIRTIO_ID_NET: u32 = 1;
 /// A virtio-net device over a TAP.
 pub struct NetDevice {
     cfg: NetConfig,
-    tap: Tap,
+    /// One TAP queue per queue pair.
+    taps: Vec<Tap>,
     /// What the TAP accepted to hand over, hence what the driver is offered.
     offloads: Offloads,
     stats: Arc<NetStats>,
 }
 
 impl NetDevice {
-    /// A device over `tap`: its MTU is set to the config's, and the offloads it accepts are
-    /// what the driver is offered.
-    pub fn new(cfg: NetConfig, tap: Tap) -> io::Result<NetDevice> {
+    /// A device over `taps`, the queues of one TAP (one per queue pair): its MTU is set to
+    /// the config's, and the offloads it accepts are what the driver is offered.
+    pub fn new(cfg: NetConfig, taps: Vec<Tap>) -> io::Result<NetDevice> {
         cfg.check()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if taps.len() != usize::from(cfg.queue_pairs) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} TAP queues for {} queue pairs",
+                    taps.len(),
+                    cfg.queue_pairs
+                ),
+            ));
+        }
+        let tap = &taps[0];
         if tap.mtu()? != cfg.mtu {
             tap.set_mtu(cfg.mtu)?;
         }
@@ -49,7 +62,7 @@ impl NetDevice {
         );
         Ok(NetDevice {
             cfg,
-            tap,
+            taps,
             offloads,
             stats: Arc::new(NetStats::default()),
         })
@@ -69,10 +82,13 @@ impl NetDevice {
     pub fn describe(&self) -> String {
         format!(
             "TAP {}, MAC {}, MTU {}",
-            self.tap.name(),
+            self.taps[0].name(),
             self.cfg.mac,
             self.cfg.mtu
-        )
+        ) + &match self.cfg.queue_pairs {
+            1 => String::new(),
+            n => format!(", {n} queue pairs"),
+        }
     }
 }
 
@@ -87,43 +103,47 @@ impl Device for NetDevice {
         self.cfg.config_space()
     }
     fn num_queues(&self) -> u16 {
-        2
+        2 * self.cfg.queue_pairs
     }
     fn max_queue_size(&self) -> u16 {
         self.cfg.queue_size
     }
     fn queue_handler(&self, index: u16, features: u64) -> io::Result<Box<dyn QueueHandler>> {
-        let tap = self.tap.try_clone()?;
-        let stats = self.stats.clone();
-        match index {
-            0 => {
-                let offered = self.features();
-                let refused = feature_names(offered & !features);
-                tracing::info!(
-                    "the driver took {}; it left {}",
-                    feature_names(features & offered).join(" "),
-                    if refused.is_empty() {
-                        "nothing".to_string()
-                    } else {
-                        refused.join(" ")
-                    }
-                );
-                // What the driver takes decides what the TAP may hand over.
-                let offloads = guest_offloads(features);
-                let mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
-                let frame = max_frame(features, self.cfg.mtu, false);
-                Ok(Box::new(RxQueue::new(
-                    tap, offloads, mergeable, frame, stats,
-                )?))
-            }
-            1 => {
-                let frame = max_frame(features, self.cfg.mtu, true);
-                Ok(Box::new(TxQueue::new(tap, frame, stats)))
-            }
-            _ => Err(io::Error::new(
+        let Some(tap) = self.taps.get(usize::from(index / 2)) else {
+            return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("a net device has queues 0 (receive) and 1 (transmit), not {index}"),
-            )),
+                format!(
+                    "this net device has queues 0 to {} (receive even, transmit odd), not {index}",
+                    self.num_queues() - 1
+                ),
+            ));
+        };
+        let tap = tap.try_clone()?;
+        let stats = self.stats.clone();
+        if index == 0 {
+            let offered = self.features();
+            let refused = feature_names(offered & !features);
+            tracing::info!(
+                "the driver took {}; it left {}",
+                feature_names(features & offered).join(" "),
+                if refused.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    refused.join(" ")
+                }
+            );
+        }
+        if index.is_multiple_of(2) {
+            // What the driver takes decides what the TAP may hand over.
+            let offloads = guest_offloads(features);
+            let mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+            let frame = max_frame(features, self.cfg.mtu, false);
+            Ok(Box::new(RxQueue::new(
+                tap, offloads, mergeable, frame, stats,
+            )?))
+        } else {
+            let frame = max_frame(features, self.cfg.mtu, true);
+            Ok(Box::new(TxQueue::new(tap, frame, stats)))
         }
     }
 }

@@ -96,11 +96,28 @@ pub struct Tap {
     name: String,
 }
 
+/// TUNSETIFF's flag for a TAP with a queue per fd.
+const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
+
 impl Tap {
     /// Opens the TAP `name`, creating it if there is none (it then goes away with the last
     /// fd; create it with `ip tuntap add dev NAME mode tap` to keep it, and its addresses,
     /// across restarts). Errors say what to do.
     pub fn open(name: &str) -> io::Result<Tap> {
+        Tap::open_queue(name, false)
+    }
+
+    /// `queues` queues of the multi-queue TAP `name` (created if there is none; `ip tuntap
+    /// add dev NAME mode tap multi_queue` makes one that stays), one fd each; one queue is
+    /// [`Tap::open`].
+    pub fn open_queues(name: &str, queues: u16) -> io::Result<Vec<Tap>> {
+        if queues <= 1 {
+            return Ok(vec![Tap::open(name)?]);
+        }
+        (0..queues).map(|_| Tap::open_queue(name, true)).collect()
+    }
+
+    fn open_queue(name: &str, multi: bool) -> io::Result<Tap> {
         let mut req = IfReq::new(name)?;
         let file = OpenOptions::new()
             .read(true)
@@ -115,6 +132,9 @@ impl Tap {
                 _ => io::Error::new(e.kind(), format!("cannot open /dev/net/tun: {e}")),
             })?;
         req.value = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if multi {
+            req.value |= IFF_MULTI_QUEUE;
+        }
         // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is (40 bytes).
         let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
         if r < 0 {
@@ -123,7 +143,12 @@ impl Tap {
                 Some(libc::EPERM) => format!(
                     "permission denied: creating a TAP, or using one owned by another user, \
                      needs CAP_NET_ADMIN (run as root, or create it first with `ip tuntap add \
-                     dev {name} mode tap user USER`)"
+                     dev {name} mode tap{} user USER`)",
+                    if multi { " multi_queue" } else { "" }
+                ),
+                Some(libc::EINVAL) if multi => format!(
+                    "{name} exists and is not a multi-queue TAP (a TUN device, or a \
+                     single-queue TAP): use another name, or remove it with `ip link del {name}`"
                 ),
                 Some(libc::EINVAL) => format!(
                     "{name} exists and is not a single-queue TAP (a TUN device, or a \

@@ -44,8 +44,9 @@ impl Rig {
             mac: MacAddress::derived(&name),
             mtu,
             queue_size: 256,
+            queue_pairs: 1,
         };
-        let dev = NetDevice::new(cfg, tap).expect("the net device");
+        let dev = NetDevice::new(cfg, vec![tap]).expect("the net device");
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
         run(&["ip", "link", "set", &name, "up"]);
         let cname = std::ffi::CString::new(name.clone()).unwrap();
@@ -339,4 +340,32 @@ fn bad_transmit_chains_are_dropped_and_counted_and_the_queue_goes_on() {
     d.wait_used();
     assert_eq!(rig.receive(), f);
     assert_eq!(rig.stat("tx_packets"), 1);
+}
+
+/// Two queue pairs over a two-queue TAP: four queues, receive on the even ones, each pair on
+/// its own TAP queue; a fifth queue, or a TAP queue count that does not match, is refused.
+#[test]
+fn queue_pairs_take_a_tap_queue_each() {
+    let name = format!("vdq{}", std::process::id() % 100_000);
+    let taps = Tap::open_queues(&name, 2).expect("a two-queue TAP (the tests run as root)");
+    assert_eq!(taps.len(), 2);
+    let cfg = NetConfig {
+        mac: MacAddress::derived(&name),
+        mtu: 1500,
+        queue_size: 256,
+        queue_pairs: 2,
+    };
+    let one = Tap::open_queues(&name, 2).expect("more queues of the same TAP");
+    assert!(NetDevice::new(cfg.clone(), one.into_iter().take(1).collect()).is_err());
+    let dev = NetDevice::new(cfg, taps).expect("the net device");
+    assert_eq!(dev.num_queues(), 4);
+    let f = dev.features();
+    assert_ne!(f & (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MQ), 0);
+    for q in 0..4 {
+        assert!(dev.queue_handler(q, f).is_ok(), "queue {q}");
+    }
+    assert!(dev.queue_handler(4, f).is_err());
+    // A single-queue open of a multi-queue TAP says what it is.
+    let e = Tap::open(&name).unwrap_err().to_string();
+    assert!(e.contains("multi-queue TAP"), "{e}");
 }

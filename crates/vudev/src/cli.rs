@@ -381,7 +381,8 @@ pub const DEFAULT_RBD_TIMEOUT: u64 = 30;
 /// virtio-blk device options.
 #[derive(Clone, Debug, Args)]
 pub struct DeviceArgs {
-    /// Number of request queues (one worker thread each).
+    /// Number of request queues (one worker thread each); for a net export, queue pairs
+    /// (vhost-user only, over a multi-queue TAP).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
     /// Queue size: a power of two from 2 to 32768.

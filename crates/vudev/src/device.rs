@@ -65,10 +65,6 @@ pub(crate) fn net_config(
 ) -> Result<NetConfig, String> {
     // What the block options mean has no sense for a NIC: refused rather than ignored.
     let misplaced = [
-        (
-            dev.num_queues != 1,
-            "--num-queues (a net export has one queue pair)",
-        ),
         (dev.readonly, "--readonly"),
         (!dev.serial.is_empty(), "--serial"),
         (
@@ -89,6 +85,8 @@ pub(crate) fn net_config(
         },
         mtu: opts.mtu.unwrap_or(DEFAULT_MTU),
         queue_size: dev.queue_size,
+        // A NIC's queues come in pairs: --num-queues counts pairs, as QEMU's `queues=` does.
+        queue_pairs: dev.num_queues,
     };
     cfg.check()?;
     Ok(cfg)
@@ -126,6 +124,19 @@ pub fn check(backend: &BackendArgs, opts: &BackendOptions, dev: &DeviceArgs) -> 
     Ok(())
 }
 
+/// Checks what only a VDUSE export cannot do: a net device of several queue pairs (they need
+/// a control queue, which the kernel refuses on a VDUSE net device).
+pub fn check_vduse(backend: &BackendArgs, dev: &DeviceArgs) -> Result<(), String> {
+    if backend.net_tap.is_some() && dev.num_queues > 1 {
+        return Err(format!(
+            "--num-queues {}: a VDUSE net device has one queue pair (the kernel refuses the \
+             control queue that more would need); several are for vhost-user exports",
+            dev.num_queues
+        ));
+    }
+    Ok(())
+}
+
 /// Checks the options, opens the backend and builds the device; `file` is the backend's
 /// `--file`, or the `--net-tap` TAP, if it was opened already (by root, for a sandboxed
 /// process).
@@ -138,12 +149,12 @@ pub fn build(
     check(backend, opts, dev)?;
     if let Some(name) = &backend.net_tap {
         let cfg = net_config(name, opts, dev)?;
-        let tap = match file {
+        let taps = match file {
             // Opened by root before it was given up (--user).
-            Some(f) => Tap::from_file(f, name),
-            None => Tap::open(name).map_err(|e| e.to_string())?,
+            Some(f) => vec![Tap::from_file(f, name)],
+            None => Tap::open_queues(name, cfg.queue_pairs).map_err(|e| e.to_string())?,
         };
-        let net = NetDevice::new(cfg, tap).map_err(|e| e.to_string())?;
+        let net = NetDevice::new(cfg, taps).map_err(|e| e.to_string())?;
         return Ok(Built {
             description: net.describe(),
             device: Exported::Net(Arc::new(net)),

@@ -119,6 +119,7 @@ pub fn run_vduse(
     sandbox: SandboxArgs,
 ) -> Result<(), String> {
     signals::block_termination().map_err(|e| format!("cannot block signals: {e}"))?;
+    device::check_vduse(&args.backend, &args.device)?;
     // With --user this forks: the helper stays root, and only the child returns here.
     let (authority, file) = sandbox::vduse_authority(&args, device_fd, &sandbox)?;
     let built = build_unless_terminated(&args.backend, &args.backend_options, &args.device, file)?;

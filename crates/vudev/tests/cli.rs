@@ -45,6 +45,42 @@ fn options_of_another_backend_are_refused_with_the_reason() {
 }
 
 #[test]
+fn a_net_export_refuses_what_only_a_disk_or_vhost_user_has() {
+    for (args, says) in [
+        (
+            &["--net-tap", "vnetx", "--readonly"][..],
+            "--readonly applies to disks",
+        ),
+        (
+            &["--net-tap", "vnetx", "--serial", "s1"][..],
+            "--serial applies to disks",
+        ),
+        (&["--net-tap", "vnetx", "--mtu", "60"][..], "invalid MTU 60"),
+        (
+            &["--net-tap", "vnetx", "--num-queues", "17"][..],
+            "queue pairs 17",
+        ),
+        (
+            &["--net-tap", "vnetx", "--mac", "01:00:00:00:00:01"][..],
+            "MAC",
+        ),
+        (&["--net-tap", "a/b"][..], "invalid interface name"),
+    ] {
+        let e = refused(args);
+        assert!(e.contains(says), "{args:?}: {e}");
+    }
+    // VDUSE: one queue pair (the kernel refuses the control queue more would need).
+    let out = Command::new(env!("CARGO_BIN_EXE_vudev"))
+        .args(["export", "vduse", "--name", "never", "--net-tap", "vnetx"])
+        .args(["--num-queues", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("a VDUSE net device has one queue pair"), "{e}");
+}
+
+#[test]
 fn nbd_uris_that_cannot_be_right_are_refused() {
     let e = refused(&["--nbd", "nbd://127.0.0.1:99999/x"]);
     assert!(e.contains("port is out of range"), "{e}");

@@ -247,6 +247,10 @@ pub fn before_dropping(
         give_rbd_records(id)?;
     }
     if let Some(name) = &backend.net_tap {
+        // A multi-queue TAP needs an fd per queue: the user's own TAP, opened by the user.
+        if dev.num_queues > 1 {
+            return Ok(None);
+        }
         return open_tap(name, opts, dev).map(Some);
     }
     Ok(open_file_first(backend, opts, dev))
@@ -272,7 +276,9 @@ pub fn open_file_first(
     dev: &DeviceArgs,
 ) -> Option<File> {
     if let Some(name) = &backend.net_tap {
-        return open_tap(name, opts, dev).ok();
+        return (dev.num_queues == 1)
+            .then(|| open_tap(name, opts, dev).ok())
+            .flatten();
     }
     let path = backend.file.as_ref()?;
     let mut o = std::fs::OpenOptions::new();

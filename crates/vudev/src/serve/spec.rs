@@ -97,6 +97,9 @@ impl ExportArgs {
         .map_err(|e| error(None, clap_message(&e)))?;
         let (backend, opts, dev) = parsed.parts();
         device::check(backend, opts, dev).map_err(|e| error(None, e))?;
+        if transport == "vduse" {
+            device::check_vduse(backend, dev).map_err(|e| error(Some("num-queues"), e))?;
+        }
         let name = parsed.name();
         let fits = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
         if name.is_empty() || name.len() > 64 || name.starts_with('.') || !name.chars().all(fits) {
