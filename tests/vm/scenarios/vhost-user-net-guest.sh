@@ -3,7 +3,7 @@
 # server. Ping and iperf3 TCP/UDP both ways; then a real reboot (a driver reset of the NIC,
 # with QEMU and vudev staying up): the second boot, which finds the marker written on the
 # plain virtio-blk disk /dev/vda, checks that the link came back. MODE=mq: two queue pairs,
-# both carrying traffic.
+# both carrying traffic. MODE=crash: a TCP transfer across a kill -9 and restart of vudev.
 . /lib.sh
 IP=/usr/bin/ip
 MAC=52:54:00:aa:00:02
@@ -34,6 +34,19 @@ iperf_run() {
     *) check "vu-net-iperf3-$tag" [ -n "$(echo "$out" | grep receiver)" ] ;;
     esac
 }
+
+if [ "${MODE:-}" = crash ]; then
+    # The host kills vudev (-9) a few seconds into this transfer and starts it again; QEMU's
+    # chardev reconnects, the rings resume, TCP retransmits what was lost.
+    check vu-net-crash-ping-before ping -c 2 -W 10 10.10.0.1
+    echo "CRASH-READY"
+    out=$(iperf3 -c 10.10.0.1 -t 20 -f m 2>&1); rc=$?
+    echo "$out" | grep -E "sender|receiver" | sed "s/^/vu-net: iperf3 across the crash: /"
+    check vu-net-crash-transfer-completed [ "$rc" -eq 0 ]
+    check vu-net-crash-ping-after ping -c 3 -W 10 10.10.0.1
+    echo SCENARIO DONE
+    exit 0
+fi
 
 if [ "${MODE:-}" = mq ]; then
     # Two queue pairs: both in use, several flows spread over them (the host's TAP hashes
