@@ -3,8 +3,8 @@
 # backed by a TAP in a network namespace made here (10.10.0.1, with an iperf3 server); nothing
 # leaves the machine. The guest pings and runs iperf3 TCP/UDP both ways, rebinds its driver
 # (a device reset), then reboots for real (QEMU without -no-reboot) and finds the link again;
-# SIGTERM ends vudev with status 0. Then vudev killed (-9) and restarted under a TCP transfer,
-# which completes; then two queue pairs over a multi-queue TAP.
+# SIGTERM ends vudev with status 0. Then two queue pairs over a multi-queue TAP, and back to
+# one: flows the TAP's side starts must all carry data.
 #   [VUDEV=PATH] vhost-user-net.sh KERNEL   (prints CHECK lines and `N passed, M failed`)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -61,43 +61,6 @@ check vu-net-sigterm-exit-0 [ "$rc" = 0 ]
 check vu-net-socket-removed [ ! -e "$sock" ]
 echo "--- vudev log"; tail -n 15 "$work/vudev.log"
 
-# vudev killed (-9) under a TCP transfer and started again with the same command: QEMU's
-# chardev reconnects (reconnect-ms) and the transfer completes.
-sock=$work/crash.sock
-start_crash_vudev() {
-    ip netns exec "$ns" "$vudev" export vhost-user --socket "$sock" --net-tap vnet9 \
-        2>>"$work/vudev-crash.log" &
-    pid=$!; pids+=("$pid")
-    for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
-}
-start_crash_vudev
-guest_log=$root/target/vm/logs/vhost-user-net-crash-$ver.log
-rm -f "$guest_log"
-"$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-net-guest.sh" \
-    --env MODE=crash --log-name vhost-user-net-crash --timeout 400 \
-    --qemu-arg -object --qemu-arg "memory-backend-memfd,id=mem,size=2G,share=on" \
-    --qemu-arg -numa --qemu-arg "node,memdev=mem" \
-    --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock,reconnect-ms=500" \
-    --qemu-arg -netdev --qemu-arg "vhost-user,id=n0,chardev=c0" \
-    --qemu-arg -device --qemu-arg "virtio-net-pci,netdev=n0,mac=52:54:00:aa:00:02" \
-    --qemu-arg -drive --qemu-arg "file=$work/marker.img,if=none,id=m0,format=raw" \
-    --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=m0" > "$work/crash.out" 2>&1 &
-guest=$!
-for _ in $(seq 3000); do grep -q CRASH-READY "$guest_log" 2>/dev/null && break; kill -0 $guest 2>/dev/null || break; sleep 0.1; done
-sleep 4
-# The transfer is under way (the guest said so, and runs 20 s) when vudev dies.
-check vu-net-crash-during-transfer grep -q CRASH-READY "$guest_log"
-kill -KILL "$pid"
-set +e; wait "$pid" 2>/dev/null; set -e
-start_crash_vudev
-set +e; wait $guest; set -e
-tally "$(cat "$work/crash.out")"
-check vu-net-crash-reconnected [ "$(grep -c 'frontend connected' "$work/vudev-crash.log")" -ge 2 ]
-kill -TERM "$pid"
-set +e; wait "$pid"; rc=$?; set -e
-check vu-net-crash-sigterm-exit-0 [ "$rc" = 0 ]
-echo "--- vudev log (crash)"; tail -n 8 "$work/vudev-crash.log"
-
 # Two queue pairs over a multi-queue TAP (the same address, the first TAP gone).
 ip -n "$ns" link del vnet9
 ip netns exec "$ns" ip tuntap add dev vnetmq mode tap multi_queue
@@ -108,7 +71,9 @@ ip netns exec "$ns" "$vudev" export vhost-user --socket "$sock" --net-tap vnetmq
     2>"$work/vudev-mq.log" &
 pid=$!; pids+=("$pid")
 for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
-out=$("$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-net-guest.sh" \
+mq_log=$root/target/vm/logs/vhost-user-net-mq-$ver.log
+rm -f "$mq_log"
+"$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-net-guest.sh" \
     --env MODE=mq --log-name vhost-user-net-mq --timeout 400 \
     --qemu-arg -object --qemu-arg "memory-backend-memfd,id=mem,size=2G,share=on" \
     --qemu-arg -numa --qemu-arg "node,memdev=mem" \
@@ -116,8 +81,19 @@ out=$("$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-net-
     --qemu-arg -netdev --qemu-arg "vhost-user,id=n0,chardev=c0,queues=2" \
     --qemu-arg -device --qemu-arg "virtio-net-pci,netdev=n0,mac=52:54:00:aa:00:02,mq=on,vectors=6" \
     --qemu-arg -drive --qemu-arg "file=$work/marker.img,if=none,id=m0,format=raw" \
-    --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=m0" 2>&1) || true
-tally "$out"
+    --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=m0" > "$work/mq.out" 2>&1 &
+guest=$!
+# With the guest back to one pair: 8 TCP flows started from the TAP's side must all carry
+# data (a flow the TAP hashed to a detached-but-unread queue would stall, and time out).
+for _ in $(seq 3000); do grep -q MQ-HOST-FLOWS-READY "$mq_log" 2>/dev/null && break; kill -0 $guest 2>/dev/null || break; sleep 0.1; done
+check vu-net-mq-host-flows-ready grep -q MQ-HOST-FLOWS-READY "$mq_log"
+set +e
+flows=$(timeout 60 ip netns exec "$ns" iperf3 -c 10.10.0.2 -P 8 -t 3 -f m 2>&1); rc=$?
+set -e
+grep SUM <<<"$flows" | sed 's/^/vu-net: host-started flows over one pair: /' || true
+check vu-net-mq-host-started-flows-all-carry-data [ "$rc" = 0 ]
+set +e; wait $guest; set -e
+tally "$(cat "$work/mq.out")"
 check vu-net-mq-log-says-pairs grep -q "2 queue pairs" "$work/vudev-mq.log"
 kill -TERM "$pid"
 set +e; wait "$pid"; rc=$?; set -e

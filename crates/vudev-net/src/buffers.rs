@@ -52,6 +52,11 @@ impl Buffers {
         Ok(b)
     }
 
+    /// How many buffers (descriptors) the chain has.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
     /// Appends iovecs for the first `limit` bytes of these buffers to `out` (at most
     /// [`MAX_IOVECS`] in all): false if a buffer is outside driver memory or there would be
     /// too many.

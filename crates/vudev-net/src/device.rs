@@ -4,6 +4,7 @@
 use std::io;
 use std::sync::Arc;
 
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vudev_core::{Device, QueueHandler};
 
@@ -41,6 +42,12 @@ impl NetDevice {
                     cfg.queue_pairs
                 ),
             ));
+        }
+        // Queues 1 and up are attached while their pair's receive queue runs (see
+        // `queue_handler`): a driver using fewer pairs than offered must not lose the flows
+        // the TAP would hash to the others.
+        for t in taps.iter().skip(1) {
+            t.set_attached(false)?;
         }
         let tap = &taps[0];
         if tap.mtu()? != cfg.mtu {
@@ -118,6 +125,14 @@ impl Device for NetDevice {
                 ),
             ));
         };
+        // The TAP's header is the 12-byte one of VERSION_1; a legacy driver's is 10 bytes.
+        if features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a net device needs VIRTIO_F_VERSION_1 (a legacy driver's header is not the \
+                 TAP's)",
+            ));
+        }
         let tap = tap.try_clone()?;
         let stats = self.stats.clone();
         if index == 0 {
@@ -138,9 +153,12 @@ impl Device for NetDevice {
             let offloads = guest_offloads(features);
             let mergeable = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
             let frame = max_frame(features, self.cfg.mtu, false);
-            Ok(Box::new(RxQueue::new(
-                tap, offloads, mergeable, frame, stats,
-            )?))
+            let detach = index > 0;
+            if detach {
+                tap.set_attached(true)?;
+            }
+            let rx = RxQueue::new(tap, offloads, mergeable, frame, stats);
+            Ok(Box::new(rx.map(|rx| rx.detached_on_drop(detach))?))
         } else {
             let frame = max_frame(features, self.cfg.mtu, true);
             Ok(Box::new(TxQueue::new(tap, frame, stats)))

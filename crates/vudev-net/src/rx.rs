@@ -22,6 +22,12 @@ use crate::tap::{Offloads, Tap, VNET_HDR_LEN};
 /// Where the byte count `num_buffers` sits in the virtio-net header.
 const NUM_BUFFERS_AT: u64 = 10;
 
+/// The most receive chains held, and buffers among them: a ring holds at most 32768 chains,
+/// and a driver that posts the same descriptors under many heads must not make the held
+/// list grow past that (beyond, chains are given back empty and counted).
+const MAX_HELD_CHAINS: usize = 32768;
+const MAX_HELD_SEGMENTS: usize = 65536;
+
 /// One receive queue.
 pub(crate) struct RxQueue {
     tap: Tap,
@@ -30,6 +36,8 @@ pub(crate) struct RxQueue {
     ready: OwnedFd,
     held: VecDeque<Buffers>,
     held_len: u64,
+    /// Buffers (descriptors) of the held chains.
+    held_segments: usize,
     mergeable: bool,
     /// The largest frame the TAP may hand over, with its header.
     need: u64,
@@ -47,6 +55,8 @@ pub(crate) struct RxQueue {
     /// its first read (see [`RxQueue::new`]).
     offloads: Option<Offloads>,
     stats: Arc<NetStats>,
+    /// Detach the TAP queue when this receive queue goes (a pair beyond the first).
+    detach: bool,
 }
 
 // SAFETY: the raw pointers in `iov` are scratch, rebuilt for every system call and never
@@ -87,6 +97,7 @@ impl RxQueue {
             ready,
             held: VecDeque::new(),
             held_len: 0,
+            held_segments: 0,
             mergeable,
             need,
             overflow: vec![0; need as usize + 1],
@@ -98,7 +109,15 @@ impl RxQueue {
             logged: None,
             offloads: Some(offloads),
             stats,
+            detach: false,
         })
+    }
+
+    /// Detaches the TAP queue when this receive queue is dropped: the TAP then hands its
+    /// flows to the queues still read.
+    pub(crate) fn detached_on_drop(mut self, detach: bool) -> RxQueue {
+        self.detach = detach;
+        self
     }
 
     /// Takes the TAP's edge, so that `ready` is quiet until the next frame.
@@ -250,6 +269,7 @@ impl RxQueue {
             let len = b.len.min(left);
             left -= len;
             self.held_len -= b.len;
+            self.held_segments -= b.segment_count();
             done.push(b.head, len as u32);
         }
         NetStats::add(&self.stats.rx_packets, 1);
@@ -260,8 +280,19 @@ impl RxQueue {
     fn refuse_held(&mut self, i: usize, done: &mut Completions) {
         if let Some(b) = self.held.remove(i) {
             self.held_len -= b.len;
+            self.held_segments -= b.segment_count();
             NetStats::add(&self.stats.rx_bad_chains, 1);
             done.push(b.head, 0);
+        }
+    }
+}
+
+impl Drop for RxQueue {
+    fn drop(&mut self) {
+        if self.detach {
+            if let Err(e) = self.tap.set_attached(false) {
+                tracing::warn!("{e}");
+            }
         }
     }
 }
@@ -269,8 +300,13 @@ impl RxQueue {
 impl QueueHandler for RxQueue {
     fn handle(&mut self, mem: &Memory, chain: Chain<'_>, done: &mut Completions) {
         match Buffers::of_chain(chain.head, chain.descs, true) {
-            Ok(b) if b.len >= VNET_HDR_LEN as u64 => {
+            Ok(b)
+                if b.len >= VNET_HDR_LEN as u64
+                    && self.held.len() < MAX_HELD_CHAINS
+                    && self.held_segments + b.segment_count() <= MAX_HELD_SEGMENTS =>
+            {
                 self.held_len += b.len;
+                self.held_segments += b.segment_count();
                 self.held.push_back(b);
                 if self.starved {
                     self.receive(mem, done);

@@ -96,9 +96,6 @@ pub struct Tap {
     name: String,
 }
 
-/// TUNSETIFF's flag for a TAP with a queue per fd.
-const IFF_MULTI_QUEUE: libc::c_int = 0x0100;
-
 impl Tap {
     /// Opens the TAP `name`, creating it if there is none (it then goes away with the last
     /// fd; create it with `ip tuntap add dev NAME mode tap` to keep it, and its addresses,
@@ -133,7 +130,7 @@ impl Tap {
             })?;
         req.value = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
         if multi {
-            req.value |= IFF_MULTI_QUEUE;
+            req.value |= libc::IFF_MULTI_QUEUE;
         }
         // SAFETY: TUNSETIFF reads and writes one ifreq, which `req` is (40 bytes).
         let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
@@ -197,6 +194,35 @@ impl Tap {
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Attaches this queue to its multi-queue TAP, or detaches it: the TAP spreads frames
+    /// over its attached queues only, so a queue whose pair the driver does not use must be
+    /// detached, or the flows hashed to it are lost.
+    pub fn set_attached(&self, attached: bool) -> io::Result<()> {
+        let mut req = IfReq::new(&self.name)?;
+        req.value = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        // SAFETY: TUNSETQUEUE reads one ifreq, which `req` is (40 bytes).
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETQUEUE, &mut req) } < 0 {
+            let e = io::Error::last_os_error();
+            // Attached already (a pair's previous receive queue has not gone yet): as asked.
+            if attached && e.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(());
+            }
+            return Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "TAP {}: cannot {} a queue: {e}",
+                    self.name,
+                    if attached { "attach" } else { "detach" }
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Tells the TAP which offloaded frames the driver takes.

@@ -13,6 +13,9 @@ use vudev_core::{Device, Tracking};
 
 use crate::{MacAddress, NetConfig, NetDevice, Tap};
 
+/// VIRTIO_F_VERSION_1, which the transports add to what a device offers.
+const VERSION_1: u64 = 1 << 32;
+
 /// The EtherType of the tests' frames (IEEE's "local experimental"): anything else the
 /// kernel sends on the interface is skipped.
 const ETHERTYPE: u16 = 0x88b5;
@@ -157,7 +160,7 @@ impl Rig {
         let mut d = RingDriver::new(1 << 20, 256);
         let h = self
             .dev
-            .queue_handler(index, features)
+            .queue_handler(index, features | VERSION_1)
             .expect("queue handler");
         d.start(h, Tracking::default(), 0, false);
         d
@@ -359,7 +362,11 @@ fn queue_pairs_take_a_tap_queue_each() {
     assert!(NetDevice::new(cfg.clone(), one.into_iter().take(1).collect()).is_err());
     let dev = NetDevice::new(cfg, taps).expect("the net device");
     assert_eq!(dev.num_queues(), 4);
-    let f = dev.features();
+    assert!(
+        dev.queue_handler(0, dev.features()).is_err(),
+        "a legacy driver (no VERSION_1) is refused"
+    );
+    let f = dev.features() | VERSION_1;
     assert_ne!(f & (1 << virtio_bindings::virtio_net::VIRTIO_NET_F_MQ), 0);
     for q in 0..4 {
         assert!(dev.queue_handler(q, f).is_ok(), "queue {q}");
@@ -368,4 +375,44 @@ fn queue_pairs_take_a_tap_queue_each() {
     // A single-queue open of a multi-queue TAP says what it is.
     let e = Tap::open(&name).unwrap_err().to_string();
     assert!(e.contains("multi-queue TAP"), "{e}");
+}
+
+/// A driver that posts the same receive buffer under the same head again and again, with no
+/// frame coming: the device holds at most MAX_HELD_CHAINS of them and gives back the rest
+/// empty (counted as bad chains), instead of growing without bound.
+#[test]
+fn receive_buffers_posted_again_and_again_are_held_to_a_bound() {
+    let rig = Rig::new(1500);
+    let mut d = rig.driver(0, 0);
+    let head = d.chain(&[(0x10000, 2048, true)]);
+    let posts: u32 = 32768 + 300;
+    let mut posted = 1u32;
+    while posted < posts {
+        // At most a ring's worth ahead of the device.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (posted as u16).wrapping_sub(d.worker().position().next_avail) > 128 {
+            assert!(
+                Instant::now() < deadline,
+                "the device stopped taking chains"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        d.publish(head);
+        posted += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while u32::from(d.used_idx()) < posts - 32768 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} chains given back",
+            d.used_idx()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        u32::from(d.used_idx()),
+        posts - 32768,
+        "held: 32768, no more"
+    );
+    assert_eq!(rig.stat("rx_bad_chains"), u64::from(posts - 32768));
 }

@@ -30,6 +30,7 @@ pub const PROTOCOL_REPLY_ACK: u64 = 1 << 3;
 pub const PROTOCOL_STATUS: u64 = 1 << 16;
 pub const PROTOCOL_MEM_SLOTS: u64 = 1 << 15;
 pub const PROTOCOL_FEATURES_BIT: u64 = 1 << 30;
+pub const VERSION_1_BIT: u64 = 1 << 32;
 
 pub fn msg(code: u32, flags: u32, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::new();
@@ -76,7 +77,12 @@ pub fn session_with_protocol(protocol: u64) -> Vec<Vec<u8>> {
     vec![
         msg(SET_OWNER, 0, &[]),
         msg(GET_FEATURES, 0, &[]),
-        msg(SET_FEATURES, 0, &u64_body(PROTOCOL_FEATURES_BIT)),
+        // VERSION_1 too: a net device takes modern drivers only (the 12-byte header).
+        msg(
+            SET_FEATURES,
+            0,
+            &u64_body(PROTOCOL_FEATURES_BIT | VERSION_1_BIT),
+        ),
         msg(GET_PROTOCOL_FEATURES, 0, &[]),
         msg(SET_PROTOCOL_FEATURES, 0, &u64_body(protocol)),
     ]
