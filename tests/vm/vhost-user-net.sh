@@ -32,26 +32,40 @@ tally() { # output of run.sh
     local p=${line%% passed*} f=${line#*passed, }; f=${f%% failed}
     pass=$((pass + ${p:-0})); fail=$((fail + ${f:-1}))
 }
+# tap_up NAME [MODE...] : a TAP in the namespace, 10.10.0.1, up.
+tap_up() {
+    ip netns exec "$ns" ip tuntap add dev "$1" mode tap "${@:2}"
+    ip -n "$ns" addr add 10.10.0.1/24 dev "$1"
+    ip -n "$ns" link set "$1" up
+}
+# start_vudev LOG ARGS... : vudev in the namespace on $sock; sets pid once the socket is there.
+start_vudev() {
+    local log=$1; shift
+    ip netns exec "$ns" "$vudev" export vhost-user --socket "$sock" "$@" 2>"$log" &
+    pid=$!; pids+=("$pid")
+    for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
+}
+# guest_args NETDEV_OPTIONS DEVICE_OPTIONS : run.sh's QEMU options for the guest, its NIC on
+# $sock and the marker disk, in the array qargs.
+guest_args() {
+    qargs=(--qemu-arg -object --qemu-arg "memory-backend-memfd,id=mem,size=2G,share=on"
+        --qemu-arg -numa --qemu-arg "node,memdev=mem"
+        --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock"
+        --qemu-arg -netdev --qemu-arg "vhost-user,id=n0,chardev=c0$1"
+        --qemu-arg -device --qemu-arg "virtio-net-pci,netdev=n0,mac=52:54:00:aa:00:02$2"
+        --qemu-arg -drive --qemu-arg "file=$work/marker.img,if=none,id=m0,format=raw"
+        --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=m0")
+}
 ip netns add "$ns"
 ip -n "$ns" link set lo up
-ip netns exec "$ns" ip tuntap add dev vnet9 mode tap
-ip -n "$ns" addr add 10.10.0.1/24 dev vnet9
-ip -n "$ns" link set vnet9 up
+tap_up vnet9
 ip netns exec "$ns" iperf3 -s -D -B 10.10.0.1 --pidfile "$work/iperf.pid"
 sock=$work/net.sock
-ip netns exec "$ns" "$vudev" export vhost-user --socket "$sock" --net-tap vnet9 2>"$work/vudev.log" &
-pid=$!; pids+=("$pid")
-for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
+start_vudev "$work/vudev.log" --net-tap vnet9
 truncate -s 1M "$work/marker.img"
+guest_args "" ""
 out=$("$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-net-guest.sh" --allow-reboot \
-    --log-name vhost-user-net --timeout 400 \
-    --qemu-arg -object --qemu-arg "memory-backend-memfd,id=mem,size=2G,share=on" \
-    --qemu-arg -numa --qemu-arg "node,memdev=mem" \
-    --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock" \
-    --qemu-arg -netdev --qemu-arg "vhost-user,id=n0,chardev=c0" \
-    --qemu-arg -device --qemu-arg "virtio-net-pci,netdev=n0,mac=52:54:00:aa:00:02" \
-    --qemu-arg -drive --qemu-arg "file=$work/marker.img,if=none,id=m0,format=raw" \
-    --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=m0" 2>&1) || true
+    --log-name vhost-user-net --timeout 400 "${qargs[@]}" 2>&1) || true
 tally "$out"
 check vu-net-two-boots [ "$(grep -c 'INIT: kernel' "$root/target/vm/logs/vhost-user-net-$ver.log")" = 2 ]
 check vu-net-vudev-alive kill -0 "$pid"
@@ -63,25 +77,14 @@ echo "--- vudev log"; tail -n 15 "$work/vudev.log"
 
 # Two queue pairs over a multi-queue TAP (the same address, the first TAP gone).
 ip -n "$ns" link del vnet9
-ip netns exec "$ns" ip tuntap add dev vnetmq mode tap multi_queue
-ip -n "$ns" addr add 10.10.0.1/24 dev vnetmq
-ip -n "$ns" link set vnetmq up
+tap_up vnetmq multi_queue
 sock=$work/mq.sock
-ip netns exec "$ns" "$vudev" export vhost-user --socket "$sock" --net-tap vnetmq --num-queues 2 \
-    2>"$work/vudev-mq.log" &
-pid=$!; pids+=("$pid")
-for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.1; done
+start_vudev "$work/vudev-mq.log" --net-tap vnetmq --num-queues 2
 mq_log=$root/target/vm/logs/vhost-user-net-mq-$ver.log
 rm -f "$mq_log"
+guest_args ",queues=2" ",mq=on,vectors=6"
 "$here/run.sh" --kernel "$ver" --scenario "$here/scenarios/vhost-user-net-guest.sh" \
-    --env MODE=mq --log-name vhost-user-net-mq --timeout 400 \
-    --qemu-arg -object --qemu-arg "memory-backend-memfd,id=mem,size=2G,share=on" \
-    --qemu-arg -numa --qemu-arg "node,memdev=mem" \
-    --qemu-arg -chardev --qemu-arg "socket,id=c0,path=$sock" \
-    --qemu-arg -netdev --qemu-arg "vhost-user,id=n0,chardev=c0,queues=2" \
-    --qemu-arg -device --qemu-arg "virtio-net-pci,netdev=n0,mac=52:54:00:aa:00:02,mq=on,vectors=6" \
-    --qemu-arg -drive --qemu-arg "file=$work/marker.img,if=none,id=m0,format=raw" \
-    --qemu-arg -device --qemu-arg "virtio-blk-pci,drive=m0" > "$work/mq.out" 2>&1 &
+    --env MODE=mq --log-name vhost-user-net-mq --timeout 400 "${qargs[@]}" > "$work/mq.out" 2>&1 &
 guest=$!
 # With the guest back to one pair: 8 TCP flows started from the TAP's side must all carry
 # data (a flow the TAP hashed to a detached-but-unread queue would stall, and time out).

@@ -2,14 +2,13 @@
 //! the session peeks at each message header and answers these two itself.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 use crate::session::{lock, Session};
-use crate::wire::{send_reply, HDR_LEN, HDR_NEED_REPLY, HDR_REPLY, HDR_VERSION};
+use crate::wire::{recv_now, send_reply, HDR_LEN, HDR_NEED_REPLY, HDR_REPLY, HDR_VERSION};
 
 /// Frontend requests the `vhost` crate (0.18) does not dispatch; this transport answers them.
 const SET_STATUS: u32 = 39;
@@ -22,19 +21,7 @@ const STATUS_MSG_LEN: usize = 20;
 /// complete, so the `vhost` crate's handler takes it (and refuses what it does not know).
 pub(crate) fn status_message(sock: &UnixStream, session: &Mutex<Session>) -> io::Result<bool> {
     let mut msg = [0u8; STATUS_MSG_LEN];
-    let recv = |buf: &mut [u8], flags: i32| {
-        // SAFETY: `buf` is valid for writes of its length; the fd is the frontend's socket.
-        let n = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                flags | libc::MSG_DONTWAIT,
-            )
-        };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    };
-    let n = match recv(&mut msg, libc::MSG_PEEK) {
+    let n = match recv_now(sock, &mut msg, libc::MSG_PEEK) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
         Err(e) => return Err(e),
@@ -53,7 +40,7 @@ pub(crate) fn status_message(sock: &UnixStream, session: &Mutex<Session>) -> io:
     }
     // Take the message off the socket (fds sent with it, which it must not carry, are closed
     // by the kernel since we receive no control data).
-    if recv(&mut msg[..len], 0)? != len {
+    if recv_now(sock, &mut msg[..len], 0)? != len {
         return Err(io::Error::other("status message cut short"));
     }
     if flags & 0x3 != HDR_VERSION || flags & HDR_REPLY != 0 || size as usize != len - HDR_LEN {

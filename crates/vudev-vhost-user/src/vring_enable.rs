@@ -5,7 +5,6 @@
 //! one message itself in that window only; once features are acked, the crate handles it.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 
@@ -13,7 +12,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 
 use crate::session::{lock, Session};
-use crate::wire::{peek_header, send_reply, HDR_LEN, HDR_NEED_REPLY, HDR_REPLY, HDR_VERSION};
+use crate::wire::{
+    peek_header, recv_now, send_reply, HDR_LEN, HDR_NEED_REPLY, HDR_REPLY, HDR_VERSION,
+};
 
 /// The request's code, and its length: a header and a vring state (index, 0 or 1).
 const SET_VRING_ENABLE: u32 = 18;
@@ -30,19 +31,7 @@ pub(crate) fn early_vring_enable(sock: &UnixStream, session: &Mutex<Session>) ->
         return Ok(false);
     }
     let mut msg = [0u8; MSG_LEN];
-    let recv = |buf: &mut [u8], flags: i32| {
-        // SAFETY: `buf` is valid for writes of its length; the fd is the frontend's socket.
-        let n = unsafe {
-            libc::recv(
-                sock.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                flags | libc::MSG_DONTWAIT,
-            )
-        };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    };
-    match recv(&mut msg, libc::MSG_PEEK) {
+    match recv_now(sock, &mut msg, libc::MSG_PEEK) {
         Ok(MSG_LEN) => {}
         Ok(_) => return Ok(false),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -54,7 +43,7 @@ pub(crate) fn early_vring_enable(sock: &UnixStream, session: &Mutex<Session>) ->
     }
     // Taken off the socket: fds sent with it, which it must not carry, are closed by the
     // kernel since no control data is received.
-    if recv(&mut msg, 0)? != MSG_LEN {
+    if recv_now(sock, &mut msg, 0)? != MSG_LEN {
         return Err(io::Error::other("SET_VRING_ENABLE cut short"));
     }
     let word = |i: usize| u32::from_le_bytes([msg[i], msg[i + 1], msg[i + 2], msg[i + 3]]);

@@ -40,6 +40,22 @@ pub(crate) fn peek_header(sock: &UnixStream) -> io::Result<Option<(u32, u32, u32
     Ok(Some((word(0), word(4), word(8))))
 }
 
+/// Receives into `buf` without blocking (`flags`: MSG_PEEK to leave the bytes there); the
+/// number of bytes, or the error (`WouldBlock` when nothing is there). Control data (fds sent
+/// along) is not received, so the kernel closes it.
+pub(crate) fn recv_now(sock: &UnixStream, buf: &mut [u8], flags: i32) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length; the fd is the frontend's socket.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
 /// Replies to request `code` with a u64 (REPLY_ACK's status, GET_STATUS's value).
 pub(crate) fn send_reply(sock: &UnixStream, code: u32, value: u64) -> io::Result<()> {
     let mut out = [0u8; HDR_LEN + 8];

@@ -177,3 +177,20 @@ rbd_attach() {
         exit 0
     fi
 }
+
+# iperf_run PREFIX SERVER TAG ARGS... : one 3 s iperf3 client run against SERVER; prints its
+# summary and checks PREFIX-iperf3-TAG: a receiver line (TCP), or datagrams that arrived
+# (a TAG starting with udp).
+iperf_run() {
+    prefix=$1 server=$2 tag=$3; shift 3
+    iout=$(iperf3 -c "$server" -t 3 "$@" 2>&1); rc=$?
+    echo "$iout" | grep -E "sender|receiver" | sed "s/^/$prefix: iperf3 $tag: /"
+    [ $rc -eq 0 ] || { echo "CHECK FAIL $prefix-iperf3-$tag: status $rc: $(echo "$iout" | tail -3 | tr '\n' ' ')"; return; }
+    case "$tag" in
+    udp*)
+        # "12/3456 (0.35%)": lost/total datagrams, on the receiver's line.
+        got=$(echo "$iout" | awk '/receiver/ { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\/[0-9]+$/) { split($i, a, "/"); print a[2] - a[1] } }')
+        check "$prefix-iperf3-$tag-datagrams-arrived" [ "${got:-0}" -gt 0 ] ;;
+    *) check "$prefix-iperf3-$tag" [ -n "$(echo "$iout" | grep receiver)" ] ;;
+    esac
+}

@@ -8,33 +8,22 @@
 . /lib.sh
 IP=/usr/bin/ip
 MAC=52:54:00:aa:00:02
-ifc=
-i=0
-while [ -z "$ifc" ] && [ $i -lt 100 ]; do
-    for n in /sys/class/net/*; do
-        [ "$(cat "$n/address")" = $MAC ] && ifc=$(basename "$n")
+# nic_with MAC : the interface with that address, waited for (10 s); empty if none.
+nic_with() {
+    i=0
+    while [ $i -lt 100 ]; do
+        for n in /sys/class/net/*; do
+            [ "$(cat "$n/address")" = "$1" ] && basename "$n" && return 0
+        done
+        i=$((i + 1)); sleep 0.1
     done
-    [ -n "$ifc" ] || { i=$((i + 1)); sleep 0.1; }
-done
+}
+ifc=$(nic_with $MAC)
 check vu-net-nic-present [ -n "$ifc" ]
 $IP addr add 10.10.0.2/24 dev "$ifc"
 $IP link set "$ifc" up
 
 has_marker() { dd if=/dev/vda bs=512 count=1 2>/dev/null | grep -q 'net marker before the reboot'; }
-# iperf_run TAG ARGS... : one iperf3 client run against the TAP's side; prints its summary.
-iperf_run() {
-    tag=$1; shift
-    out=$(iperf3 -c 10.10.0.1 -t 3 "$@" 2>&1); rc=$?
-    echo "$out" | grep -E "sender|receiver" | sed "s/^/vu-net: iperf3 $tag: /"
-    [ $rc -eq 0 ] || { echo "CHECK FAIL vu-net-iperf3-$tag: status $rc: $(echo "$out" | tail -3 | tr '\n' ' ')"; return; }
-    case "$tag" in
-    udp*)
-        # "12/3456 (0.35%)": lost/total datagrams, on the receiver's line.
-        got=$(echo "$out" | awk '/receiver/ { for (i = 1; i <= NF; i++) if ($i ~ /^[0-9]+\/[0-9]+$/) { split($i, a, "/"); print a[2] - a[1] } }')
-        check "vu-net-iperf3-$tag-datagrams-arrived" [ "${got:-0}" -gt 0 ] ;;
-    *) check "vu-net-iperf3-$tag" [ -n "$(echo "$out" | grep receiver)" ] ;;
-    esac
-}
 
 if [ "${MODE:-}" = mq ]; then
     # Two queue pairs: both in use, several flows spread over them (the host's TAP hashes
@@ -42,8 +31,8 @@ if [ "${MODE:-}" = mq ]; then
     ethtool -L "$ifc" combined 2 2>/dev/null
     check vu-net-mq-two-pairs [ -e "/sys/class/net/$ifc/queues/rx-1" ]
     check vu-net-mq-ping ping -c 3 -W 10 10.10.0.1
-    iperf_run mq-tcp -P 4
-    iperf_run mq-tcp-reverse -P 4 -R
+    iperf_run vu-net 10.10.0.1 mq-tcp -P 4
+    iperf_run vu-net 10.10.0.1 mq-tcp-reverse -P 4 -R
     # The second receive queue's interrupts: frames came in on it.
     irqs=$(awk '/input\.1/ { for (i = 2; i <= NF; i++) if ($i ~ /^[0-9]+$/) n += $i } END { print n + 0 }' /proc/interrupts)
     echo "vu-net: interrupts of receive queue 1: $irqs"
@@ -51,7 +40,7 @@ if [ "${MODE:-}" = mq ]; then
     # Back to one pair: QEMU stops the second pair's rings, vudev detaches its TAP queue, and
     # the TAP sends every flow to the first (none is lost to a queue nobody reads).
     check vu-net-mq-back-to-one-pair ethtool -L "$ifc" combined 1
-    iperf_run mq-one-pair-tcp -P 4
+    iperf_run vu-net 10.10.0.1 mq-one-pair-tcp -P 4
     check vu-net-mq-one-pair-ping ping -c 3 -W 10 10.10.0.1
     # Flows the host starts: the TAP has learned nothing of them, and would hash some to
     # the second queue if it were still attached. The host runs the client (see
@@ -70,25 +59,18 @@ fi
 if has_marker; then
     echo "CHECK PASS vu-net-second-boot"
     check vu-net-ping-after-reboot ping -c 3 -W 10 10.10.0.1
-    iperf_run tcp-after-reboot
+    iperf_run vu-net 10.10.0.1 tcp-after-reboot
 else
     check vu-net-ping ping -c 3 -W 10 10.10.0.1
-    iperf_run tcp
-    iperf_run tcp-reverse -R
-    iperf_run udp -u -b 50M
-    iperf_run udp-reverse -u -b 50M -R
+    iperf_run vu-net 10.10.0.1 tcp
+    iperf_run vu-net 10.10.0.1 tcp-reverse -R
+    iperf_run vu-net 10.10.0.1 udp -u -b 50M
+    iperf_run vu-net 10.10.0.1 udp-reverse -u -b 50M -R
     # Reset of the device by the driver, without a reboot: unbind and bind virtio_net.
     dev=$(basename "$(readlink -f /sys/class/net/$ifc/device)")
     echo "$dev" > /sys/bus/virtio/drivers/virtio_net/unbind
     echo "$dev" > /sys/bus/virtio/drivers/virtio_net/bind
-    ifc2=
-    i=0
-    while [ -z "$ifc2" ] && [ $i -lt 100 ]; do
-        for n in /sys/class/net/*; do
-            [ "$(cat "$n/address")" = $MAC ] && ifc2=$(basename "$n")
-        done
-        [ -n "$ifc2" ] || { i=$((i + 1)); sleep 0.1; }
-    done
+    ifc2=$(nic_with $MAC)
     check vu-net-rebound [ -n "$ifc2" ]
     $IP addr add 10.10.0.2/24 dev "$ifc2"
     $IP link set "$ifc2" up
